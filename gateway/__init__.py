@@ -1,0 +1,1 @@
+"""HTTP side of tollstream: routes, dialects, upstream proxying, payment wire formats."""
