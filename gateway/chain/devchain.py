@@ -1,0 +1,429 @@
+"""A local EVM dev chain with the TestUSDC token deployed and test wallets funded.
+
+Two backends, same interface (a JSON-RPC URL on loopback):
+
+* ``anvil`` -- the Foundry binary from the npm package ``@foundry-rs/anvil`` (``npm install`` at
+  the repo root puts it under ``node_modules``) or on ``PATH``. Preferred: fast, a real node.
+* ``eth-tester`` -- py-evm in this process behind a minimal JSON-RPC HTTP server on 127.0.0.1,
+  so other processes (the gateway, a CLI) can reach it too. Used when anvil is not installed.
+
+``TOLLSTREAM_CHAIN_BACKEND`` (``auto`` | ``anvil`` | ``eth-tester``) overrides the choice and
+``TOLLSTREAM_ANVIL`` names an anvil binary. All keys here are public test keys: the relayer is
+anvil's first default account, the wallets derive from fixed strings. Never use them elsewhere.
+
+Usage::
+
+    with start_chain(wallets=3) as chain:
+        chain.rpc_url, chain.token, chain.wallets[0].private_key
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from types import FrameType, TracebackType
+from typing import Any, Literal, cast
+
+import httpx
+from eth_account import Account
+from eth_utils import keccak
+from hexbytes import HexBytes
+from web3 import HTTPProvider, Web3
+from web3.types import TxParams, Wei
+
+from gateway.chain.build import load_artifact
+
+CHAIN_ID = 31337
+DEFAULT_FUNDING = 1_000 * 10**6  # 1,000 USDC in atomic units (6 decimals)
+DEFAULT_TOKEN_NAME = "USD Coin"  # Base mainnet USDC's EIP-712 domain name/version
+DEFAULT_TOKEN_VERSION = "2"
+# Anvil's first default account (mnemonic "test test ... junk"); public, test-only.
+RELAYER_KEY = "0xac0974bec39a17e36ba4a6b4d238ff944bacb478cbed5efcae784d7bf4f2ff80"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+STARTUP_TIMEOUT = 15.0
+
+Backend = Literal["auto", "anvil", "eth-tester"]
+
+
+@dataclass(frozen=True)
+class Wallet:
+    """A funded test wallet: holds USDC, no ETH (EIP-3009 payers never pay gas)."""
+
+    address: str
+    private_key: str
+    balance: int
+
+
+def wallet_key(index: int) -> str:
+    """Deterministic test private key for wallet ``index`` (public; test-only)."""
+    return "0x" + keccak(text=f"tollstream devchain wallet {index}").hex()
+
+
+@dataclass
+class DevChain:
+    """A running dev chain; stop it with :meth:`stop` or use it as a context manager."""
+
+    rpc_url: str
+    chain_id: int
+    token: str
+    token_name: str
+    token_version: str
+    relayer_key: str
+    wallets: list[Wallet]
+    backend: str
+    _stopper: Callable[[], None] = field(repr=False)
+    _stopped: bool = field(default=False, repr=False)
+
+    @property
+    def network(self) -> str:
+        """CAIP-2 network id (``eip155:<chainId>``)."""
+        return f"eip155:{self.chain_id}"
+
+    @property
+    def relayer_address(self) -> str:
+        return str(Account.from_key(self.relayer_key).address)
+
+    def to_json(self) -> str:
+        """One-line JSON description (includes the public test keys)."""
+        return json.dumps({
+            "rpc_url": self.rpc_url,
+            "chain_id": self.chain_id,
+            "network": self.network,
+            "backend": self.backend,
+            "token": self.token,
+            "token_name": self.token_name,
+            "token_version": self.token_version,
+            "relayer_key": self.relayer_key,
+            "relayer_address": self.relayer_address,
+            "wallets": [{"address": w.address, "private_key": w.private_key,
+                         "balance": w.balance} for w in self.wallets],
+        }, separators=(",", ":"))
+
+    def stop(self) -> None:
+        """Stop the chain (idempotent)."""
+        if not self._stopped:
+            self._stopped = True
+            self._stopper()
+
+    def __enter__(self) -> DevChain:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+
+# --------------------------------------------------------------------------- anvil
+
+
+def find_anvil() -> str | None:
+    """Path of an anvil binary, or None.
+
+    The native binary inside the platform package is preferred over ``.bin/anvil`` (a node
+    wrapper) so that stopping the process really stops the chain.
+    """
+    env = os.environ.get("TOLLSTREAM_ANVIL")
+    if env:
+        return env
+    modules = REPO_ROOT / "node_modules"
+    for native in sorted(modules.glob("@foundry-rs/anvil-*/bin/anvil")):
+        if os.access(native, os.X_OK):
+            return str(native)
+    wrapper = modules / ".bin" / "anvil"
+    if wrapper.exists() and shutil.which("node"):
+        return str(wrapper)
+    return shutil.which("anvil")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait_rpc(url: str, proc: subprocess.Popen[bytes] | None, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    body = {"jsonrpc": "2.0", "id": 1, "method": "eth_chainId", "params": []}
+    while True:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"anvil exited with code {proc.returncode}")
+        try:
+            if httpx.post(url, json=body, timeout=1.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"dev chain at {url} did not answer within {timeout}s")
+        time.sleep(0.05)
+
+
+def _start_anvil(binary: str, port: int | None) -> tuple[str, Callable[[], None]]:
+    attempts = 1 if port else 3  # a picked free port can be taken before anvil binds it
+    last: Exception | None = None
+    for _ in range(attempts):
+        use_port = port or _free_port()
+        proc = subprocess.Popen(
+            [binary, "--host", "127.0.0.1", "--port", str(use_port),
+             "--chain-id", str(CHAIN_ID), "--accounts", "1", "--silent"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        url = f"http://127.0.0.1:{use_port}"
+        try:
+            _wait_rpc(url, proc, STARTUP_TIMEOUT)
+        except RuntimeError as exc:
+            last = exc
+            _stop_process(proc)
+            continue
+        return url, functools.partial(_stop_process, proc)
+    raise RuntimeError(f"could not start anvil: {last}")
+
+
+def _stop_process(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+# --------------------------------------------------------------------------- eth-tester
+
+
+def _to_json_rpc(value: Any) -> Any:
+    """Render eth-tester's Python values as JSON-RPC: quantities and bytes as 0x-hex."""
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, int):
+        return hex(value)
+    if isinstance(value, bytes | bytearray):
+        return "0x" + bytes(value).hex()
+    if isinstance(value, dict) or hasattr(value, "items"):
+        return {str(k): _to_json_rpc(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_to_json_rpc(v) for v in value]
+    return str(value)
+
+
+def _revert_error(exc: Exception) -> dict[str, Any]:
+    """JSON-RPC error for an exception raised by eth-tester, shaped like anvil's revert."""
+    reason = exc.args[0] if exc.args else str(exc)
+    if isinstance(reason, bytes | bytearray):
+        data = "0x" + bytes(reason).hex()
+        return {"code": 3, "message": "execution reverted", "data": data}
+    message = str(reason)
+    error: dict[str, Any] = {"code": -32000, "message": message}
+    if type(exc).__name__ == "TransactionFailed":
+        from eth_abi import encode
+
+        # Error(string) so web3 decodes the reason as it would from a real node.
+        data = "0x08c379a0" + encode(["string"], [message.removeprefix("execution reverted: ")
+                                                  ]).hex()
+        error = {"code": 3, "message": f"execution reverted: {message}", "data": data}
+    return error
+
+
+class _TesterRpc:
+    """eth-tester behind web3's request formatting; one lock because py-evm is not thread-safe."""
+
+    def __init__(self) -> None:
+        from eth.chains.base import ChainContext
+        from eth_tester import EthereumTester, PyEVMBackend
+        from web3 import EthereumTesterProvider
+
+        backend = PyEVMBackend()
+        # eth-tester hard-codes its chain id; CHAINID (and so the EIP-712 domain) reads these.
+        backend.chain.chain_id = CHAIN_ID
+        backend.chain.chain_context = ChainContext(CHAIN_ID)
+        self.tester = EthereumTester(backend)
+        provider = EthereumTesterProvider(self.tester)
+        self.w3 = Web3(provider)
+        self._request = provider.request_func(self.w3, self.w3.middleware_onion)
+        self._lock = threading.Lock()
+
+    def handle(self, req: Any) -> Any:
+        if isinstance(req, list):
+            return [self.handle(item) for item in req]
+        if not isinstance(req, dict) or not isinstance(req.get("method"), str):
+            return {"jsonrpc": "2.0", "id": None,
+                    "error": {"code": -32600, "message": "invalid request"}}
+        rid = req.get("id")
+        method: str = req["method"]
+        params = req.get("params") or []
+        if method == "eth_chainId":
+            return {"jsonrpc": "2.0", "id": rid, "result": hex(CHAIN_ID)}
+        if method == "net_version":
+            return {"jsonrpc": "2.0", "id": rid, "result": str(CHAIN_ID)}
+        try:
+            with self._lock:
+                resp = self._request(method, params)
+        except Exception as exc:  # any eth-tester failure is a JSON-RPC error to the caller
+            return {"jsonrpc": "2.0", "id": rid, "error": _revert_error(exc)}
+        out: dict[str, Any] = {"jsonrpc": "2.0", "id": rid}
+        if "error" in resp:
+            err = resp["error"]
+            out["error"] = err if isinstance(err, dict) else {"code": -32000, "message": str(err)}
+        else:
+            out["result"] = _to_json_rpc(resp.get("result"))
+        return out
+
+
+def _start_tester(port: int | None) -> tuple[str, Callable[[], None]]:
+    rpc = _TesterRpc()
+    # Give the relayer ETH from eth-tester's pre-funded, unlocked account.
+    relayer = Account.from_key(RELAYER_KEY).address
+    rpc.w3.eth.send_transaction({"from": rpc.w3.eth.accounts[0], "to": relayer,
+                                 "value": Wei(1_000 * 10**18)})
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            try:
+                req = json.loads(self.rfile.read(length))
+            except ValueError:
+                result: Any = {"jsonrpc": "2.0", "id": None,
+                               "error": {"code": -32700, "message": "parse error"}}
+            else:
+                result = rpc.handle(req)
+            body = json.dumps(result).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass  # quiet: tests and the CLI print JSON on stdout
+
+    server = ThreadingHTTPServer(("127.0.0.1", port or 0), Handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, name="devchain-rpc", daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+
+    def stop() -> None:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+    return url, stop
+
+
+# --------------------------------------------------------------------------- deploy
+
+
+def _send(w3: Web3, key: str, tx: Any) -> HexBytes:
+    signed = Account.sign_transaction(tx, key)
+    return w3.eth.send_raw_transaction(signed.raw_transaction)
+
+
+def _deploy(rpc_url: str, *, wallets: int, funding: int, token_name: str,
+            token_version: str) -> tuple[str, list[Wallet]]:
+    w3 = Web3(HTTPProvider(rpc_url, request_kwargs={"timeout": 30}))
+    relayer = Account.from_key(RELAYER_KEY)
+    artifact = load_artifact()
+    factory = w3.eth.contract(abi=artifact["abi"], bytecode=artifact["bytecode"])
+    nonce = int(w3.eth.get_transaction_count(relayer.address, "pending"))
+    gas_price = w3.eth.gas_price
+    base: Any = {"from": relayer.address, "chainId": CHAIN_ID, "gasPrice": gas_price * 2}
+    tx = factory.constructor(token_name, token_version).build_transaction(
+        cast(TxParams, {**base, "nonce": nonce, "gas": 3_000_000}))
+    receipt = w3.eth.wait_for_transaction_receipt(_send(w3, RELAYER_KEY, tx), timeout=30)
+    if receipt["status"] != 1 or not receipt["contractAddress"]:
+        raise RuntimeError("TestUSDC deployment failed")
+    token = w3.eth.contract(address=receipt["contractAddress"], abi=artifact["abi"])
+    out: list[Wallet] = []
+    hashes: list[HexBytes] = []
+    for i in range(wallets):
+        key = wallet_key(i)
+        address = Account.from_key(key).address
+        nonce += 1
+        tx = token.functions.mint(address, funding).build_transaction(
+            cast(TxParams, {**base, "nonce": nonce, "gas": 200_000}))
+        hashes.append(_send(w3, RELAYER_KEY, tx))
+        out.append(Wallet(address=address, private_key=key, balance=funding))
+    for h in hashes:
+        if w3.eth.wait_for_transaction_receipt(h, timeout=30)["status"] != 1:
+            raise RuntimeError("TestUSDC mint failed")
+    return str(receipt["contractAddress"]), out
+
+
+def start_chain(*, wallets: int = 3, funding: int = DEFAULT_FUNDING, port: int | None = None,
+                backend: Backend | None = None, token_name: str = DEFAULT_TOKEN_NAME,
+                token_version: str = DEFAULT_TOKEN_VERSION) -> DevChain:
+    """Start a dev chain on 127.0.0.1, deploy TestUSDC, mint ``funding`` to each test wallet.
+
+    ``backend`` defaults to ``$TOLLSTREAM_CHAIN_BACKEND`` or ``auto`` (anvil when found, else
+    eth-tester). ``funding`` is in atomic units. The relayer (token owner) holds ETH for gas.
+    """
+    if funding < 0 or wallets < 0:
+        raise ValueError("wallets and funding must be >= 0")
+    choice = backend or os.environ.get("TOLLSTREAM_CHAIN_BACKEND", "auto")
+    anvil = find_anvil() if choice in ("auto", "anvil") else None
+    if choice == "anvil" and anvil is None:
+        raise RuntimeError("anvil not found: run `npm install` at the repo root")
+    if anvil is not None:
+        url, stopper = _start_anvil(anvil, port)
+        used = "anvil"
+    elif choice in ("auto", "eth-tester"):
+        url, stopper = _start_tester(port)
+        used = "eth-tester"
+    else:
+        raise ValueError(f"unknown chain backend {choice!r}")
+    try:
+        token, funded = _deploy(url, wallets=wallets, funding=funding, token_name=token_name,
+                                token_version=token_version)
+    except BaseException:
+        stopper()
+        raise
+    return DevChain(rpc_url=url, chain_id=CHAIN_ID, token=token, token_name=token_name,
+                    token_version=token_version, relayer_key=RELAYER_KEY, wallets=funded,
+                    backend=used, _stopper=stopper)
+
+
+def run_chain_cli(wallets: int, port: int | None) -> None:
+    """``tollstream chain``: start a chain, print its JSON on one line, block until SIGINT/TERM."""
+    done = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        done.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with start_chain(wallets=wallets, port=port) as chain:
+            print(chain.to_json(), flush=True)
+            while not done.wait(0.5):
+                pass
+    finally:
+        for sig, handler in previous.items():
+            with contextlib.suppress(ValueError, TypeError):
+                signal.signal(sig, handler)
+
+
+def main() -> None:
+    """``python -m gateway.chain.devchain [--wallets N] [--port P]``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m gateway.chain.devchain")
+    parser.add_argument("--wallets", type=int, default=3)
+    parser.add_argument("--port", type=int, default=None)
+    args = parser.parse_args()
+    run_chain_cli(args.wallets, args.port)
+
+
+if __name__ == "__main__":
+    main()
