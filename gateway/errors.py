@@ -2,15 +2,16 @@
 
 Hierarchy::
 
-    GatewayError                  base; ``code`` (machine-readable), ``status``, ``message``, ``param``
+    GatewayError                  base: ``code``, ``status``, ``message``, ``param``
     ├── BadRequest                400 malformed JSON, missing/invalid fields
     │   └── InvalidPayment        400 a payment header that cannot be decoded at all
     ├── Unauthorized              401 missing or unknown API key / admin token
-    ├── PaymentRequired           402 no credential, or the allowance cannot pay (carries a challenge)
+    ├── PaymentRequired           402 no credential, or the allowance cannot pay
     │   └── PaymentRejected       402 a decodable payment that failed verification or settlement
     ├── NotFound                  404 unknown model, account, route
     ├── Conflict                  409 idempotency conflicts
     ├── PayloadTooLarge           413 request body over the configured limit
+    ├── RateLimited               429 the model API is rate limiting (passed through)
     ├── UpstreamError             502 the model API failed or answered garbage
     └── ServiceUnavailable        503 the ledger (Redis) or a chain RPC is unreachable
 
@@ -78,6 +79,11 @@ class Conflict(GatewayError):
 class PayloadTooLarge(GatewayError):
     status = 413
     code = "request_too_large"
+
+
+class RateLimited(GatewayError):
+    status = 429
+    code = "upstream_rate_limited"
 
 
 class UpstreamError(GatewayError):

@@ -41,7 +41,10 @@ ENCODINGS = (*_OFFICIAL, "estimate")
 class Tokenizer(Protocol):
     """Counts and splits the text of one delta."""
 
-    name: str
+    @property
+    def name(self) -> str:
+        """The encoding's name."""
+        ...
 
     def count(self, text: str) -> int:
         """Number of tokens in ``text``."""

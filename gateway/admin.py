@@ -1,0 +1,78 @@
+"""Operator API: prepaid accounts and their API keys, guarded by the admin bearer token.
+
+Amounts are strings of digits in the asset's atomic units (``"2500000"`` is 2.5 USDC); JSON
+integers are accepted too. Responses give both atomic and decimal forms.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from pydantic import BaseModel, ConfigDict
+
+from gateway.state import Gateway
+from meters.ledger import Account
+from meters.money import parse_atomic
+
+
+def require_admin(request: Request) -> None:
+    """Runs before the body is validated: a caller without the token learns nothing more."""
+    gw: Gateway = request.app.state.gateway
+    gw.check_admin(request)
+
+
+router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])
+
+
+class CreateAccount(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    balance: Any = "0"
+    label: str = ""
+
+
+class CreditAccount(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    amount: Any
+    idempotency_key: str | None = None
+
+
+def account_view(gw: Gateway, account: Account) -> dict[str, Any]:
+    asset = gw.asset
+    return {"account_id": account.id, "label": account.label, "asset": asset.symbol,
+            "decimals": asset.decimals, "balance": str(account.balance),
+            "balance_decimal": asset.format(account.balance), "held": str(account.held),
+            "spent": str(account.spent), "credited": str(account.credited),
+            "shortfall": str(account.shortfall)}
+
+
+@router.post("/accounts", status_code=201)
+async def create_account(request: Request, body: CreateAccount) -> dict[str, Any]:
+    gw: Gateway = request.app.state.gateway
+    balance = parse_atomic(body.balance, field="balance")
+    account, api_key = await gw.ledger.create_account(balance, label=body.label[:200])
+    return {**account_view(gw, account), "api_key": api_key}
+
+
+@router.post("/accounts/{account_id}/credit")
+async def credit_account(request: Request, account_id: str,
+                         body: CreditAccount) -> dict[str, Any]:
+    gw: Gateway = request.app.state.gateway
+    amount = parse_atomic(body.amount, field="amount")
+    credited, _ = await gw.ledger.credit(account_id, amount,
+                                         idempotency_key=body.idempotency_key)
+    account = await gw.ledger.get_account(account_id)
+    return {**account_view(gw, account), "credited_now": credited}
+
+
+@router.post("/accounts/{account_id}/rotate-key")
+async def rotate_key(request: Request, account_id: str) -> dict[str, Any]:
+    gw: Gateway = request.app.state.gateway
+    api_key = await gw.ledger.rotate_key(account_id)
+    return {"account_id": account_id, "api_key": api_key}
+
+
+@router.get("/accounts/{account_id}")
+async def get_account(request: Request, account_id: str) -> dict[str, Any]:
+    gw: Gateway = request.app.state.gateway
+    return account_view(gw, await gw.ledger.get_account(account_id))

@@ -1,0 +1,164 @@
+"""The ASGI application: wiring, lifespan, the one error handler, info routes."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import redis.asyncio as aioredis
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException
+
+from gateway import admin, routes
+from gateway.dialects import ErrorInfo, get_dialect
+from gateway.errors import GatewayError, ServiceUnavailable
+from gateway.metrics import Metrics
+from gateway.settings import Settings
+from gateway.state import Gateway, Model, PaymentRail
+from gateway.upstream import Upstreams
+from meters.errors import MeterError
+from meters.keeper import Keeper
+from meters.ledger import Ledger
+
+log = logging.getLogger("tollstream")
+
+
+def connect_redis(url: str, *, max_connections: int = 512) -> aioredis.Redis:
+    """A client whose pool waits for a free connection instead of failing past the limit,
+    and whose short timeouts make an unreachable Redis fail closed within a second or two."""
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url, max_connections=max_connections, timeout=5, socket_connect_timeout=1,
+        socket_timeout=3)
+    return aioredis.Redis(connection_pool=pool)
+
+
+def build_gateway(settings: Settings, redis_url: str, *,
+                  rail: PaymentRail | None = None) -> Gateway:
+    client = connect_redis(redis_url)
+    ledger = Ledger(client, prefix=settings.key_prefix,
+                    owner_ttl_seconds=settings.reservation_ttl_seconds)
+    models = {name: Model.build(name, cfg, settings.rate(name))
+              for name, cfg in settings.models.items()}
+    return Gateway(settings=settings, redis=client, ledger=ledger, keeper=Keeper(ledger),
+                   upstreams=Upstreams(settings), metrics=Metrics(), models=models,
+                   rail=rail or PaymentRail())
+
+
+def create_app(settings: Settings, redis_url: str, *, rail: PaymentRail | None = None
+               ) -> FastAPI:
+    """The gateway app for ``settings``, metering against the Redis at ``redis_url``."""
+    gw = build_gateway(settings, redis_url, rail=rail)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await gw.keeper.start()
+        try:
+            yield
+        finally:
+            await gw.keeper.stop()
+            await gw.aclose()
+            await gw.upstreams.aclose()
+            await gw.redis.aclose()
+
+    app = FastAPI(title="tollstream", version="0.1.0", lifespan=lifespan,
+                  docs_url=None, redoc_url=None)
+    app.state.gateway = gw
+    app.include_router(routes.router)
+    app.include_router(admin.router)
+    app.include_router(info_router())
+    app.add_exception_handler(GatewayError, _handle_error)
+    app.add_exception_handler(MeterError, _handle_error)
+    app.add_exception_handler(RequestValidationError, _handle_validation)
+    app.add_exception_handler(HTTPException, _handle_http)
+    return app
+
+
+def _dialect_for(path: str) -> str:
+    if path.startswith("/v1/messages"):
+        return "anthropic_messages"
+    if path.startswith("/v1/responses"):
+        return "openai_responses"
+    return "openai_chat"
+
+
+def render_error(request: Request, info: ErrorInfo,
+                 headers: dict[str, str] | None = None) -> JSONResponse:
+    """An error in the shape of the API the client called (so its SDK raises as usual)."""
+    name = _dialect_for(request.url.path)
+    try:
+        dialect = get_dialect(name)
+    except KeyError:
+        dialect = get_dialect("openai_chat")
+    return JSONResponse(dialect.error_body(info), status_code=info.status, headers=headers)
+
+
+async def _handle_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, GatewayError | MeterError)
+    if exc.status >= 500:
+        log.warning("%s %s -> %s %s", request.method, request.url.path, exc.status, exc.code)
+    headers = exc.headers if isinstance(exc, GatewayError) else None
+    extra = exc.extra if isinstance(exc, GatewayError) else {}
+    return render_error(request, ErrorInfo(exc.status, exc.code, exc.message, exc.param,
+                                           extra), headers)
+
+
+async def _handle_validation(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    first: dict[str, Any] = exc.errors()[0] if exc.errors() else {}
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    param = ".".join(loc) or "body"
+    message = f"{param}: {first.get('msg', 'invalid request')}"
+    return render_error(request, ErrorInfo(400, "invalid_request", message, param))
+
+
+async def _handle_http(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    code = "not_found" if exc.status_code == 404 else "http_error"
+    message = ("no such route" if exc.status_code == 404 else str(exc.detail))
+    return render_error(request, ErrorInfo(exc.status_code, code, message))
+
+
+def info_router() -> Any:
+    from fastapi import APIRouter
+
+    router = APIRouter()
+
+    @router.get("/v1/models")
+    async def list_models(request: Request) -> dict[str, Any]:
+        gw: Gateway = request.app.state.gateway
+        asset = gw.asset
+        return {"object": "list", "data": [
+            {"id": m.name, "object": "model", "created": 0, "owned_by": m.upstream,
+             "tollstream": {"dialect": m.dialect.name, "asset": asset.symbol,
+                            "input_per_mtok": asset.format(m.rate.input_per_mtok),
+                            "output_per_mtok": asset.format(m.rate.output_per_mtok)}}
+            for m in gw.models.values()]}
+
+    @router.get("/v1/balance")
+    async def balance(request: Request) -> dict[str, Any]:
+        gw: Gateway = request.app.state.gateway
+        account = await gw.ledger.get_account(await gw.authenticate(request))
+        return admin.account_view(gw, account)
+
+    @router.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @router.get("/readyz")
+    async def readyz(request: Request) -> dict[str, str]:
+        gw: Gateway = request.app.state.gateway
+        if not await gw.ledger.ping():
+            raise ServiceUnavailable("the ledger (Redis) is unreachable",
+                                     code="ledger_unavailable")
+        return {"status": "ready"}
+
+    @router.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        gw: Gateway = request.app.state.gateway
+        return Response(gw.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    return router

@@ -1,0 +1,151 @@
+"""The metered relay: upstream events in, paid events out.
+
+For each upstream event the dialect names the generated text in it; the tokenizer counts its
+tokens; the meter grants them from the stream's lease (no I/O) or renews the lease (one Redis
+call). A fully granted event is forwarded byte for byte. A partly granted one is truncated at
+the last paid token, followed by the dialect's clean terminal events, and the upstream
+connection is closed so the model stops generating. Whatever way the stream ends, the
+``finally`` block charges exactly what the billing rule says, shielded from cancellation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import httpx
+
+from gateway.dialects import DialectStream, ErrorInfo, Usage
+from gateway.metrics import Metrics
+from gateway.sse import SSEProtocolError, iter_events
+from meters.errors import LedgerUnavailable
+from meters.keeper import Keeper
+from meters.meter import Bill, Outcome, Policy, StreamMeter
+from meters.tokens import Tokenizer
+
+log = logging.getLogger("tollstream.relay")
+
+#: How long the shielded clean-up (closing upstream, final charge) may take.
+SETTLE_TIMEOUT = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class RelayContext:
+    """Everything one metered stream needs besides the upstream response."""
+
+    model: str
+    stream: DialectStream
+    meter: StreamMeter
+    tokenizer: Tokenizer
+    keeper: Keeper
+    metrics: Metrics
+    #: Builds the machine-readable reason of a cut (balance, how to top up).
+    cut_reason: Callable[[StreamMeter], Awaitable[Mapping[str, Any]]]
+    #: Events that ask the client for more money before a pause (PAUSE policy only).
+    pause_events: Callable[[StreamMeter], Awaitable[list[bytes]]] | None = None
+
+
+async def relay(ctx: RelayContext, response: httpx.Response) -> AsyncIterator[bytes]:
+    """Yield the client's SSE bytes for one upstream streaming response."""
+    meter, stream, tokenizer = ctx.meter, ctx.stream, ctx.tokenizer
+    outcome = Outcome.DISCONNECTED  # unless the loop below says otherwise
+    usage = Usage()
+    ctx.metrics.active_streams.inc()
+    try:
+        try:
+            async for event in iter_events(response.aiter_raw()):
+                info = stream.inspect(event)
+                if info.usage is not None:
+                    usage = info.usage
+                if info.error is not None:
+                    outcome = Outcome.UPSTREAM_ERROR
+                    yield event.raw
+                    break
+                if info.texts:
+                    n = 0
+                    for text in info.texts:
+                        n += tokenizer.count(text)
+                    granted = meter.take(n)
+                    if granted < n:
+                        granted = await meter.acquire(n)
+                    if granted < n and meter.policy is Policy.PAUSE and ctx.pause_events:
+                        for chunk in await ctx.pause_events(meter):
+                            yield chunk
+                        granted = await meter.wait_for(n)
+                    if granted < n:
+                        outcome = Outcome.CUT
+                        partial = stream.truncate(granted, tokenizer) if granted else None
+                        if partial is not None:
+                            yield partial
+                            meter.delivered_tokens(granted)
+                        reason = await ctx.cut_reason(meter)
+                        for chunk in stream.cut(reason, Usage(meter.input_tokens,
+                                                              meter.delivered)):
+                            yield chunk
+                        break
+                    yield event.raw
+                    meter.delivered_tokens(n)
+                elif info.forward:
+                    yield event.raw
+                if info.final:
+                    outcome = Outcome.COMPLETED
+            else:
+                if outcome is not Outcome.COMPLETED:
+                    # The upstream closed without saying it was done.
+                    outcome = Outcome.UPSTREAM_ERROR
+                    for chunk in stream.error(ErrorInfo(502, "upstream_error",
+                                                        "the model API ended the stream early")):
+                        yield chunk
+        except (httpx.HTTPError, SSEProtocolError, ValueError) as exc:
+            # ValueError covers undecodable upstream JSON (orjson raises a subclass).
+            outcome = Outcome.UPSTREAM_ERROR
+            log.warning("upstream stream failed: %s", type(exc).__name__)
+            for chunk in stream.error(ErrorInfo(502, "upstream_error",
+                                                "the model API stream failed")):
+                yield chunk
+        except LedgerUnavailable:
+            outcome = Outcome.LEDGER_ERROR
+            for chunk in stream.error(ErrorInfo(503, "ledger_unavailable",
+                                                "the ledger is unreachable; the stream was "
+                                                "stopped at the last paid token")):
+                yield chunk
+    finally:
+        with anyio.CancelScope(shield=True):
+            await _finish(ctx, response, outcome, usage)
+
+
+async def _finish(ctx: RelayContext, response: httpx.Response, outcome: Outcome,
+                  usage: Usage) -> None:
+    ctx.metrics.active_streams.dec()
+    try:
+        with anyio.fail_after(SETTLE_TIMEOUT):
+            await response.aclose()
+    except (TimeoutError, httpx.HTTPError):
+        log.warning("closing the upstream response failed")
+    meter = ctx.meter
+    try:
+        with anyio.fail_after(SETTLE_TIMEOUT):
+            bill = await meter.close(outcome, reported_input=usage.input_tokens,
+                                     reported_output=usage.output_tokens)
+    except (LedgerUnavailable, TimeoutError):
+        _, _, total = meter.final_charge(outcome, reported_input=usage.input_tokens,
+                                         reported_output=usage.output_tokens)
+        ctx.keeper.defer(meter.account_id, meter.rid, total)
+        log.error("final charge deferred: ledger unreachable")
+        return
+    ctx.metrics.record(ctx.model, bill)
+
+
+async def aclose_quietly(response: httpx.Response) -> None:
+    """Close an upstream response on an error path."""
+    with anyio.CancelScope(shield=True):
+        with contextlib.suppress(TimeoutError, httpx.HTTPError):
+            await asyncio.wait_for(response.aclose(), SETTLE_TIMEOUT)
+
+
+__all__ = ["Bill", "RelayContext", "aclose_quietly", "relay"]

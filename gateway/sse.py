@@ -1,0 +1,76 @@
+"""Incremental parsing of an upstream Server-Sent Events byte stream.
+
+Events are yielded with their original bytes so the relay forwards them untouched (no JSON
+re-encode on the hot path); only the ``event`` name and ``data`` text are decoded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+#: An upstream event larger than this is a protocol error, not something to buffer forever.
+MAX_EVENT_BYTES = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class SSEEvent:
+    """One server-sent event: its name (``None`` for the default), its data and raw bytes."""
+
+    event: str | None
+    data: str
+    raw: bytes
+
+
+class SSEProtocolError(ValueError):
+    """The upstream sent something that is not a server-sent event stream."""
+
+
+def parse_event(raw: bytes) -> SSEEvent | None:
+    """Decode one event block (without its terminating blank line); None for comments only."""
+    name: str | None = None
+    data: list[str] = []
+    for line in raw.decode("utf-8").splitlines():
+        if not line or line.startswith(":"):
+            continue
+        field, _, value = line.partition(":")
+        if value.startswith(" "):
+            value = value[1:]
+        if field == "data":
+            data.append(value)
+        elif field == "event":
+            name = value
+    if name is None and not data:
+        return None
+    return SSEEvent(event=name, data="\n".join(data), raw=raw.rstrip(b"\r\n") + b"\n\n")
+
+
+async def iter_events(chunks: AsyncIterator[bytes]) -> AsyncIterator[SSEEvent]:
+    """Split a byte stream into events as soon as each one is complete."""
+    buffer = b""
+    async for chunk in chunks:
+        buffer += chunk
+        if b"\r" in buffer:
+            buffer = buffer.replace(b"\r\n", b"\n")
+        while True:
+            end = buffer.find(b"\n\n")
+            if end < 0:
+                break
+            block, buffer = buffer[:end], buffer[end + 2:]
+            event = parse_event(block)
+            if event is not None:
+                yield event
+        if len(buffer) > MAX_EVENT_BYTES:
+            raise SSEProtocolError("upstream event exceeds the maximum event size")
+    if buffer.strip():
+        event = parse_event(buffer)
+        if event is not None:
+            yield event
+
+
+def encode(data: bytes | str, event: str | None = None) -> bytes:
+    """Encode one event; ``data`` must be a single line (JSON is)."""
+    payload = data.encode("utf-8") if isinstance(data, str) else data
+    if event is None:
+        return b"data: " + payload + b"\n\n"
+    return b"event: " + event.encode("ascii") + b"\ndata: " + payload + b"\n\n"

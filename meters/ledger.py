@@ -1,0 +1,253 @@
+"""The ledger: balances, holds and charges in Redis, in integer atomic units.
+
+Every account is a hash ``{prefix}acct:{id}`` with ``balance`` (spendable), ``held`` (reserved
+by live streams), ``spent``, ``credited`` and ``shortfall``. ``balance + held + spent`` only ever
+changes by credits: money moves between the three fields inside Lua scripts (``meters/lua``),
+so every debit is atomic and concurrency-safe across streams and processes.
+
+A stream holds money through a *reservation* ``{prefix}res:{rid}`` owned by the gateway process
+that opened it. Each process keeps a heartbeat key ``{prefix}alive:{owner}`` alive; when a process
+dies its heartbeat expires and :meth:`Ledger.sweep` (run by every live process) returns its holds
+to the balances. Any Redis failure raises :class:`~meters.errors.LedgerUnavailable`, and the
+meter stops granting tokens whose hold it cannot prove is still alive (fail closed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import time
+import uuid
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.commands.core import AsyncScript
+from redis.exceptions import RedisError
+
+from meters.errors import AccountNotFound, DuplicateCredit, InvalidAmount, LedgerUnavailable
+from meters.money import MAX_AMOUNT
+
+
+def _script(name: str) -> str:
+    return resources.files("meters").joinpath("lua", name).read_text(encoding="utf-8")
+
+
+def hash_key(api_key: str) -> str:
+    """API keys are stored as their SHA-256: a leaked Redis dump reveals no usable key."""
+    return hashlib.sha256(api_key.encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class Account:
+    """A snapshot of one account, amounts in atomic units."""
+
+    id: str
+    balance: int
+    held: int
+    spent: int
+    credited: int
+    shortfall: int
+    label: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseResult:
+    ok: bool
+    taken: int
+    balance: int
+    charged: int
+
+
+@dataclass(frozen=True, slots=True)
+class SettleResult:
+    charged: int
+    returned: int
+    shortfall: int
+
+
+class Ledger:
+    """Async access to balances and reservations. One instance per process."""
+
+    def __init__(self, client: aioredis.Redis, *, prefix: str = "ts:",
+                 owner_ttl_seconds: float = 15.0) -> None:
+        self.redis = client
+        self.prefix = prefix
+        self.owner = f"{uuid.uuid4().hex[:12]}"
+        self.owner_ttl_ms = int(owner_ttl_seconds * 1000)
+        #: Monotonic time until which this process' holds are provably alive in Redis.
+        self.alive_until = 0.0
+        self._lease: AsyncScript = client.register_script(_script("lease.lua"))
+        self._settle: AsyncScript = client.register_script(_script("settle.lua"))
+        self._sweep: AsyncScript = client.register_script(_script("sweep.lua"))
+        self._credit: AsyncScript = client.register_script(_script("credit.lua"))
+
+    # -- keys -------------------------------------------------------------------------------
+    def _acct(self, account_id: str) -> str:
+        return f"{self.prefix}acct:{account_id}"
+
+    def _res(self, rid: str) -> str:
+        return f"{self.prefix}res:{rid}"
+
+    def _owner_set(self) -> str:
+        return f"{self.prefix}owner:{self.owner}"
+
+    # -- liveness ---------------------------------------------------------------------------
+    async def heartbeat(self) -> None:
+        """Prove this process alive; holds of a process that stops doing this get swept."""
+        started = time.monotonic()
+        try:
+            await self.redis.set(f"{self.prefix}alive:{self.owner}", "1", px=self.owner_ttl_ms)
+        except RedisError as exc:
+            raise LedgerUnavailable("the ledger (Redis) is unreachable") from exc
+        # Leave a margin of a third of the TTL: the sweeper of another process must never see
+        # this owner dead while it still hands out tokens from its holds.
+        self.alive_until = started + self.owner_ttl_ms / 1000 * 2 / 3
+
+    def is_alive(self) -> bool:
+        return time.monotonic() < self.alive_until
+
+    async def sweep(self) -> tuple[int, int]:
+        """Return the holds of dead processes; returns (reservations, atomic units) returned."""
+        try:
+            count, total = await self._sweep(keys=[f"{self.prefix}owners"], args=[self.prefix])
+        except RedisError as exc:
+            raise LedgerUnavailable("the ledger (Redis) is unreachable") from exc
+        return int(count), int(total)
+
+    async def ping(self) -> bool:
+        try:
+            return bool(await self.redis.ping())
+        except RedisError:
+            return False
+
+    # -- accounts ---------------------------------------------------------------------------
+    async def create_account(self, balance: int, *, label: str = "",
+                             account_id: str | None = None) -> tuple[Account, str]:
+        """Create an account and its API key; returns the account and the key (shown once)."""
+        _check_amount(balance, "balance")
+        account_id = account_id or "acct_" + secrets.token_hex(8)
+        api_key = "tsk_" + secrets.token_urlsafe(32)
+        key_hash = hash_key(api_key)
+        try:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.hsetnx(self._acct(account_id), "key_hash", key_hash)
+                pipe.hset(self._acct(account_id), mapping={
+                    "balance": balance, "held": 0, "spent": 0, "credited": balance,
+                    "shortfall": 0, "label": label})
+                pipe.set(f"{self.prefix}key:{key_hash}", account_id)
+                created, *_ = await pipe.execute()
+        except RedisError as exc:
+            raise LedgerUnavailable("the ledger (Redis) is unreachable") from exc
+        if not created:  # pragma: no cover - 64 random bits; would need a caller-chosen id
+            raise InvalidAmount(f"account {account_id} already exists", param="account_id")
+        return Account(account_id, balance, 0, 0, balance, 0, label), api_key
+
+    async def rotate_key(self, account_id: str) -> str:
+        """Issue a new API key for an existing account and revoke the old one."""
+        api_key = "tsk_" + secrets.token_urlsafe(32)
+        key_hash = hash_key(api_key)
+        try:
+            old = await self.redis.hget(self._acct(account_id), "key_hash")
+            if old is None:
+                raise AccountNotFound(f"no account {account_id}", param="account_id")
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.hset(self._acct(account_id), "key_hash", key_hash)
+                pipe.set(f"{self.prefix}key:{key_hash}", account_id)
+                pipe.delete(f"{self.prefix}key:{_text(old)}")
+                await pipe.execute()
+        except RedisError as exc:
+            raise LedgerUnavailable("the ledger (Redis) is unreachable") from exc
+        return api_key
+
+    async def authenticate(self, api_key: str) -> str | None:
+        """The account id an API key belongs to, or None."""
+        key_hash = hash_key(api_key)
+        try:
+            account_id = await self.redis.get(f"{self.prefix}key:{key_hash}")
+            if account_id is None:
+                return None
+            stored = await self.redis.hget(self._acct(_text(account_id)), "key_hash")
+        except RedisError as exc:
+            raise LedgerUnavailable("the ledger (Redis) is unreachable") from exc
+        if stored is None or not hmac.compare_digest(_text(stored), key_hash):
+            return None
+        return _text(account_id)
+
+    async def get_account(self, account_id: str) -> Account:
+        try:
+            raw: dict[Any, Any] = await self.redis.hgetall(self._acct(account_id))
+        except RedisError as exc:
+            raise LedgerUnavailable("the ledger (Redis) is unreachable") from exc
+        if not raw:
+            raise AccountNotFound(f"no account {account_id}", param="account_id")
+        data = {_text(k): _text(v) for k, v in raw.items()}
+        return Account(id=account_id, balance=int(data["balance"]), held=int(data["held"]),
+                       spent=int(data["spent"]), credited=int(data["credited"]),
+                       shortfall=int(data.get("shortfall", 0)), label=data.get("label", ""))
+
+    async def credit(self, account_id: str, amount: int, *,
+                     idempotency_key: str | None = None,
+                     idempotency_ttl_seconds: int = 30 * 86400) -> tuple[bool, int]:
+        """Add ``amount`` to the balance, once per idempotency key.
+
+        Returns (credited_now, balance). Raises :class:`DuplicateCredit` if the key was used
+        for a different amount.
+        """
+        _check_amount(amount, "amount")
+        idem = (f"{self.prefix}idem:{idempotency_key}" if idempotency_key
+                else f"{self.prefix}idem:none")
+        try:
+            status, balance = await self._credit(
+                keys=[self._acct(account_id), idem],
+                args=[amount, "1" if idempotency_key else "0", idempotency_ttl_seconds])
+        except RedisError as exc:
+            raise LedgerUnavailable("the ledger (Redis) is unreachable") from exc
+        if status == -1:
+            raise AccountNotFound(f"no account {account_id}", param="account_id")
+        if status == -2:
+            raise DuplicateCredit(f"idempotency key {idempotency_key!r} was already used for "
+                                  "a different amount", param="idempotency_key")
+        return status == 1, int(balance)
+
+    # -- reservations (the hot path: one call per lease) -----------------------------------
+    async def lease(self, account_id: str, rid: str, *, charged_target: int, want: int,
+                    minimum: int) -> LeaseResult:
+        """Charge the reservation up to ``charged_target`` and hold ``want`` more (at least
+        ``minimum``, else nothing)."""
+        try:
+            status, taken, balance, charged = await self._lease(
+                keys=[self._acct(account_id), self._res(rid), self._owner_set(),
+                      f"{self.prefix}owners"],
+                args=[rid, self.owner, account_id, charged_target, want, minimum])
+        except RedisError as exc:
+            raise LedgerUnavailable("the ledger (Redis) is unreachable") from exc
+        if status == -1:
+            raise AccountNotFound(f"no account {account_id}", param="account_id")
+        if status == -2:
+            raise LedgerUnavailable("the stream's reservation was returned while it was still "
+                                    "running (this process missed its heartbeat)")
+        return LeaseResult(ok=status == 1, taken=int(taken), balance=int(balance),
+                           charged=int(charged))
+
+    async def settle(self, account_id: str, rid: str, *, charged_target: int) -> SettleResult:
+        """Charge the reservation's final total and return the rest of its hold."""
+        try:
+            charged, returned, shortfall = await self._settle(
+                keys=[self._acct(account_id), self._res(rid), self._owner_set()],
+                args=[rid, charged_target])
+        except RedisError as exc:
+            raise LedgerUnavailable("the ledger (Redis) is unreachable") from exc
+        return SettleResult(int(charged), int(returned), int(shortfall))
+
+
+def _check_amount(amount: int, field: str) -> None:
+    if isinstance(amount, bool) or not isinstance(amount, int) or not 0 <= amount <= MAX_AMOUNT:
+        raise InvalidAmount(f"{field} must be a whole number of atomic units between 0 and "
+                            f"{MAX_AMOUNT}", param=field)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

@@ -1,0 +1,19 @@
+-- Credit an account exactly once per idempotency key. Atomic.
+-- KEYS[1] account hash   KEYS[2] idempotency key (may equal KEYS[1] .. ':nokey' for none)
+-- ARGV[1] amount   ARGV[2] 1 if KEYS[2] is a real idempotency key   ARGV[3] idempotency TTL (s)
+-- Returns {status, balance}; status 1 = credited, 0 = already credited with this key (same
+-- amount), -1 = no such account, -2 = key already used with a different amount.
+if redis.call('EXISTS', KEYS[1]) == 0 then return {-1, 0} end
+local amount = tonumber(ARGV[1])
+if ARGV[2] == '1' then
+  local prior = redis.call('GET', KEYS[2])
+  if prior then
+    if tonumber(prior) == amount then
+      return {0, tonumber(redis.call('HGET', KEYS[1], 'balance'))}
+    end
+    return {-2, tonumber(redis.call('HGET', KEYS[1], 'balance'))}
+  end
+  redis.call('SET', KEYS[2], amount, 'EX', tonumber(ARGV[3]))
+end
+redis.call('HINCRBY', KEYS[1], 'credited', amount)
+return {1, redis.call('HINCRBY', KEYS[1], 'balance', amount)}

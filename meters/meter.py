@@ -1,0 +1,195 @@
+"""The metering policy: one :class:`StreamMeter` per request.
+
+A stream never spends outside a hold. It opens with a hold for its prompt plus a *lease* of
+``lease_tokens`` output tokens, hands tokens out of that lease without touching Redis, and when
+the lease is used up makes one Redis call that charges what was delivered and holds the next
+lease. When the balance cannot pay for one more token the meter either
+
+* **cuts** (:attr:`Policy.CUT`): :meth:`StreamMeter.acquire` grants fewer tokens than asked and
+  the relay ends the stream at exactly the last paid token; or
+* **pauses** (:attr:`Policy.PAUSE`): the relay tells the client to pay more, then
+  :meth:`StreamMeter.wait_for` polls the balance until the lease can be renewed or
+  ``pause_timeout`` runs out, and the stream is cut.
+
+At the end :meth:`StreamMeter.close` charges the request's final total (see the billing rule in
+README.md) and returns the rest of the hold. Charges are passed to Redis as the reservation's
+*cumulative* target, so a call that was cancelled after Redis ran it cannot charge twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import secrets
+import time
+from dataclasses import dataclass
+
+from meters.errors import InsufficientFunds, LedgerUnavailable
+from meters.ledger import Ledger
+from meters.rates import Rate
+
+
+class Policy(enum.Enum):
+    CUT = "cut"
+    PAUSE = "pause"
+
+
+class Outcome(enum.Enum):
+    """How a stream ended; decides what is billed (README, "Billing rule")."""
+
+    COMPLETED = "completed"          # upstream finished; its reported usage is billed if given
+    CUT = "cut"                      # allowance ran out; delivered tokens are billed
+    DISCONNECTED = "disconnected"    # client went away; delivered tokens are billed
+    UPSTREAM_ERROR = "upstream_error"  # upstream failed; delivered tokens are billed
+    LEDGER_ERROR = "ledger_error"    # Redis failed mid-stream; delivered tokens are billed
+
+
+@dataclass(frozen=True, slots=True)
+class Bill:
+    """What one request was charged, in tokens and atomic units."""
+
+    input_tokens: int
+    output_tokens: int
+    delivered_tokens: int
+    charged: int
+    shortfall: int
+    outcome: Outcome
+
+
+class StreamMeter:
+    """Meters one request's output tokens against an account's balance."""
+
+    def __init__(self, ledger: Ledger, account_id: str, rate: Rate, *, lease_tokens: int,
+                 policy: Policy = Policy.CUT, pause_timeout: float = 60.0,
+                 max_output: int | None = None, poll_interval: float = 0.25) -> None:
+        self.ledger = ledger
+        self.account_id = account_id
+        self.rate = rate
+        self.lease_tokens = lease_tokens
+        self.policy = policy
+        self.pause_timeout = pause_timeout
+        self.max_output = max_output
+        self.poll_interval = poll_interval
+        self.rid = secrets.token_hex(10)
+        self.input_tokens = 0
+        self.delivered = 0        # output tokens handed to the client
+        self.covered = 0          # output tokens the hold pays for
+        self.held_total = 0       # atomic units held for this request so far (cumulative)
+        self.committed = 0        # atomic units charged so far (cumulative)
+        self.balance_seen = 0     # the account's spendable balance after the last Redis call
+        self.opened = False
+
+    # -- opening ------------------------------------------------------------------------------
+    async def open(self, input_tokens: int) -> None:
+        """Hold the prompt's price plus the first lease; 402 if not even one token is payable."""
+        self.input_tokens = input_tokens
+        want = self.rate.charge(input_tokens, self._lease_size())
+        minimum = self.rate.charge(input_tokens, 1)
+        result = await self.ledger.lease(self.account_id, self.rid, charged_target=0,
+                                         want=want, minimum=minimum)
+        self.balance_seen = result.balance
+        if not result.ok:
+            raise InsufficientFunds(
+                f"the balance ({result.balance}) cannot pay for this request's prompt "
+                f"({input_tokens} tokens) and one output token ({minimum} atomic units)",
+                needed=minimum, available=result.balance)
+        self.opened = True
+        self._add_hold(result.taken)
+
+    def _lease_size(self) -> int:
+        if self.max_output is None:
+            return self.lease_tokens
+        return max(1, min(self.lease_tokens, self.max_output - self.covered))
+
+    def _add_hold(self, taken: int) -> None:
+        self.held_total += taken
+        base = self.rate.charge(self.input_tokens, 0)
+        self.covered = self.rate.affordable_output(self.input_tokens, 0, self.held_total - base)
+
+    # -- the hot path -------------------------------------------------------------------------
+    def take(self, n: int) -> int:
+        """Grant up to ``n`` tokens from the current lease, without I/O."""
+        if not self.ledger.is_alive():
+            return 0  # our holds may have been swept: hand out nothing we cannot prove is paid
+        granted = min(n, self.covered - self.delivered)
+        return max(granted, 0)
+
+    def delivered_tokens(self, n: int) -> None:
+        """Record ``n`` tokens as handed to the client."""
+        self.delivered += n
+
+    async def acquire(self, n: int) -> int:
+        """Grant up to ``n`` tokens, renewing the lease if needed (one Redis call).
+
+        Returns fewer than ``n`` only when the allowance is exhausted: under :attr:`Policy.CUT`
+        the caller delivers exactly the granted tokens and ends the stream; under
+        :attr:`Policy.PAUSE` it tells the client to pay and calls :meth:`wait_for`.
+        """
+        granted = self.take(n)
+        if granted == n:
+            return n
+        await self.renew(n - granted)
+        return self.take(n)
+
+    async def wait_for(self, n: int) -> int:
+        """Pause: poll until the balance can pay for ``n`` tokens or ``pause_timeout`` passes."""
+        deadline = time.monotonic() + self.pause_timeout
+        granted = self.take(n)
+        while granted < n and time.monotonic() < deadline:
+            await asyncio.sleep(self.poll_interval)
+            await self.renew(n - granted)
+            granted = self.take(n)
+        return granted
+
+    async def renew(self, need: int = 1) -> None:
+        """Charge what was delivered and hold the next lease (one Redis call)."""
+        if not self.ledger.is_alive():
+            # The heartbeat is late: prove liveness before any new grant.
+            await self.ledger.heartbeat()
+        target = self.rate.charge(self.input_tokens, self.delivered)
+        lease = max(self._lease_size(), need)
+        want = self.rate.charge(self.input_tokens, self.covered + lease) - self.held_total
+        minimum = self.rate.charge(self.input_tokens, self.covered + 1) - self.held_total
+        result = await self.ledger.lease(self.account_id, self.rid, charged_target=target,
+                                         want=max(want, 0), minimum=max(minimum, 0))
+        self.committed = result.charged
+        self.balance_seen = result.balance
+        if result.ok:
+            self._add_hold(result.taken)
+
+    # -- closing ------------------------------------------------------------------------------
+    def final_charge(self, outcome: Outcome, *, reported_input: int | None,
+                     reported_output: int | None) -> tuple[int, int, int]:
+        """(input tokens, output tokens, atomic units) billed for ``outcome``.
+
+        Only a completed stream is billed from the upstream's reported usage; any other ending
+        bills the tokens actually delivered (plus the prompt as reported, else as counted).
+        """
+        billed_in = reported_input if reported_input is not None else self.input_tokens
+        if outcome is Outcome.COMPLETED and reported_output is not None:
+            billed_out = reported_output
+        else:
+            billed_out = self.delivered
+        return billed_in, billed_out, self.rate.charge(billed_in, billed_out)
+
+    async def close(self, outcome: Outcome, *, reported_input: int | None = None,
+                    reported_output: int | None = None) -> Bill:
+        """Charge the final total and release the rest of the hold."""
+        billed_in, billed_out, total = self.final_charge(
+            outcome, reported_input=reported_input, reported_output=reported_output)
+        if not self.opened:
+            return Bill(billed_in, 0, 0, 0, 0, outcome)
+        result = await self.ledger.settle(self.account_id, self.rid, charged_target=total)
+        self.opened = False
+        return Bill(input_tokens=billed_in, output_tokens=billed_out,
+                    delivered_tokens=self.delivered, charged=result.charged,
+                    shortfall=result.shortfall, outcome=outcome)
+
+    async def refund_all(self) -> None:
+        """Return the whole hold: the request failed before anything was delivered."""
+        if self.opened:
+            await self.ledger.settle(self.account_id, self.rid, charged_target=0)
+            self.opened = False
+
+
+__all__ = ["Bill", "InsufficientFunds", "LedgerUnavailable", "Outcome", "Policy", "StreamMeter"]
