@@ -7,7 +7,6 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
-import redis.asyncio as aioredis
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -22,23 +21,14 @@ from gateway.state import Gateway, Model, PaymentRail
 from gateway.upstream import Upstreams
 from meters.errors import MeterError
 from meters.keeper import Keeper
-from meters.ledger import Ledger
+from meters.ledger import Ledger, connect
 
 log = logging.getLogger("tollstream")
 
 
-def connect_redis(url: str, *, max_connections: int = 512) -> aioredis.Redis:
-    """A client whose pool waits for a free connection instead of failing past the limit,
-    and whose short timeouts make an unreachable Redis fail closed within a second or two."""
-    pool = aioredis.BlockingConnectionPool.from_url(
-        url, max_connections=max_connections, timeout=5, socket_connect_timeout=1,
-        socket_timeout=3)
-    return aioredis.Redis(connection_pool=pool)
-
-
 def build_gateway(settings: Settings, redis_url: str, *,
                   rail: PaymentRail | None = None) -> Gateway:
-    client = connect_redis(redis_url)
+    client = connect(redis_url)
     ledger = Ledger(client, prefix=settings.key_prefix,
                     owner_ttl_seconds=settings.reservation_ttl_seconds)
     models = {name: Model.build(name, cfg, settings.rate(name))

@@ -35,6 +35,15 @@ def _script(name: str) -> str:
     return resources.files("meters").joinpath("lua", name).read_text(encoding="utf-8")
 
 
+def connect(url: str, *, max_connections: int = 512) -> aioredis.Redis:
+    """A client whose pool waits for a free connection instead of failing past its limit,
+    and whose short timeouts make an unreachable Redis fail closed within a second or two."""
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url, max_connections=max_connections, timeout=5, socket_connect_timeout=1,
+        socket_timeout=3)
+    return aioredis.Redis(connection_pool=pool)
+
+
 def hash_key(api_key: str) -> str:
     """API keys are stored as their SHA-256: a leaked Redis dump reveals no usable key."""
     return hashlib.sha256(api_key.encode("utf-8")).hexdigest()

@@ -13,6 +13,7 @@ local target, want, min = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]
 local exists = redis.call('EXISTS', KEYS[2]) == 1
 local held, charged = 0, 0
 if exists then
+  if redis.call('HEXISTS', KEYS[2], 'swept') == 1 then return {-2, 0, balance, 0} end
   held = tonumber(redis.call('HGET', KEYS[2], 'held'))
   charged = tonumber(redis.call('HGET', KEYS[2], 'charged'))
 elseif target > 0 then

@@ -17,7 +17,10 @@ for _, owner in ipairs(redis.call('SMEMBERS', KEYS[1])) do
         redis.call('HINCRBY', acct, 'balance', held)
         total = total + held
       end
-      redis.call('DEL', res)
+      -- Keep the reservation's record of what it already charged (a late settle by a process
+      -- that was only stalled must not charge it twice), marked swept, for a day.
+      redis.call('HSET', res, 'held', 0, 'swept', 1)
+      redis.call('EXPIRE', res, 86400)
       count = count + 1
     end
     redis.call('DEL', set)

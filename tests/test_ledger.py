@@ -1,0 +1,126 @@
+"""The ledger's Lua scripts against a real Redis-compatible server."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+
+import pytest
+import redis.asyncio as aioredis
+
+from meters.errors import AccountNotFound, DuplicateCredit, InsufficientFunds, LedgerUnavailable
+from meters.ledger import Ledger, connect
+from meters.meter import Outcome, StreamMeter
+from meters.money import Asset
+from meters.rates import Rate
+
+ONE_PER_TOKEN = Rate.parse(Asset(), input_per_mtok="0", output_per_mtok="1")
+
+
+def make_ledger(redis_url: str, prefix: str | None = None, ttl: float = 3.0) -> Ledger:
+    client = connect(redis_url)
+    return Ledger(client, prefix=prefix or f"t{secrets.token_hex(4)}:", owner_ttl_seconds=ttl)
+
+
+async def test_accounts_keys_and_credits(redis_url: str) -> None:
+    ledger = make_ledger(redis_url)
+    account, key = await ledger.create_account(100, label="a")
+    assert await ledger.authenticate(key) == account.id
+    assert await ledger.authenticate(key + "x") is None
+    stored = await ledger.redis.hgetall(f"{ledger.prefix}acct:{account.id}")
+    assert key.encode() not in b"".join(stored.values())  # only the hash is stored
+    assert await ledger.credit(account.id, 50, idempotency_key="k1") == (True, 150)
+    assert await ledger.credit(account.id, 50, idempotency_key="k1") == (False, 150)
+    with pytest.raises(DuplicateCredit):
+        await ledger.credit(account.id, 51, idempotency_key="k1")
+    with pytest.raises(AccountNotFound):
+        await ledger.credit("acct_missing", 1)
+    new_key = await ledger.rotate_key(account.id)
+    assert await ledger.authenticate(key) is None
+    assert await ledger.authenticate(new_key) == account.id
+    await ledger.redis.aclose()
+
+
+async def test_many_meters_never_overspend(redis_url: str) -> None:
+    """200 concurrent meters on one balance of 1000 tokens: exactly 1000 are granted."""
+    ledger = make_ledger(redis_url)
+    await ledger.heartbeat()
+    account, _ = await ledger.create_account(1000)
+
+    async def consume() -> int:
+        meter = StreamMeter(ledger, account.id, ONE_PER_TOKEN, lease_tokens=7)
+        try:
+            await meter.open(0)
+        except InsufficientFunds:
+            return 0
+        while True:
+            granted = await meter.acquire(3)
+            meter.delivered_tokens(granted)
+            if granted < 3:
+                break
+            await asyncio.sleep(0)
+        await meter.close(Outcome.CUT)
+        return meter.delivered
+
+    delivered = await asyncio.gather(*(consume() for _ in range(200)))
+    state = await ledger.get_account(account.id)
+    assert sum(delivered) == 1000
+    assert (state.balance, state.held, state.spent) == (0, 0, 1000)
+    await ledger.redis.aclose()
+
+
+async def test_sweeper_returns_holds_of_dead_owner(redis_url: str) -> None:
+    prefix = f"t{secrets.token_hex(4)}:"
+    dead = make_ledger(redis_url, prefix, ttl=0.6)
+    await dead.heartbeat()
+    account, _ = await dead.create_account(100)
+    meter = StreamMeter(dead, account.id, ONE_PER_TOKEN, lease_tokens=40)
+    await meter.open(0)
+    meter.delivered_tokens(meter.take(10))
+    await meter.renew()  # charges the 10 delivered tokens and holds more
+    state = await dead.get_account(account.id)
+    assert state.spent == 10 and state.held > 0
+    # The owner stops beating (it "died"); another process sweeps after the TTL.
+    alive = make_ledger(redis_url, prefix)
+    await alive.heartbeat()
+    assert await alive.sweep() == (0, 0)
+    await asyncio.sleep(0.8)
+    count, amount = await alive.sweep()
+    assert count == 1 and amount == state.held
+    after = await alive.get_account(account.id)
+    assert (after.balance, after.held, after.spent) == (90, 0, 10)
+    # A late settle of the swept reservation charges what was delivered, from the balance.
+    await dead.heartbeat()
+    with pytest.raises(LedgerUnavailable):
+        await dead.lease(account.id, meter.rid, charged_target=10, want=5, minimum=1)
+    bill = await dead.settle(account.id, meter.rid, charged_target=12)
+    assert (bill.charged, bill.returned, bill.shortfall) == (12, 0, 0)
+    final = await alive.get_account(account.id)
+    assert (final.balance, final.held, final.spent) == (88, 0, 12)
+    await dead.redis.aclose()
+    await alive.redis.aclose()
+
+
+async def test_settle_takes_reported_excess_from_balance_never_negative(redis_url: str) -> None:
+    ledger = make_ledger(redis_url)
+    await ledger.heartbeat()
+    account, _ = await ledger.create_account(20)
+    meter = StreamMeter(ledger, account.id, ONE_PER_TOKEN, lease_tokens=5)
+    await meter.open(0)
+    meter.delivered_tokens(meter.take(5))
+    bill = await meter.close(Outcome.COMPLETED, reported_input=0, reported_output=30)
+    assert bill.charged == 20 and bill.shortfall == 10
+    state = await ledger.get_account(account.id)
+    assert (state.balance, state.held, state.spent, state.shortfall) == (0, 0, 20, 10)
+    await ledger.redis.aclose()
+
+
+async def test_unreachable_redis_fails_closed() -> None:
+    client = aioredis.Redis.from_url("redis://127.0.0.1:1", socket_connect_timeout=0.5)
+    ledger = Ledger(client, prefix="x:")
+    with pytest.raises(LedgerUnavailable):
+        await ledger.heartbeat()
+    with pytest.raises(LedgerUnavailable):
+        await ledger.lease("a", "r", charged_target=0, want=1, minimum=1)
+    assert not ledger.is_alive()
+    await client.aclose()
