@@ -182,12 +182,15 @@ class EvmNetwork:
 
 @dataclass(frozen=True)
 class SettlementResult:
-    """A settled authorization: the on-chain transfer of exactly ``amount`` from ``payer``."""
+    """A settled authorization: the on-chain transfer of exactly ``amount`` from ``payer``.
+
+    ``block_number`` is None when a remote facilitator settled (it does not report blocks).
+    """
 
     tx_hash: str
     payer: str
     amount: int
-    block_number: int
+    block_number: int | None
     network: str = ""
 
 

@@ -263,15 +263,22 @@ def decode_payment_header(value: str, *, version: int | None = None) -> AnyPayme
     scheme other than ``exact`` raises :class:`PaymentRejected` (``unsupported_scheme``).
     """
     header = X_PAYMENT_HEADER if version == 1 else PAYMENT_SIGNATURE_HEADER
-    data = decode_header_json(value, header=header)
+    return parse_payment_payload(decode_header_json(value, header=header), version=version,
+                                 where=header)
+
+
+def parse_payment_payload(data: Any, *, version: int | None = None,
+                          where: str = "paymentPayload") -> AnyPaymentPayload:
+    """Validate an already-decoded JSON payment (e.g. a facilitator request's
+    ``paymentPayload``); same errors as :func:`decode_payment_header`, prefixed ``where``."""
     if not isinstance(data, dict):
-        raise InvalidPayment(f"{header}: payload is not a JSON object", param="(root)")
+        raise InvalidPayment(f"{where}: payload is not a JSON object", param="(root)")
     found = data.get("x402Version")
     if found not in (1, 2) or isinstance(found, bool):
-        raise InvalidPayment(f"{header}: missing or unsupported field x402Version",
+        raise InvalidPayment(f"{where}: missing or unsupported field x402Version",
                              param="x402Version")
     if version is not None and found != version:
-        raise InvalidPayment(f"{header}: x402Version must be {version}", param="x402Version")
+        raise InvalidPayment(f"{where}: x402Version must be {version}", param="x402Version")
     if found == 2:
         accepted = data.get("accepted")
         scheme = accepted.get("scheme") if isinstance(accepted, dict) else None
@@ -284,7 +291,15 @@ def decode_payment_header(value: str, *, version: int | None = None) -> AnyPayme
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise _field_error(exc, header) from exc
+        raise _field_error(exc, where) from exc
+
+
+def as_v2(payload: AnyPaymentPayload, requirements: PaymentRequirements) -> PaymentPayload:
+    """A v1 payment restated as v2 for ``requirements`` (v2 payments are returned as is), so
+    everything behind the HTTP edge (verification, facilitators) speaks one version."""
+    if isinstance(payload, PaymentPayload):
+        return payload
+    return PaymentPayload(accepted=requirements, payload=payload.payload)
 
 
 def decode_model(value: str, model: type[_Wire], *, header: str) -> Any:
@@ -450,6 +465,7 @@ __all__ = [
     "PaymentRequirementsV1",
     "ResourceInfo",
     "SettlementResponse",
+    "as_v2",
     "build_payment_required",
     "caip2",
     "decode_header_json",
@@ -458,6 +474,7 @@ __all__ = [
     "encode_header",
     "exact_requirements",
     "match_requirements",
+    "parse_payment_payload",
     "settlement_headers",
     "settlement_response",
     "to_authorization",
