@@ -15,7 +15,6 @@ meter stops granting tokens whose hold it cannot prove is still alive (fail clos
 from __future__ import annotations
 
 import hashlib
-import hmac
 import secrets
 import time
 import uuid
@@ -31,7 +30,8 @@ from meters.errors import AccountNotFound, DuplicateCredit, InvalidAmount, Ledge
 from meters.money import MAX_AMOUNT
 
 
-def _script(name: str) -> str:
+def script(name: str) -> str:
+    """The source of one of the Lua scripts in ``meters/lua``."""
     return resources.files("meters").joinpath("lua", name).read_text(encoding="utf-8")
 
 
@@ -88,10 +88,10 @@ class Ledger:
         self.owner_ttl_ms = int(owner_ttl_seconds * 1000)
         #: Monotonic time until which this process' holds are provably alive in Redis.
         self.alive_until = 0.0
-        self._lease: AsyncScript = client.register_script(_script("lease.lua"))
-        self._settle: AsyncScript = client.register_script(_script("settle.lua"))
-        self._sweep: AsyncScript = client.register_script(_script("sweep.lua"))
-        self._credit: AsyncScript = client.register_script(_script("credit.lua"))
+        self._lease: AsyncScript = client.register_script(script("lease.lua"))
+        self._settle: AsyncScript = client.register_script(script("settle.lua"))
+        self._sweep: AsyncScript = client.register_script(script("sweep.lua"))
+        self._credit: AsyncScript = client.register_script(script("credit.lua"))
 
     # -- keys -------------------------------------------------------------------------------
     def _acct(self, account_id: str) -> str:
@@ -133,57 +133,83 @@ class Ledger:
             return False
 
     # -- accounts ---------------------------------------------------------------------------
-    async def create_account(self, balance: int, *, label: str = "",
-                             account_id: str | None = None) -> tuple[Account, str]:
-        """Create an account and its API key; returns the account and the key (shown once)."""
+    def _keys(self, account_id: str) -> str:
+        return f"{self.prefix}acct:{account_id}:keys"
+
+    async def create_account(self, balance: int, *, label: str = "") -> tuple[Account, str]:
+        """Create an account with its first API key; returns the account and the key (shown
+        once: only its hash is stored)."""
         _check_amount(balance, "balance")
-        account_id = account_id or "acct_" + secrets.token_hex(8)
-        api_key = "tsk_" + secrets.token_urlsafe(32)
-        key_hash = hash_key(api_key)
+        account_id = "acct_" + secrets.token_hex(8)
+        api_key, key_hash = _new_key()
         try:
             async with self.redis.pipeline(transaction=True) as pipe:
-                pipe.hsetnx(self._acct(account_id), "key_hash", key_hash)
                 pipe.hset(self._acct(account_id), mapping={
                     "balance": balance, "held": 0, "spent": 0, "credited": balance,
                     "shortfall": 0, "label": label})
                 pipe.set(f"{self.prefix}key:{key_hash}", account_id)
+                pipe.sadd(self._keys(account_id), key_hash)
+                await pipe.execute()
+        except RedisError as exc:
+            raise LedgerUnavailable("the ledger (Redis) is unreachable") from exc
+        return Account(account_id, balance, 0, 0, balance, 0, label), api_key
+
+    async def ensure_account(self, account_id: str, *, label: str = "") -> bool:
+        """Create an empty account under a caller-chosen id unless it exists (payment rails
+        key accounts by payer); True if it was created now. Idempotent and race-free."""
+        try:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                for field in ("balance", "held", "spent", "credited", "shortfall"):
+                    pipe.hsetnx(self._acct(account_id), field, 0)
+                pipe.hsetnx(self._acct(account_id), "label", label)
                 created, *_ = await pipe.execute()
         except RedisError as exc:
             raise LedgerUnavailable("the ledger (Redis) is unreachable") from exc
-        if not created:  # pragma: no cover - 64 random bits; would need a caller-chosen id
-            raise InvalidAmount(f"account {account_id} already exists", param="account_id")
-        return Account(account_id, balance, 0, 0, balance, 0, label), api_key
+        return bool(created)
 
-    async def rotate_key(self, account_id: str) -> str:
-        """Issue a new API key for an existing account and revoke the old one."""
-        api_key = "tsk_" + secrets.token_urlsafe(32)
-        key_hash = hash_key(api_key)
+    async def issue_key(self, account_id: str) -> str:
+        """Issue one more API key for an existing account (earlier keys stay valid)."""
+        api_key, key_hash = _new_key()
         try:
-            old = await self.redis.hget(self._acct(account_id), "key_hash")
-            if old is None:
+            if not await self.redis.exists(self._acct(account_id)):
                 raise AccountNotFound(f"no account {account_id}", param="account_id")
             async with self.redis.pipeline(transaction=True) as pipe:
-                pipe.hset(self._acct(account_id), "key_hash", key_hash)
                 pipe.set(f"{self.prefix}key:{key_hash}", account_id)
-                pipe.delete(f"{self.prefix}key:{_text(old)}")
+                pipe.sadd(self._keys(account_id), key_hash)
+                await pipe.execute()
+        except RedisError as exc:
+            raise LedgerUnavailable("the ledger (Redis) is unreachable") from exc
+        return api_key
+
+    async def rotate_key(self, account_id: str) -> str:
+        """Revoke every API key of an account and issue a new one."""
+        api_key, key_hash = _new_key()
+        try:
+            if not await self.redis.exists(self._acct(account_id)):
+                raise AccountNotFound(f"no account {account_id}", param="account_id")
+            old = await self.redis.smembers(self._keys(account_id))
+            async with self.redis.pipeline(transaction=True) as pipe:
+                for h in old:
+                    pipe.delete(f"{self.prefix}key:{as_text(h)}")
+                pipe.delete(self._keys(account_id))
+                pipe.set(f"{self.prefix}key:{key_hash}", account_id)
+                pipe.sadd(self._keys(account_id), key_hash)
                 await pipe.execute()
         except RedisError as exc:
             raise LedgerUnavailable("the ledger (Redis) is unreachable") from exc
         return api_key
 
     async def authenticate(self, api_key: str) -> str | None:
-        """The account id an API key belongs to, or None."""
-        key_hash = hash_key(api_key)
+        """The account id an API key belongs to, or None.
+
+        Keys are looked up by their SHA-256, so no secret is ever compared byte by byte: the
+        lookup's timing depends on the hash, which an attacker cannot steer toward a real key.
+        """
         try:
-            account_id = await self.redis.get(f"{self.prefix}key:{key_hash}")
-            if account_id is None:
-                return None
-            stored = await self.redis.hget(self._acct(_text(account_id)), "key_hash")
+            account_id = await self.redis.get(f"{self.prefix}key:{hash_key(api_key)}")
         except RedisError as exc:
             raise LedgerUnavailable("the ledger (Redis) is unreachable") from exc
-        if stored is None or not hmac.compare_digest(_text(stored), key_hash):
-            return None
-        return _text(account_id)
+        return None if account_id is None else as_text(account_id)
 
     async def get_account(self, account_id: str) -> Account:
         try:
@@ -192,7 +218,7 @@ class Ledger:
             raise LedgerUnavailable("the ledger (Redis) is unreachable") from exc
         if not raw:
             raise AccountNotFound(f"no account {account_id}", param="account_id")
-        data = {_text(k): _text(v) for k, v in raw.items()}
+        data = {as_text(k): as_text(v) for k, v in raw.items()}
         return Account(id=account_id, balance=int(data["balance"]), held=int(data["held"]),
                        spent=int(data["spent"]), credited=int(data["credited"]),
                        shortfall=int(data.get("shortfall", 0)), label=data.get("label", ""))
@@ -252,11 +278,17 @@ class Ledger:
         return SettleResult(int(charged), int(returned), int(shortfall))
 
 
+def _new_key() -> tuple[str, str]:
+    api_key = "tsk_" + secrets.token_urlsafe(32)
+    return api_key, hash_key(api_key)
+
+
 def _check_amount(amount: int, field: str) -> None:
     if isinstance(amount, bool) or not isinstance(amount, int) or not 0 <= amount <= MAX_AMOUNT:
         raise InvalidAmount(f"{field} must be a whole number of atomic units between 0 and "
                             f"{MAX_AMOUNT}", param=field)
 
 
-def _text(value: bytes | str) -> str:
+def as_text(value: bytes | str) -> str:
+    """Redis replies are bytes; keys and ids are ASCII text."""
     return value.decode() if isinstance(value, bytes) else value

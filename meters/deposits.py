@@ -1,0 +1,160 @@
+"""On-chain deposits credited exactly once.
+
+A deposit goes through three recorded states in Redis, under a key derived from what makes the
+payment unique (network, asset, payer and the authorization nonce):
+
+``settling``  written atomically, all fields at once, *before* the settlement is sent: whoever
+              writes it first owns the deposit; concurrent requests with the same
+              authorization wait for it.
+``settled``   the chain accepted the transfer (transaction hash recorded).
+``credited``  the amount was added to the payer's account (the ledger's credit is itself
+              idempotent on the same key, so a repeated credit is a no-op).
+``failed``    settlement was refused; nothing was credited.
+
+A process that dies between ``settling`` and ``credited`` leaves the record behind; on
+start-up :meth:`Deposits.unfinished` lists such records and the payment rail asks the chain
+whether the authorization was used, then finishes (credits) or fails it. The record holds
+everything needed for that, never a secret: an EIP-3009 authorization is already spent or
+useless once its record is finished.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Any, cast
+
+from redis.exceptions import RedisError
+
+from meters.errors import LedgerUnavailable
+from meters.ledger import Ledger, as_text, script
+
+SETTLING, SETTLED, CREDITED, FAILED = "settling", "settled", "credited", "failed"
+#: How long a finished record is kept (replays are refused by the chain long after that).
+RECORD_TTL_SECONDS = 30 * 86400
+
+
+@dataclass(frozen=True, slots=True)
+class Deposit:
+    """One payment: ``key`` is its idempotency key, ``amount`` atomic units."""
+
+    key: str
+    account_id: str
+    amount: int
+    payer: str
+    network: str
+    asset: str
+    payload: str  # the payment payload as JSON, for recovery
+    requirements: str  # the requirements it paid, as JSON
+
+
+@dataclass(frozen=True, slots=True)
+class DepositRecord:
+    deposit: Deposit
+    status: str
+    transaction: str
+    error: str
+    created: float
+
+
+class Deposits:
+    """Deposit records next to the ledger, in the same Redis."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+        self.redis = ledger.redis
+        self.prefix = ledger.prefix
+        self._claim = ledger.redis.register_script(script("claim.lua"))
+
+    def _key(self, key: str) -> str:
+        return f"{self.prefix}deposit:{key}"
+
+    async def begin(self, deposit: Deposit) -> tuple[bool, DepositRecord]:
+        """Claim the deposit. Returns (claimed, record): claimed is False when another request
+        already owns this authorization (its record is returned)."""
+        fields: dict[str, Any] = {
+            "account_id": deposit.account_id, "amount": deposit.amount,
+            "payer": deposit.payer, "network": deposit.network, "asset": deposit.asset,
+            "payload": deposit.payload, "requirements": deposit.requirements,
+            "status": SETTLING, "transaction": "", "error": "", "created": time.time()}
+        args: list[Any] = [deposit.key]
+        for name, value in fields.items():
+            args += [name, value]
+        try:
+            claimed = await self._claim(
+                keys=[self._key(deposit.key), f"{self.prefix}deposits:open"], args=args)
+        except RedisError as exc:
+            raise LedgerUnavailable("the ledger (Redis) is unreachable") from exc
+        record = await self.get(deposit.key)
+        assert record is not None
+        return bool(claimed), record
+
+    async def get(self, key: str) -> DepositRecord | None:
+        try:
+            raw = await self.redis.hgetall(self._key(key))
+        except RedisError as exc:
+            raise LedgerUnavailable("the ledger (Redis) is unreachable") from exc
+        if not raw or b"account_id" not in raw:
+            return None
+        data = {as_text(k): as_text(v) for k, v in raw.items()}
+        deposit = Deposit(key=key, account_id=data["account_id"], amount=int(data["amount"]),
+                          payer=data["payer"], network=data["network"], asset=data["asset"],
+                          payload=data["payload"], requirements=data["requirements"])
+        return DepositRecord(deposit, data["status"], data.get("transaction", ""),
+                             data.get("error", ""), float(data.get("created", 0)))
+
+    async def mark_settled(self, key: str, transaction: str) -> None:
+        await self._update(key, status=SETTLED, transaction=transaction)
+
+    async def mark_failed(self, key: str, error: str) -> None:
+        await self._update(key, status=FAILED, error=error)
+        await self._close(key)
+
+    async def credit(self, record: DepositRecord, *, label: str = "") -> bool:
+        """Credit a settled deposit to its account; True if credited now (False: already)."""
+        deposit = record.deposit
+        await self.ledger.ensure_account(deposit.account_id, label=label)
+        credited, _ = await self.ledger.credit(deposit.account_id, deposit.amount,
+                                               idempotency_key=f"deposit:{deposit.key}")
+        await self._update(deposit.key, status=CREDITED)
+        await self._close(deposit.key)
+        return credited
+
+    async def wait(self, key: str, *, timeout: float, poll: float = 0.05) -> DepositRecord:
+        """Wait until another request finishes the deposit (credited or failed)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            record = await self.get(key)
+            assert record is not None
+            if record.status in (CREDITED, FAILED) or time.monotonic() >= deadline:
+                return record
+            await asyncio.sleep(poll)
+
+    async def unfinished(self) -> list[DepositRecord]:
+        """Deposits a process started but did not finish (settling or settled)."""
+        try:
+            keys = await self.redis.smembers(f"{self.prefix}deposits:open")
+        except RedisError as exc:
+            raise LedgerUnavailable("the ledger (Redis) is unreachable") from exc
+        records = []
+        for key in sorted(as_text(k) for k in keys):
+            record = await self.get(key)
+            if record is not None and record.status in (SETTLING, SETTLED):
+                records.append(record)
+        return records
+
+    async def _update(self, key: str, **fields: str) -> None:
+        try:
+            await self.redis.hset(self._key(key), mapping=cast(Any, fields))
+        except RedisError as exc:
+            raise LedgerUnavailable("the ledger (Redis) is unreachable") from exc
+
+    async def _close(self, key: str) -> None:
+        try:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.srem(f"{self.prefix}deposits:open", key)
+                pipe.expire(self._key(key), RECORD_TTL_SECONDS)
+                await pipe.execute()
+        except RedisError as exc:
+            raise LedgerUnavailable("the ledger (Redis) is unreachable") from exc
