@@ -16,8 +16,10 @@ from gateway import admin, routes
 from gateway.dialects import ErrorInfo, get_dialect
 from gateway.errors import GatewayError, ServiceUnavailable
 from gateway.metrics import Metrics
+from gateway.rails import PaymentRail
+from gateway.rails.x402_deposits import X402Deposits
 from gateway.settings import Settings
-from gateway.state import Gateway, Model, PaymentRail
+from gateway.state import Gateway, Model
 from gateway.upstream import Upstreams
 from meters.errors import MeterError
 from meters.keeper import Keeper
@@ -33,9 +35,10 @@ def build_gateway(settings: Settings, redis_url: str, *,
                     owner_ttl_seconds=settings.reservation_ttl_seconds)
     models = {name: Model.build(name, cfg, settings.rate(name))
               for name, cfg in settings.models.items()}
+    if rail is None:
+        rail = X402Deposits(settings, ledger) if settings.x402.enabled else PaymentRail()
     return Gateway(settings=settings, redis=client, ledger=ledger, keeper=Keeper(ledger),
-                   upstreams=Upstreams(settings), metrics=Metrics(), models=models,
-                   rail=rail or PaymentRail())
+                   upstreams=Upstreams(settings), metrics=Metrics(), models=models, rail=rail)
 
 
 def create_app(settings: Settings, redis_url: str, *, rail: PaymentRail | None = None
@@ -46,9 +49,11 @@ def create_app(settings: Settings, redis_url: str, *, rail: PaymentRail | None =
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await gw.keeper.start()
+        await gw.rail.start()
         try:
             yield
         finally:
+            await gw.rail.aclose()
             await gw.keeper.stop()
             await gw.aclose()
             await gw.upstreams.aclose()
@@ -92,6 +97,8 @@ async def _handle_error(request: Request, exc: Exception) -> Response:
         log.warning("%s %s -> %s %s", request.method, request.url.path, exc.status, exc.code)
     headers = exc.headers if isinstance(exc, GatewayError) else None
     extra = exc.extra if isinstance(exc, GatewayError) else {}
+    if isinstance(exc, GatewayError) and exc.body is not None:
+        return JSONResponse(exc.body, status_code=exc.status, headers=headers)
     return render_error(request, ErrorInfo(exc.status, exc.code, exc.message, exc.param,
                                            extra), headers)
 

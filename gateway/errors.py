@@ -32,8 +32,8 @@ class GatewayError(Exception):
     code = "internal_error"
 
     def __init__(self, message: str, *, code: str | None = None, param: str | None = None,
-                 headers: dict[str, str] | None = None, extra: dict[str, Any] | None = None
-                 ) -> None:
+                 headers: dict[str, str] | None = None, extra: dict[str, Any] | None = None,
+                 body: dict[str, Any] | None = None) -> None:
         super().__init__(message)
         self.message = message
         if code is not None:
@@ -41,6 +41,9 @@ class GatewayError(Exception):
         self.param = param
         self.headers = headers or {}
         self.extra = extra or {}
+        #: A complete response body replacing the dialect's error shape (a payment protocol's
+        #: own 402 body, which its clients parse).
+        self.body = body
 
 
 class BadRequest(GatewayError):

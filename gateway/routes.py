@@ -64,13 +64,14 @@ async def handle(request: Request, dialect: Dialect) -> Response:
     gw: Gateway = request.app.state.gateway
     parsed = dialect.parse_request(await read_json(request, gw.settings.max_body_bytes))
     model = find_model(gw, parsed.model, dialect)
-    paid = await gw.rail.authenticate(request)
+    input_tokens = model.tokenizer.count(parsed.prompt_text) + parsed.prompt_overhead
+    needed = model.rate.charge(input_tokens, gw.rail.min_output_tokens)
+    paid = await gw.rail.authenticate(request, needed=needed)
     extra_headers: dict[str, str] = {}
     if paid is not None:
         account_id, extra_headers = paid
     else:
-        account_id = await gw.authenticate(request)
-    input_tokens = model.tokenizer.count(parsed.prompt_text) + parsed.prompt_overhead
+        account_id = await gw.authenticate(request, needed=needed)
     cap = parsed.max_output or model.max_output_tokens
     # A stream meters lease by lease; a non-streaming answer cannot be cut, so it holds its
     # whole (affordable) output up front and the upstream is told not to exceed it.
@@ -81,7 +82,7 @@ async def handle(request: Request, dialect: Dialect) -> Response:
     try:
         await meter.open(input_tokens)
     except InsufficientFunds as exc:
-        raise gw.insufficient(request, exc) from exc
+        raise gw.insufficient(request, exc, needed=needed) from exc
     try:
         upstream_max = None if parsed.stream else min(meter.covered, cap)
         body = dialect.upstream_body(parsed, model=model.upstream_model, max_output=upstream_max)
@@ -101,7 +102,7 @@ async def handle(request: Request, dialect: Dialect) -> Response:
                            "token",
                 "balance": str(m.balance_seen), "asset": gw.asset.symbol,
                 "decimals": gw.asset.decimals, "delivered_tokens": m.delivered,
-                "top_up": dict(await gw.rail.top_up_hint(account_id, str(request.url)))}
+                "top_up": dict(await gw.rail.top_up_hint(account_id, request))}
 
     ctx = RelayContext(model=model.name, stream=dialect.open_stream(parsed), meter=meter,
                        tokenizer=model.tokenizer, keeper=gw.keeper, metrics=gw.metrics,

@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
-from meters.errors import ConfigError
+from meters.errors import ConfigError, InvalidAmount
 from meters.money import Asset
 from meters.rates import Rate
 from meters.tokens import ENCODINGS
@@ -69,6 +69,88 @@ class ModelSettings(_Frozen):
     max_output_tokens: int = Field(default=4096, ge=1)
 
 
+#: Known x402 networks: USDC on Base and Base Sepolia (EIP-712 domain name and version of each
+#: deployment), and the local dev chain (its token address comes from `tollstream chain`).
+X402_PRESETS: dict[str, dict[str, Any]] = {
+    "base": {"network": "eip155:8453", "chain_id": 8453,
+             "asset": "0x833589fCD6eDb6E08f4c7C32D4f71b54bdA02913",
+             "token_name": "USD Coin", "token_version": "2"},
+    "base-sepolia": {"network": "eip155:84532", "chain_id": 84532,
+                     "asset": "0x036CbD53842c5426634e7929541eC2318f3dCF7e",
+                     "token_name": "USDC", "token_version": "2"},
+    "local": {"network": "eip155:31337", "chain_id": 31337, "rpc_url": "http://127.0.0.1:8545",
+              "token_name": "USD Coin", "token_version": "2"},
+}
+
+
+class X402NetworkSettings(_Frozen):
+    """One chain and token agents may pay deposits on."""
+
+    preset: Literal["base", "base-sepolia", "local"] | None = None
+    network: str = ""
+    chain_id: int = 0
+    rpc_url: str = ""
+    asset: str = ""
+    token_name: str = ""
+    token_version: str = "2"
+    confirmations: int = Field(default=1, ge=1)
+    relayer_key: SecretStr | None = None
+    relayer_key_env: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("preset") in X402_PRESETS:
+            return {**X402_PRESETS[data["preset"]], **data}
+        return data
+
+    @model_validator(mode="after")
+    def _check(self) -> X402NetworkSettings:
+        for name in ("network", "rpc_url", "asset", "token_name"):
+            if not getattr(self, name):
+                raise ValueError(f"{name} is required (or a preset that sets it)")
+        if not self.network.startswith("eip155:") or self.chain_id <= 0:
+            raise ValueError("network must be CAIP-2 eip155:<chain id> with a chain_id")
+        return self
+
+    def relayer(self) -> str | None:
+        """The relayer's private key: explicit value first, else the named variable."""
+        if self.relayer_key is not None:
+            return self.relayer_key.get_secret_value()
+        return os.environ.get(self.relayer_key_env) if self.relayer_key_env else None
+
+
+class X402Settings(_Frozen):
+    """The x402 deposit rail (off unless ``enabled``)."""
+
+    enabled: bool = False
+    mode: Literal["local", "remote"] = "local"
+    facilitator_url: str | None = None
+    facilitator_timeout_seconds: float = Field(default=30.0, gt=0)
+    pay_to: str = ""
+    deposit: str = "1.00"
+    min_output_tokens: int = Field(default=256, ge=1)
+    max_timeout_seconds: int = Field(default=300, ge=10)
+    networks: dict[str, X402NetworkSettings] = {}
+
+    @model_validator(mode="after")
+    def _check(self) -> X402Settings:
+        if not self.enabled:
+            return self
+        if not (self.pay_to.startswith("0x") and len(self.pay_to) == 42):
+            raise ValueError("pay_to must be the 0x address deposits are paid to")
+        if not self.networks:
+            raise ValueError("at least one network is required when x402 is enabled")
+        if self.mode == "remote" and not self.facilitator_url:
+            raise ValueError("facilitator_url is required in remote mode")
+        if self.mode == "local":
+            for name, net in self.networks.items():
+                if not net.relayer():
+                    raise ValueError(f"networks.{name} needs relayer_key or relayer_key_env "
+                                     "in local mode (the relayer pays the settlement gas)")
+        return self
+
+
 class AssetSettings(_Frozen):
     symbol: str = "USDC"
     decimals: int = Field(default=6, ge=0, le=18)
@@ -90,6 +172,7 @@ class Settings(_Frozen):
     asset: AssetSettings = AssetSettings()
     upstreams: dict[str, UpstreamSettings] = {}
     models: dict[str, ModelSettings] = {}
+    x402: X402Settings = X402Settings()
 
     @model_validator(mode="after")
     def _check_models(self) -> Settings:
@@ -100,6 +183,11 @@ class Settings(_Frozen):
             if model.tokenizer not in ENCODINGS:
                 raise ValueError(f"models.{name}.tokenizer must be one of {ENCODINGS}")
             self.rate(name)  # parse now: a bad price refuses start-up
+        if self.x402.enabled:
+            try:
+                self.asset_obj().parse(self.x402.deposit, field="x402.deposit")
+            except InvalidAmount as exc:
+                raise ValueError(exc.message) from exc
         return self
 
     def asset_obj(self) -> Asset:

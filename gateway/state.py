@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import hmac
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import redis.asyncio as aioredis
 from starlette.requests import Request
 
 from gateway.dialects import Dialect, get_dialect
-from gateway.errors import GatewayError, PaymentRequired, Unauthorized
+from gateway.errors import GatewayError, Unauthorized
 from gateway.metrics import Metrics
+from gateway.rails import PaymentRail
 from gateway.settings import ModelSettings, Settings
 from gateway.upstream import Upstreams
 from meters.errors import InsufficientFunds
@@ -43,30 +43,6 @@ class Model:
                    max_output_tokens=cfg.max_output_tokens)
 
 
-class PaymentRail:
-    """A way for agents to pay (x402, MPP). The default has none: accounts are admin-made.
-
-    Rails turn "no credential" and "not enough balance" into a 402 challenge, accept payment
-    credentials on a request, and say how to top up in a cut's reason.
-    """
-
-    name = "none"
-
-    async def authenticate(self, request: Request) -> tuple[str, dict[str, str]] | None:
-        """Settle a payment credential carried by ``request``: the account id it credited and
-        headers to add to the response; None when the request carries no payment."""
-        return None
-
-    def challenge(self, request: Request, *, needed: int, reason: str,
-                  code: str = "payment_required") -> GatewayError:
-        """The error answering a request that must pay first."""
-        return PaymentRequired(reason, code=code, extra={"needed": str(needed)})
-
-    async def top_up_hint(self, account_id: str, request_url: str) -> Mapping[str, Any]:
-        return {"how": "ask the operator to credit this account",
-                "balance_url": "/v1/balance"}
-
-
 @dataclass(slots=True)
 class Gateway:
     """Everything a request handler needs."""
@@ -95,22 +71,29 @@ class Gateway:
             raise Unauthorized("missing or wrong admin token in Authorization: Bearer",
                                code="invalid_admin_token", param="authorization")
 
-    async def authenticate(self, request: Request) -> str:
-        """The account a model request is billed to (401 for a bad key)."""
-        key = bearer(request) or request.headers.get("x-api-key")
-        if not key:
-            message = "no API key: send Authorization: Bearer <key> (or x-api-key)"
-            if self.rail.name == "none":
-                raise Unauthorized(message, code="missing_api_key", param="authorization")
-            raise self.rail.challenge(request, needed=0, reason=message, code="missing_api_key")
-        account_id = await self.ledger.authenticate(key)
-        if account_id is None:
-            raise Unauthorized("the API key is not valid", param="authorization")
-        return account_id
+    async def authenticate(self, request: Request, *, needed: int = 0) -> str:
+        """The account a model request is billed to.
 
-    def insufficient(self, request: Request, exc: InsufficientFunds) -> GatewayError:
-        """Translate a refused hold into the rail's 402."""
-        err = self.rail.challenge(request, needed=exc.needed, reason=exc.message,
+        Without a payment rail a missing or unknown key is a 401. With one, it is the rail's
+        402 challenge: an agent with a wallet and no key yet is meant to pay, not to fail.
+        """
+        key = bearer(request) or request.headers.get("x-api-key")
+        account_id = await self.ledger.authenticate(key) if key else None
+        if account_id is not None:
+            return account_id
+        if key:
+            code, message = "invalid_api_key", "the API key is not valid"
+        else:
+            code = "missing_api_key"
+            message = "no API key: send Authorization: Bearer <key> (or x-api-key)"
+        if self.rail.name == "none":
+            raise Unauthorized(message, code=code, param="authorization")
+        raise self.rail.challenge(request, needed=needed, reason=message, code=code)
+
+    def insufficient(self, request: Request, exc: InsufficientFunds, *, needed: int
+                     ) -> GatewayError:
+        """Translate a refused hold into the rail's 402 (asking for at least ``needed``)."""
+        err = self.rail.challenge(request, needed=max(needed, exc.needed), reason=exc.message,
                                   code=exc.code)
         err.extra.setdefault("balance", str(exc.available))
         err.extra.setdefault("needed", str(exc.needed))

@@ -9,7 +9,8 @@ payment unique (network, asset, payer and the authorization nonce):
 ``settled``   the chain accepted the transfer (transaction hash recorded).
 ``credited``  the amount was added to the payer's account (the ledger's credit is itself
               idempotent on the same key, so a repeated credit is a no-op).
-``failed``    settlement was refused; nothing was credited.
+A claim whose settlement the chain refused is abandoned (deleted): nothing moved, and the payer
+may retry the same authorization.
 
 A process that dies between ``settling`` and ``credited`` leaves the record behind; on
 start-up :meth:`Deposits.unfinished` lists such records and the payment rail asks the chain
@@ -20,7 +21,6 @@ useless once its record is finished.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from dataclasses import dataclass
 from typing import Any, cast
@@ -30,7 +30,7 @@ from redis.exceptions import RedisError
 from meters.errors import LedgerUnavailable
 from meters.ledger import Ledger, as_text, script
 
-SETTLING, SETTLED, CREDITED, FAILED = "settling", "settled", "credited", "failed"
+SETTLING, SETTLED, CREDITED = "settling", "settled", "credited"
 #: How long a finished record is kept (replays are refused by the chain long after that).
 RECORD_TTL_SECONDS = 30 * 86400
 
@@ -107,9 +107,16 @@ class Deposits:
     async def mark_settled(self, key: str, transaction: str) -> None:
         await self._update(key, status=SETTLED, transaction=transaction)
 
-    async def mark_failed(self, key: str, error: str) -> None:
-        await self._update(key, status=FAILED, error=error)
-        await self._close(key)
+    async def abandon(self, key: str) -> None:
+        """Forget a claim whose settlement was refused (nothing moved on-chain), so the payer
+        may retry the same authorization once the problem is fixed (e.g. wallet funded)."""
+        try:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.delete(self._key(key))
+                pipe.srem(f"{self.prefix}deposits:open", key)
+                await pipe.execute()
+        except RedisError as exc:
+            raise LedgerUnavailable("the ledger (Redis) is unreachable") from exc
 
     async def credit(self, record: DepositRecord, *, label: str = "") -> bool:
         """Credit a settled deposit to its account; True if credited now (False: already)."""
@@ -120,16 +127,6 @@ class Deposits:
         await self._update(deposit.key, status=CREDITED)
         await self._close(deposit.key)
         return credited
-
-    async def wait(self, key: str, *, timeout: float, poll: float = 0.05) -> DepositRecord:
-        """Wait until another request finishes the deposit (credited or failed)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            record = await self.get(key)
-            assert record is not None
-            if record.status in (CREDITED, FAILED) or time.monotonic() >= deadline:
-                return record
-            await asyncio.sleep(poll)
 
     async def unfinished(self) -> list[DepositRecord]:
         """Deposits a process started but did not finish (settling or settled)."""

@@ -1,0 +1,265 @@
+"""The x402 deposit rail: agents pay a USDC deposit over HTTP 402 and then stream against it.
+
+Flow of one deposit (the request carries ``PAYMENT-SIGNATURE`` (v2) or ``X-PAYMENT`` (v1)):
+
+1. decode strictly (400 ``invalid_payment`` naming the field, with a fresh challenge);
+2. match it to what this request is offered (deposit, or the prompt's price if higher) and
+   verify it (signature, recipient, amount, validity window, nonce unused, payer balance);
+3. claim the deposit record in Redis (:class:`meters.deposits.Deposits`): one claim per
+   authorization, so the same payment sent on concurrent requests settles once; the others
+   get 402 ``invalid_exact_evm_nonce_already_used``;
+4. settle: locally (our relayer sends ``transferWithAuthorization``) or through a remote
+   facilitator, as configured;
+5. credit the payer's account (one per network + asset + payer address) exactly once, issue an
+   API key and answer with ``PAYMENT-RESPONSE`` and ``Tollstream-Api-Key``.
+
+A process that dies between 4 and 5 leaves the record ``settling``/``settled``; :meth:`start`
+asks the chain whether the authorization was used and finishes the credit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from starlette.requests import Request
+
+from gateway.errors import (
+    GatewayError,
+    InvalidPayment,
+    PaymentRejected,
+    PaymentRequired,
+    ServiceUnavailable,
+)
+from gateway.rails import PaymentRail
+from gateway.rails.evm import EvmNetwork, EvmSettler, SettlementResult
+from gateway.rails.facilitator import LocalSettlement, RemoteFacilitator, Settlement
+from gateway.rails.x402 import (
+    PAYMENT_SIGNATURE_HEADER,
+    X_PAYMENT_HEADER,
+    AnyPaymentPayload,
+    PaymentRequirements,
+    ResourceInfo,
+    build_payment_required,
+    decode_payment_header,
+    encode_header,
+    exact_requirements,
+    match_requirements,
+    parse_payment_payload,
+    settlement_headers,
+    settlement_response,
+    to_authorization,
+)
+from gateway.settings import Settings
+from meters.deposits import SETTLED, Deposit, Deposits
+from meters.ledger import Ledger
+from meters.money import Asset
+
+log = logging.getLogger("tollstream.x402")
+
+API_KEY_HEADER = "Tollstream-Api-Key"
+
+
+def payer_account_id(network: str, asset: str, payer: str) -> str:
+    """Accounts of x402 payers are keyed by network, asset and payer address."""
+    digest = hashlib.sha256(f"{network}|{asset.lower()}|{payer.lower()}".encode()).hexdigest()
+    return f"x402_{digest[:24]}"
+
+
+class X402Deposits(PaymentRail):
+    """The x402 rail (see the module docstring)."""
+
+    name = "x402"
+
+    def __init__(self, settings: Settings, ledger: Ledger) -> None:
+        cfg = settings.x402
+        self.asset: Asset = settings.asset_obj()
+        self.deposit = self.asset.parse(cfg.deposit, field="x402.deposit")
+        self.min_output_tokens = cfg.min_output_tokens
+        self.pay_to = cfg.pay_to
+        self.max_timeout_seconds = cfg.max_timeout_seconds
+        self.networks = {
+            net.network: EvmNetwork(network=net.network, chain_id=net.chain_id,
+                                    rpc_url=net.rpc_url, asset=net.asset,
+                                    token_name=net.token_name, token_version=net.token_version,
+                                    relayer_key=net.relayer() or "",
+                                    confirmations=net.confirmations)
+            for net in cfg.networks.values()}
+        self.settler = EvmSettler()
+        self.settlement: Settlement
+        if cfg.mode == "remote" and cfg.facilitator_url:
+            self.remote: RemoteFacilitator | None = RemoteFacilitator(
+                cfg.facilitator_url, timeout=cfg.facilitator_timeout_seconds)
+            self.settlement = self.remote
+        else:
+            self.remote = None
+            self.settlement = LocalSettlement(self.settler, list(self.networks.values()))
+        self.deposits = Deposits(ledger)
+        self.ledger = ledger
+        self._recovery: asyncio.Task[None] | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    async def start(self) -> None:
+        # In the background: a slow chain RPC must not hold up serving requests.
+        self._recovery = asyncio.create_task(self._recover_logged(), name="x402-recovery")
+
+    async def aclose(self) -> None:
+        if self._recovery is not None and not self._recovery.done():
+            self._recovery.cancel()
+        if self.remote is not None:
+            await self.remote.aclose()
+        await self.settler.aclose()
+
+    async def _recover_logged(self) -> None:
+        try:
+            finished = await self.recover()
+            if finished:
+                log.warning("finished %d deposits a previous process left unfinished", finished)
+        except GatewayError as exc:
+            log.error("deposit recovery failed (%s); it runs again at the next start", exc.code)
+
+    async def recover(self) -> int:
+        """Finish deposits left between settlement and credit; returns how many were credited.
+
+        The chain is the judge: an authorization that was used was settled (credit it); one
+        that was not is settled now if still valid, else dropped (nothing moved).
+        """
+        credited = 0
+        for record in await self.deposits.unfinished():
+            deposit = record.deposit
+            network = self.networks.get(deposit.network)
+            if network is None:
+                continue
+            payload = parse_payment_payload(_json(deposit.payload))
+            auth = to_authorization(payload)
+            if record.status != SETTLED and not await self.settler.authorization_used(
+                    auth.from_, auth.nonce, network):
+                requirements = PaymentRequirements.model_validate(_json(deposit.requirements))
+                try:
+                    result = await self.settlement.settle(payload, requirements)
+                except PaymentRejected:
+                    await self.deposits.abandon(deposit.key)
+                    continue
+                await self.deposits.mark_settled(deposit.key, result.tx_hash)
+            if await self.deposits.credit(record, label=f"x402 {deposit.payer}"):
+                credited += 1
+        return credited
+
+    # -- challenge ----------------------------------------------------------------------------
+    def accepts(self, needed: int) -> list[PaymentRequirements]:
+        amount = max(self.deposit, needed)
+        return [exact_requirements(net, amount=amount, pay_to=self.pay_to,
+                                   max_timeout_seconds=self.max_timeout_seconds)
+                for net in self.networks.values()]
+
+    def _resource(self, request: Request) -> ResourceInfo:
+        return ResourceInfo(url=str(request.url), description="tollstream prepaid allowance "
+                            "(deposit, billed per token)", mime_type="text/event-stream")
+
+    def challenge(self, request: Request, *, needed: int, reason: str,
+                  code: str = "payment_required",
+                  error_class: type[GatewayError] = PaymentRequired,
+                  headers: Mapping[str, str] | None = None) -> GatewayError:
+        accepts = self.accepts(needed)
+        challenge = build_payment_required(resource=self._resource(request), accepts=accepts,
+                                           error=reason)
+        amount = accepts[0].amount
+        body = {**challenge.body, "code": code, "message": reason, "needed": str(needed),
+                "deposit": str(amount), "asset": self.asset.symbol,
+                "deposit_decimal": self.asset.format(amount)}
+        return error_class(reason, code=code, body=body,
+                           headers={**challenge.headers, **(headers or {})})
+
+    async def top_up_hint(self, account_id: str, request: Request) -> Mapping[str, Any]:
+        accepts = self.accepts(0)
+        required = build_payment_required(resource=self._resource(request), accepts=accepts,
+                                          error="top up to continue")
+        return {"method": "x402", "header": "PAYMENT-REQUIRED", "payment_required":
+                required.header, "accepts": [a.model_dump(mode="json", by_alias=True)
+                                             for a in accepts]}
+
+    # -- paying -------------------------------------------------------------------------------
+    async def authenticate(self, request: Request, *, needed: int
+                           ) -> tuple[str, dict[str, str]] | None:
+        header = request.headers.get(PAYMENT_SIGNATURE_HEADER)
+        version = 2
+        if header is None:
+            header = request.headers.get(X_PAYMENT_HEADER)
+            version = 1
+        if header is None:
+            return None
+        try:
+            payload = decode_payment_header(header, version=version)
+        except InvalidPayment as exc:
+            raise self._fresh(request, needed, exc, InvalidPayment) from exc
+        except PaymentRejected as exc:
+            raise self._fresh(request, needed, exc, PaymentRejected) from exc
+        result, account_id = await self.pay(request, payload, needed)
+        api_key = await self.ledger.issue_key(account_id)
+        return account_id, {**settlement_headers(result, version=version),
+                            API_KEY_HEADER: api_key}
+
+    async def pay(self, request: Request, payload: AnyPaymentPayload, needed: int
+                  ) -> tuple[SettlementResult, str]:
+        """Verify, claim, settle and credit one payment; returns the settlement and account."""
+        try:
+            requirements = match_requirements(payload, self.accepts(needed))
+            auth = to_authorization(payload)
+            await self.settlement.verify(payload, requirements)
+        except (InvalidPayment, PaymentRejected) as exc:
+            raise self._fresh(request, needed, exc, type(exc)) from exc
+        network = self.networks[requirements.network]
+        account_id = payer_account_id(network.network, network.asset, auth.payer)
+        deposit = Deposit(
+            key=f"{network.network}:{network.asset.lower()}:{auth.payer.lower()}:{auth.nonce}",
+            account_id=account_id, amount=requirements.amount, payer=auth.payer,
+            network=network.network, asset=network.asset,
+            payload=_dumps(payload), requirements=_dumps(requirements))
+        claimed, record = await self.deposits.begin(deposit)
+        if not claimed:
+            raise self._fresh(request, needed, PaymentRejected(
+                "this authorization was already used for a deposit; its API key was returned "
+                "with the first response", code="invalid_exact_evm_nonce_already_used"),
+                PaymentRejected)
+        try:
+            result = await self.settlement.settle(payload, requirements)
+        except PaymentRejected as exc:
+            await self.deposits.abandon(deposit.key)
+            raise self._fresh(request, needed, exc, PaymentRejected, failed=True,
+                              network=network.network, payer=auth.payer) from exc
+        except ServiceUnavailable:
+            # Outcome unknown (the transfer may be in flight): the record stays open and the
+            # next start-up's recovery asks the chain.
+            raise
+        await self.deposits.mark_settled(deposit.key, result.tx_hash)
+        await self.deposits.credit(record, label=f"x402 {auth.payer}")
+        log.info("deposit of %d credited to %s (tx %s)", requirements.amount, account_id,
+                 result.tx_hash)
+        return result, account_id
+
+    def _fresh(self, request: Request, needed: int, exc: GatewayError,
+               kind: type[GatewayError], *, failed: bool = False,
+               network: str = "", payer: str | None = None) -> GatewayError:
+        """The rejection with a fresh challenge (and a failed PAYMENT-RESPONSE if settling
+        failed), keeping the x402 error code."""
+        headers = {}
+        if failed:
+            headers["PAYMENT-RESPONSE"] = encode_header(settlement_response(
+                success=False, transaction="", network=network, payer=payer,
+                error_reason=exc.code))
+        err = self.challenge(request, needed=needed, reason=exc.message, code=exc.code,
+                             error_class=kind, headers=headers)
+        err.param = exc.param
+        return err
+
+
+def _dumps(model: Any) -> str:
+    return str(model.model_dump_json(by_alias=True, exclude_none=True))
+
+
+def _json(text: str) -> Any:
+    return json.loads(text)
