@@ -5,13 +5,12 @@ its wallet, keeps the API key tollstream issues (``Tollstream-Api-Key``), contin
 ``Authorization: Bearer`` and pays again only when its deposit is spent, never past a cap::
 
     from eth_account import Account
-    import httpx, openai
-    from gateway.agent import PayingTransport, Wallet
+    import openai
+    from gateway.agent import Wallet, paying_client
 
     wallet = Wallet(Account.from_key(PRIVATE_KEY), spend_cap=5_000_000)   # 5 USDC at most
-    http = httpx.Client(transport=PayingTransport(wallet))
     client = openai.OpenAI(base_url="http://127.0.0.1:8402/v1", api_key="unused",
-                           http_client=http)
+                           http_client=paying_client(wallet))
 
 The wallet signs EIP-3009 ``transferWithAuthorization`` for exactly the amount asked (the x402
 ``exact`` scheme); it needs USDC, no ETH. It pays only networks and assets it was told to
@@ -28,7 +27,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
 from eth_account.signers.local import LocalAccount
 
 from gateway.errors import GatewayError
@@ -44,6 +42,11 @@ from gateway.rails.x402 import (
     decode_model,
     encode_header,
 )
+
+try:  # The openai (3.x) and anthropic (2.x) SDKs are built on httpx2, the successor of httpx.
+    import httpx2 as httpx
+except ImportError:  # pragma: no cover - older SDKs use httpx itself
+    import httpx  # type: ignore[no-redef]
 
 API_KEY_HEADER = "tollstream-api-key"
 
@@ -177,3 +180,13 @@ class AsyncPayingTransport(httpx.AsyncBaseTransport):
 
     async def aclose(self) -> None:
         await self.inner.aclose()
+
+
+def paying_client(wallet: Wallet, **kwargs: Any) -> httpx.Client:
+    """A synchronous HTTP client for the SDKs (``http_client=``) that pays with ``wallet``."""
+    return httpx.Client(transport=PayingTransport(wallet), **kwargs)
+
+
+def async_paying_client(wallet: Wallet, **kwargs: Any) -> httpx.AsyncClient:
+    """The asynchronous counterpart of :func:`paying_client`."""
+    return httpx.AsyncClient(transport=AsyncPayingTransport(wallet), **kwargs)

@@ -50,7 +50,7 @@ def _upstream_sim(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from gateway.demo import run_demo
 
-    return run_demo(balance=args.balance, prompt=args.prompt)
+    return run_demo(deposit=args.deposit, prompt=args.prompt)
 
 
 def _chain(args: argparse.Namespace) -> int:
@@ -83,8 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.set_defaults(func=_upstream_sim)
 
     demo = sub.add_parser("demo", help="run the whole paid loop locally, in one command")
-    demo.add_argument("--balance", default="120",
-                      help="starting balance in atomic units for the admin-made account")
+    demo.add_argument("--deposit", default="0.0001",
+                      help="the x402 deposit the gateway asks for, in USDC (default 0.0001)")
     demo.add_argument("--prompt", default="Tell me a long story about a toll bridge.")
     demo.set_defaults(func=_demo)
 

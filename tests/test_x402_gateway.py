@@ -16,7 +16,7 @@ import openai
 import pytest
 from eth_account import Account
 
-from gateway.agent import PayingTransport, SpendCapExceeded, Wallet
+from gateway.agent import SpendCapExceeded, Wallet, paying_client
 from gateway.background import serve
 from gateway.chain.devchain import DevChain
 from gateway.rails.evm import EvmNetwork, EvmSettler
@@ -275,9 +275,8 @@ async def test_deposit_exhausted_then_top_up_resumes(xgw: RunningGateway, chain:
                                                      evm_network: EvmNetwork) -> None:
     wallet = Wallet(Account.from_key(chain.wallets[6].private_key), spend_cap=3 * DEPOSIT,
                     allowed=[(chain.network, chain.token)])
-    http = httpx.Client(transport=PayingTransport(wallet), timeout=30)
-    client = openai.OpenAI(base_url=f"{xgw.url}/v1", api_key="none-yet", http_client=http,
-                           max_retries=0)
+    client = openai.OpenAI(base_url=f"{xgw.url}/v1", api_key="none-yet", max_retries=0,
+                           http_client=paying_client(wallet, timeout=30))
 
     def stream() -> tuple[str, Any]:
         chunks = list(client.chat.completions.create(
