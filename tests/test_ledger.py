@@ -10,7 +10,7 @@ import redis.asyncio as aioredis
 
 from meters.errors import AccountNotFound, DuplicateCredit, InsufficientFunds, LedgerUnavailable
 from meters.ledger import Ledger, connect
-from meters.meter import Outcome, StreamMeter
+from meters.meter import Outcome, Policy, StreamMeter
 from meters.money import Asset
 from meters.rates import Rate
 
@@ -124,3 +124,32 @@ async def test_unreachable_redis_fails_closed() -> None:
         await ledger.lease("a", "r", charged_target=0, want=1, minimum=1)
     assert not ledger.is_alive()
     await client.aclose()
+
+
+async def test_pause_policy_resumes_when_money_arrives(redis_url: str) -> None:
+    ledger = make_ledger(redis_url)
+    await ledger.heartbeat()
+    account, _ = await ledger.create_account(10)
+    meter = StreamMeter(ledger, account.id, ONE_PER_TOKEN, lease_tokens=4,
+                        policy=Policy.PAUSE, pause_timeout=5, poll_interval=0.05)
+    await meter.open(0)
+    while (granted := await meter.acquire(1)) == 1:
+        meter.delivered_tokens(granted)
+    assert meter.delivered == 10
+
+    async def top_up() -> None:
+        await asyncio.sleep(0.3)
+        await ledger.credit(account.id, 5)
+
+    started = asyncio.get_running_loop().time()
+    _, granted = await asyncio.gather(top_up(), meter.wait_for(3))
+    assert granted == 3 and asyncio.get_running_loop().time() - started >= 0.3
+    meter.delivered_tokens(3)
+    # Nothing more arrives: the pause ends after its timeout with what can be paid (2 tokens).
+    meter.pause_timeout = 0.3
+    assert await meter.wait_for(5) == 2
+    meter.delivered_tokens(2)
+    await meter.close(Outcome.CUT)
+    state = await ledger.get_account(account.id)
+    assert (state.balance, state.held, state.spent) == (0, 0, 15)
+    await ledger.redis.aclose()

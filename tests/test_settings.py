@@ -1,0 +1,60 @@
+"""Configuration: one typed object, TOML + environment, refusing bad values by name."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gateway.settings import Settings, SettingsError
+
+BASE = {"upstreams": {"u": {"base_url": "http://127.0.0.1:1/v1"}},
+        "models": {"m": {"upstream": "u", "output_per_mtok": "0.60"}}}
+
+
+def test_defaults_load_and_secrets_are_masked() -> None:
+    settings = Settings.load(None, env={"TOLLSTREAM_ADMIN_TOKEN": "s3cret",
+                                        "TOLLSTREAM_UPSTREAMS__SIM__API_KEY": "upkey"})
+    assert settings.admin_token is not None
+    assert settings.admin_token.get_secret_value() == "s3cret"
+    assert "s3cret" not in repr(settings) and "upkey" not in repr(settings)
+    assert settings.upstreams["sim"].key() == "upkey"
+    assert set(settings.models) == {"gpt-4o-mini", "claude-sonnet-4-5", "gpt-5-codex"}
+    assert settings.rate("gpt-4o-mini").output_per_mtok == 600_000
+
+
+def test_env_overrides_toml(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text('lease_tokens = 8\n[upstreams.u]\nbase_url = "http://x/v1"\n'
+                      '[models.m]\nupstream = "u"\noutput_per_mtok = "1"\n')
+    settings = Settings.load(config, env={"TOLLSTREAM_LEASE_TOKENS": "32"})
+    assert settings.lease_tokens == 32
+
+
+@pytest.mark.parametrize(("patch", "key"), [
+    ({"models": {"m": {"upstream": "nope", "output_per_mtok": "1"}}}, "models.m.upstream"),
+    ({"models": {"m": {"upstream": "u", "output_per_mtok": "-1"}}}, "models.m.output_per_mtok"),
+    ({"models": {"m": {"upstream": "u", "output_per_mtok": "0.0000001"}}},
+     "models.m.output_per_mtok"),
+    ({"models": {"m": {"upstream": "u", "output_per_mtok": "1", "tokenizer": "x"}}},
+     "models.m.tokenizer"),
+    ({"lease_tokens": 0}, "lease_tokens"),
+    ({"surprise": 1}, "surprise"),
+    ({"x402": {"enabled": True, "pay_to": "0x1"}}, "pay_to"),
+])
+def test_bad_config_is_refused_naming_the_key(patch: dict[str, object], key: str) -> None:
+    with pytest.raises(SettingsError) as info:
+        Settings.from_mapping({**BASE, **patch})
+    assert key in str(info.value)
+
+
+def test_serve_refuses_to_start_on_bad_config(tmp_path: Path) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text('[upstreams.u]\nbase_url = "http://x"\n'
+                      '[models.m]\nupstream = "u"\noutput_per_mtok = "abc"\n')
+    result = subprocess.run([sys.executable, "-m", "gateway.cli", "serve", "--config",
+                             str(config)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "models.m.output_per_mtok" in result.stderr
