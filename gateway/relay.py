@@ -90,6 +90,9 @@ async def relay(ctx: RelayContext, response: httpx.Response) -> AsyncIterator[by
                         break
                     yield event.raw
                     meter.delivered_tokens(n)
+                    # Let the loop process I/O (a client's disconnect among it) before the
+                    # next send, even when the upstream's data is already buffered.
+                    await asyncio.sleep(0)
                 elif info.forward:
                     yield event.raw
                 if info.final:

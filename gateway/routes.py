@@ -9,11 +9,11 @@ import httpx
 import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
-from sse_starlette import EventSourceResponse
 
 from gateway.dialects import Dialect, get_dialect
 from gateway.errors import BadRequest, NotFound, PayloadTooLarge, UpstreamError
 from gateway.relay import RelayContext, aclose_quietly, relay
+from gateway.sse import EventStreamResponse
 from gateway.state import Gateway, Model
 from meters.errors import InsufficientFunds
 from meters.meter import Outcome, Policy, StreamMeter
@@ -86,8 +86,9 @@ async def handle(request: Request, dialect: Dialect) -> Response:
     try:
         upstream_max = None if parsed.stream else min(meter.covered, cap)
         body = dialect.upstream_body(parsed, model=model.upstream_model, max_output=upstream_max)
-        headers = dialect.upstream_headers(request.headers,
-                                           gw.settings.upstreams[model.upstream].key())
+        headers = {**gw.upstreams.forwarded(model.upstream, request.headers),
+                   **dialect.upstream_headers(request.headers,
+                                              gw.settings.upstreams[model.upstream].key())}
         response = await gw.upstreams.open(model.upstream, dialect.path, body, headers)
     except BaseException:
         with anyio.CancelScope(shield=True):
@@ -107,7 +108,7 @@ async def handle(request: Request, dialect: Dialect) -> Response:
     ctx = RelayContext(model=model.name, stream=dialect.open_stream(parsed), meter=meter,
                        tokenizer=model.tokenizer, keeper=gw.keeper, metrics=gw.metrics,
                        cut_reason=cut_reason)
-    return EventSourceResponse(relay(ctx, response), ping=15, headers=extra_headers)
+    return EventStreamResponse(relay(ctx, response), ping=15, headers=extra_headers)
 
 
 async def _complete(gw: Gateway, model: Model, meter: StreamMeter, dialect: Dialect,

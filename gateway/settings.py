@@ -47,6 +47,9 @@ class UpstreamSettings(_Frozen):
     api_key_env: str | None = None
     connect_timeout: float = 5.0
     read_timeout: float = 120.0
+    #: Client headers passed through to this upstream, by lowercase name prefix (e.g.
+    #: ``["openai-beta", "x-sim-"]``). Credentials are never passed through.
+    forward_headers: list[str] = []
 
     def key(self) -> str | None:
         """The upstream API key: explicit value first, else the named environment variable."""

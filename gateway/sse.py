@@ -9,6 +9,9 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from sse_starlette import EventSourceResponse
+from starlette.types import Message, Receive, Scope, Send
+
 #: An upstream event larger than this is a protocol error, not something to buffer forever.
 MAX_EVENT_BYTES = 4 * 1024 * 1024
 
@@ -74,3 +77,30 @@ def encode(data: bytes | str, event: str | None = None) -> bytes:
     if event is None:
         return b"data: " + payload + b"\n\n"
     return b"event: " + event.encode("ascii") + b"\ndata: " + payload + b"\n\n"
+
+
+class ClientGone(OSError):
+    """The client closed the connection; the message was not written."""
+
+
+class EventStreamResponse(EventSourceResponse):
+    """sse-starlette's response, made exact about delivery.
+
+    uvicorn silently drops messages sent after the client disconnected, so a generator pushing
+    a fast upstream would keep "sending" (and the meter would keep billing) until the
+    disconnect listener got a turn. Here each send is checked: uvicorn sets ``disconnected``
+    before it drops a message and never after writing one, so a message is either written or
+    raises :class:`ClientGone`, and the generator is closed at the ``yield`` of the first
+    message that did not reach the client. Servers without that flag fall back to
+    sse-starlette's disconnect listener.
+    """
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        cycle = getattr(send, "__self__", None)
+
+        async def checked(message: Message) -> None:
+            await send(message)
+            if getattr(cycle, "disconnected", False):
+                raise ClientGone("the client disconnected")
+
+        await super().__call__(scope, receive, checked)

@@ -11,6 +11,9 @@ import orjson
 from gateway.errors import BadRequest, RateLimited, UpstreamError
 from gateway.settings import Settings
 
+_NEVER_FORWARD = frozenset({"authorization", "x-api-key", "cookie", "payment-signature",
+                            "x-payment", "host", "content-length"})
+
 #: Upstream error bodies are read for their message, never more than this.
 MAX_ERROR_BODY = 64 * 1024
 
@@ -28,6 +31,14 @@ class Upstreams:
 
     async def aclose(self) -> None:
         await self.client.aclose()
+
+    def forwarded(self, upstream: str, headers: Mapping[str, str]) -> dict[str, str]:
+        """The client headers this upstream is configured to receive."""
+        prefixes = tuple(self.settings.upstreams[upstream].forward_headers)
+        if not prefixes:
+            return {}
+        return {name: value for name, value in headers.items()
+                if name.lower().startswith(prefixes) and name.lower() not in _NEVER_FORWARD}
 
     def url(self, upstream: str, path: str) -> str:
         return self.settings.upstreams[upstream].base_url.rstrip("/") + path

@@ -74,7 +74,8 @@ def make_settings(sim_url: str, **overrides: Any) -> Settings:
         "admin_token": ADMIN_TOKEN,
         "lease_tokens": 16,
         "reservation_ttl_seconds": 3.0,
-        "upstreams": {"sim": {"base_url": f"{sim_url}/v1", "api_key": SIM_KEY}},
+        "upstreams": {"sim": {"base_url": f"{sim_url}/v1", "api_key": SIM_KEY,
+                              "forward_headers": ["x-sim-"]}},
         "models": TEST_MODELS,
     }
     data.update(overrides)

@@ -100,7 +100,8 @@ def test_prompt_the_balance_cannot_cover_is_refused_before_upstream(gw: RunningG
         stream_text(gw, key, model="priced", max_tokens=10)
     assert info.value.status_code == 402
     body = info.value.response.json()["error"]
-    assert body["code"] == "insufficient_funds" and body["needed"] == "1"
+    assert body["code"] == "insufficient_funds" and body["balance"] == "0"
+    assert int(body["needed"]) > 0 and "prompt" in body["message"]
     after = sim_stats(gw.settings.upstreams["sim"].base_url.removesuffix("/v1"))
     assert after["streams_started"] == before["streams_started"]
     assert gw.balance(account)["balance"] == "0"
