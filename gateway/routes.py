@@ -142,3 +142,42 @@ async def _complete(gw: Gateway, model: Model, meter: StreamMeter, dialect: Dial
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Request) -> Response:
     return await handle(request, get_dialect("openai_chat"))
+
+
+@router.post("/v1/messages")
+async def messages(request: Request) -> Response:
+    return await handle(request, get_dialect("anthropic_messages"))
+
+
+@router.post("/v1/responses")
+async def responses(request: Request) -> Response:
+    return await handle(request, get_dialect("openai_responses"))
+
+
+@router.post("/v1/messages/count_tokens")
+async def count_tokens(request: Request) -> Response:
+    """Free and unmetered, but authenticated: the upstream's count when it has the endpoint,
+    else the model tokenizer's (for Claude, the conservative estimate)."""
+    gw: Gateway = request.app.state.gateway
+    dialect = get_dialect("anthropic_messages")
+    body = await read_json(request, gw.settings.max_body_bytes)
+    if isinstance(body, dict):
+        body.setdefault("max_tokens", 1)  # count_tokens does not take max_tokens
+    parsed = dialect.parse_request(body)
+    model = find_model(gw, parsed.model, dialect)
+    await gw.authenticate(request)
+    upstream_body = {k: v for k, v in parsed.body.items() if k not in ("max_tokens", "stream")}
+    upstream_body["model"] = model.upstream_model
+    headers = dialect.upstream_headers(request.headers,
+                                       gw.settings.upstreams[model.upstream].key())
+    try:
+        response = await gw.upstreams.open(model.upstream, "/messages/count_tokens",
+                                           upstream_body, headers)
+    except UpstreamError:
+        count = model.tokenizer.count(parsed.prompt_text) + parsed.prompt_overhead
+        return Response(orjson.dumps({"input_tokens": count}), media_type="application/json")
+    try:
+        raw = await response.aread()
+    finally:
+        await aclose_quietly(response)
+    return Response(raw, media_type="application/json")

@@ -32,6 +32,10 @@ TEST_MODELS: dict[str, dict[str, Any]] = {
               "output_per_mtok": "1"},
     "priced": {"upstream": "sim", "dialect": "openai_chat", "input_per_mtok": "0.15",
                "output_per_mtok": "0.60"},
+    "claude-exact": {"upstream": "sim", "dialect": "anthropic_messages", "input_per_mtok": "0",
+                     "output_per_mtok": "1", "tokenizer": "estimate"},
+    "resp-exact": {"upstream": "sim", "dialect": "openai_responses", "input_per_mtok": "0",
+                   "output_per_mtok": "1"},
 }
 
 

@@ -125,9 +125,12 @@ def get_dialect(name: str) -> Dialect:
 
 
 def _registry() -> dict[str, Dialect]:
+    from gateway.dialects.anthropic_messages import AnthropicMessages
     from gateway.dialects.openai_chat import OpenAIChat
+    from gateway.dialects.openai_responses import OpenAIResponses
 
-    return {"openai_chat": OpenAIChat()}
+    return {"openai_chat": OpenAIChat(), "anthropic_messages": AnthropicMessages(),
+            "openai_responses": OpenAIResponses()}
 
 
 DIALECTS: dict[str, Dialect] = _registry()
