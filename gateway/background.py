@@ -24,7 +24,8 @@ def serve(app: Any, *, port: int | None = None, timeout: float = 15.0) -> Iterat
     """Serve ``app`` on 127.0.0.1 in a daemon thread; yield its base URL."""
     port = port or free_port()
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                            lifespan="on", timeout_graceful_shutdown=2)
+                            lifespan="on", timeout_graceful_shutdown=2, loop="asyncio",
+                            http="httptools")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
     thread.start()

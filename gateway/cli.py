@@ -31,7 +31,10 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         app = create_app(settings, redis_url)
         uvicorn.run(app, host=args.host or settings.host, port=args.port or settings.port,
-                    log_level=args.log_level, timeout_graceful_shutdown=5)
+                    log_level=args.log_level, timeout_graceful_shutdown=5,
+                    # uvloop stalled burst streams under concurrency in our tests (see
+                    # benchmarks/RESULTS.md); the standard loop with httptools is used.
+                    loop="asyncio", http="httptools")
     finally:
         if embedded is not None:
             embedded.stop()

@@ -451,4 +451,5 @@ def create_app(config: SimConfig) -> FastAPI:
 
 def serve(host: str, port: int, config: SimConfig) -> None:
     """Run the simulator under uvicorn (blocking)."""
-    uvicorn.run(create_app(config), host=host, port=port, log_level="warning")
+    uvicorn.run(create_app(config), host=host, port=port, log_level="warning",
+                loop="asyncio", http="httptools")

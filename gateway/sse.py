@@ -49,20 +49,26 @@ def parse_event(raw: bytes) -> SSEEvent | None:
 
 
 async def iter_events(chunks: AsyncIterator[bytes]) -> AsyncIterator[SSEEvent]:
-    """Split a byte stream into events as soon as each one is complete."""
+    """Split a byte stream into events as soon as each one is complete.
+
+    A chunk may hold thousands of events (a fast upstream read late): they are cut out by
+    offset and the remainder is copied once per chunk, never once per event.
+    """
     buffer = b""
     async for chunk in chunks:
-        buffer += chunk
+        buffer = buffer + chunk if buffer else chunk
         if b"\r" in buffer:
             buffer = buffer.replace(b"\r\n", b"\n")
+        start = 0
         while True:
-            end = buffer.find(b"\n\n")
+            end = buffer.find(b"\n\n", start)
             if end < 0:
                 break
-            block, buffer = buffer[:end], buffer[end + 2:]
-            event = parse_event(block)
+            event = parse_event(buffer[start:end])
+            start = end + 2
             if event is not None:
                 yield event
+        buffer = buffer[start:]
         if len(buffer) > MAX_EVENT_BYTES:
             raise SSEProtocolError("upstream event exceeds the maximum event size")
     if buffer.strip():
