@@ -1,0 +1,29 @@
+"""The benchmark harness runs end to end (a small run; speed targets live in benchmarks/)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def test_quick_benchmark_produces_a_sane_report(tmp_path: Path) -> None:
+    out = tmp_path / "report.json"
+    result = subprocess.run([sys.executable, "-m", "benchmarks.loadgen", "--quick", "--json",
+                             str(out)], capture_output=True, text=True, timeout=110,
+                            cwd=Path(__file__).parent.parent)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(out.read_text())
+    phases = {(p["profile"], p["target"]): p for p in report["phases"]}
+    for profile in ("paced", "burst"):
+        direct, gateway = phases[(profile, "direct")], phases[(profile, "gateway")]
+        assert direct["tokens"] > 0 and gateway["tokens"] == direct["tokens"]
+        assert gateway["gateway_cpu_s"] > 0 and gateway["redis_commands"] > 0
+        assert report["profiles"][profile]["same_tokens"] is True
+    assert report["cpu_per_request_ms"] > 0 and report["gateway_peak_rss_mb"] > 0
+    assert "cpu per request" in result.stdout
