@@ -25,10 +25,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, cast
 
-from redis.exceptions import RedisError
-
-from meters.errors import LedgerUnavailable
-from meters.ledger import Ledger, as_text, script
+from meters.ledger import Ledger, as_text, redis_errors, script
 
 SETTLING, SETTLED, CREDITED = "settling", "settled", "credited"
 #: How long a finished record is kept (replays are refused by the chain long after that).
@@ -81,20 +78,16 @@ class Deposits:
         args: list[Any] = [deposit.key]
         for name, value in fields.items():
             args += [name, value]
-        try:
+        with redis_errors():
             claimed = await self._claim(
                 keys=[self._key(deposit.key), f"{self.prefix}deposits:open"], args=args)
-        except RedisError as exc:
-            raise LedgerUnavailable("the ledger (Redis) is unreachable") from exc
         record = await self.get(deposit.key)
         assert record is not None
         return bool(claimed), record
 
     async def get(self, key: str) -> DepositRecord | None:
-        try:
+        with redis_errors():
             raw = await self.redis.hgetall(self._key(key))
-        except RedisError as exc:
-            raise LedgerUnavailable("the ledger (Redis) is unreachable") from exc
         if not raw or b"account_id" not in raw:
             return None
         data = {as_text(k): as_text(v) for k, v in raw.items()}
@@ -110,13 +103,11 @@ class Deposits:
     async def abandon(self, key: str) -> None:
         """Forget a claim whose settlement was refused (nothing moved on-chain), so the payer
         may retry the same authorization once the problem is fixed (e.g. wallet funded)."""
-        try:
+        with redis_errors():
             async with self.redis.pipeline(transaction=True) as pipe:
                 pipe.delete(self._key(key))
                 pipe.srem(f"{self.prefix}deposits:open", key)
                 await pipe.execute()
-        except RedisError as exc:
-            raise LedgerUnavailable("the ledger (Redis) is unreachable") from exc
 
     async def credit(self, record: DepositRecord, *, label: str = "") -> bool:
         """Credit a settled deposit to its account; True if credited now (False: already)."""
@@ -130,10 +121,8 @@ class Deposits:
 
     async def unfinished(self) -> list[DepositRecord]:
         """Deposits a process started but did not finish (settling or settled)."""
-        try:
+        with redis_errors():
             keys = await self.redis.smembers(f"{self.prefix}deposits:open")
-        except RedisError as exc:
-            raise LedgerUnavailable("the ledger (Redis) is unreachable") from exc
         records = []
         for key in sorted(as_text(k) for k in keys):
             record = await self.get(key)
@@ -142,16 +131,12 @@ class Deposits:
         return records
 
     async def _update(self, key: str, **fields: str) -> None:
-        try:
+        with redis_errors():
             await self.redis.hset(self._key(key), mapping=cast(Any, fields))
-        except RedisError as exc:
-            raise LedgerUnavailable("the ledger (Redis) is unreachable") from exc
 
     async def _close(self, key: str) -> None:
-        try:
+        with redis_errors():
             async with self.redis.pipeline(transaction=True) as pipe:
                 pipe.srem(f"{self.prefix}deposits:open", key)
                 pipe.expire(self._key(key), RECORD_TTL_SECONDS)
                 await pipe.execute()
-        except RedisError as exc:
-            raise LedgerUnavailable("the ledger (Redis) is unreachable") from exc

@@ -14,10 +14,12 @@ meter stops granting tokens whose hold it cannot prove is still alive (fail clos
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import secrets
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -28,6 +30,15 @@ from redis.exceptions import RedisError
 
 from meters.errors import AccountNotFound, DuplicateCredit, InvalidAmount, LedgerUnavailable
 from meters.money import MAX_AMOUNT
+
+
+@contextlib.contextmanager
+def redis_errors() -> Iterator[None]:
+    """Translate any Redis failure into :class:`LedgerUnavailable` (fail closed)."""
+    try:
+        yield
+    except RedisError as exc:
+        raise LedgerUnavailable("the ledger (Redis) is unreachable") from exc
 
 
 def script(name: str) -> str:
@@ -107,10 +118,8 @@ class Ledger:
     async def heartbeat(self) -> None:
         """Prove this process alive; holds of a process that stops doing this get swept."""
         started = time.monotonic()
-        try:
+        with redis_errors():
             await self.redis.set(f"{self.prefix}alive:{self.owner}", "1", px=self.owner_ttl_ms)
-        except RedisError as exc:
-            raise LedgerUnavailable("the ledger (Redis) is unreachable") from exc
         # Leave a margin of a third of the TTL: the sweeper of another process must never see
         # this owner dead while it still hands out tokens from its holds.
         self.alive_until = started + self.owner_ttl_ms / 1000 * 2 / 3
@@ -120,10 +129,8 @@ class Ledger:
 
     async def sweep(self) -> tuple[int, int]:
         """Return the holds of dead processes; returns (reservations, atomic units) returned."""
-        try:
+        with redis_errors():
             count, total = await self._sweep(keys=[f"{self.prefix}owners"], args=[self.prefix])
-        except RedisError as exc:
-            raise LedgerUnavailable("the ledger (Redis) is unreachable") from exc
         return int(count), int(total)
 
     async def ping(self) -> bool:
@@ -142,7 +149,7 @@ class Ledger:
         _check_amount(balance, "balance")
         account_id = "acct_" + secrets.token_hex(8)
         api_key, key_hash = _new_key()
-        try:
+        with redis_errors():
             async with self.redis.pipeline(transaction=True) as pipe:
                 pipe.hset(self._acct(account_id), mapping={
                     "balance": balance, "held": 0, "spent": 0, "credited": balance,
@@ -150,54 +157,40 @@ class Ledger:
                 pipe.set(f"{self.prefix}key:{key_hash}", account_id)
                 pipe.sadd(self._keys(account_id), key_hash)
                 await pipe.execute()
-        except RedisError as exc:
-            raise LedgerUnavailable("the ledger (Redis) is unreachable") from exc
         return Account(account_id, balance, 0, 0, balance, 0, label), api_key
 
     async def ensure_account(self, account_id: str, *, label: str = "") -> bool:
         """Create an empty account under a caller-chosen id unless it exists (payment rails
         key accounts by payer); True if it was created now. Idempotent and race-free."""
-        try:
+        with redis_errors():
             async with self.redis.pipeline(transaction=True) as pipe:
                 for field in ("balance", "held", "spent", "credited", "shortfall"):
                     pipe.hsetnx(self._acct(account_id), field, 0)
                 pipe.hsetnx(self._acct(account_id), "label", label)
                 created, *_ = await pipe.execute()
-        except RedisError as exc:
-            raise LedgerUnavailable("the ledger (Redis) is unreachable") from exc
         return bool(created)
 
-    async def issue_key(self, account_id: str) -> str:
-        """Issue one more API key for an existing account (earlier keys stay valid)."""
+    async def issue_key(self, account_id: str, *, revoke_others: bool = False) -> str:
+        """Issue one more API key for an existing account; earlier keys stay valid unless
+        ``revoke_others``."""
         api_key, key_hash = _new_key()
-        try:
+        with redis_errors():
             if not await self.redis.exists(self._acct(account_id)):
                 raise AccountNotFound(f"no account {account_id}", param="account_id")
+            old = await self.redis.smembers(self._keys(account_id)) if revoke_others else ()
             async with self.redis.pipeline(transaction=True) as pipe:
+                for h in old:
+                    pipe.delete(f"{self.prefix}key:{as_text(h)}")
+                if revoke_others:
+                    pipe.delete(self._keys(account_id))
                 pipe.set(f"{self.prefix}key:{key_hash}", account_id)
                 pipe.sadd(self._keys(account_id), key_hash)
                 await pipe.execute()
-        except RedisError as exc:
-            raise LedgerUnavailable("the ledger (Redis) is unreachable") from exc
         return api_key
 
     async def rotate_key(self, account_id: str) -> str:
         """Revoke every API key of an account and issue a new one."""
-        api_key, key_hash = _new_key()
-        try:
-            if not await self.redis.exists(self._acct(account_id)):
-                raise AccountNotFound(f"no account {account_id}", param="account_id")
-            old = await self.redis.smembers(self._keys(account_id))
-            async with self.redis.pipeline(transaction=True) as pipe:
-                for h in old:
-                    pipe.delete(f"{self.prefix}key:{as_text(h)}")
-                pipe.delete(self._keys(account_id))
-                pipe.set(f"{self.prefix}key:{key_hash}", account_id)
-                pipe.sadd(self._keys(account_id), key_hash)
-                await pipe.execute()
-        except RedisError as exc:
-            raise LedgerUnavailable("the ledger (Redis) is unreachable") from exc
-        return api_key
+        return await self.issue_key(account_id, revoke_others=True)
 
     async def authenticate(self, api_key: str) -> str | None:
         """The account id an API key belongs to, or None.
@@ -205,17 +198,13 @@ class Ledger:
         Keys are looked up by their SHA-256, so no secret is ever compared byte by byte: the
         lookup's timing depends on the hash, which an attacker cannot steer toward a real key.
         """
-        try:
+        with redis_errors():
             account_id = await self.redis.get(f"{self.prefix}key:{hash_key(api_key)}")
-        except RedisError as exc:
-            raise LedgerUnavailable("the ledger (Redis) is unreachable") from exc
         return None if account_id is None else as_text(account_id)
 
     async def get_account(self, account_id: str) -> Account:
-        try:
+        with redis_errors():
             raw: dict[Any, Any] = await self.redis.hgetall(self._acct(account_id))
-        except RedisError as exc:
-            raise LedgerUnavailable("the ledger (Redis) is unreachable") from exc
         if not raw:
             raise AccountNotFound(f"no account {account_id}", param="account_id")
         data = {as_text(k): as_text(v) for k, v in raw.items()}
@@ -234,12 +223,10 @@ class Ledger:
         _check_amount(amount, "amount")
         idem = (f"{self.prefix}idem:{idempotency_key}" if idempotency_key
                 else f"{self.prefix}idem:none")
-        try:
+        with redis_errors():
             status, balance = await self._credit(
                 keys=[self._acct(account_id), idem],
                 args=[amount, "1" if idempotency_key else "0", idempotency_ttl_seconds])
-        except RedisError as exc:
-            raise LedgerUnavailable("the ledger (Redis) is unreachable") from exc
         if status == -1:
             raise AccountNotFound(f"no account {account_id}", param="account_id")
         if status == -2:
@@ -252,13 +239,11 @@ class Ledger:
                     minimum: int) -> LeaseResult:
         """Charge the reservation up to ``charged_target`` and hold ``want`` more (at least
         ``minimum``, else nothing)."""
-        try:
+        with redis_errors():
             status, taken, balance, charged = await self._lease(
                 keys=[self._acct(account_id), self._res(rid), self._owner_set(),
                       f"{self.prefix}owners"],
                 args=[rid, self.owner, account_id, charged_target, want, minimum])
-        except RedisError as exc:
-            raise LedgerUnavailable("the ledger (Redis) is unreachable") from exc
         if status == -1:
             raise AccountNotFound(f"no account {account_id}", param="account_id")
         if status == -2:
@@ -269,12 +254,10 @@ class Ledger:
 
     async def settle(self, account_id: str, rid: str, *, charged_target: int) -> SettleResult:
         """Charge the reservation's final total and return the rest of its hold."""
-        try:
+        with redis_errors():
             charged, returned, shortfall = await self._settle(
                 keys=[self._acct(account_id), self._res(rid), self._owner_set()],
                 args=[rid, charged_target])
-        except RedisError as exc:
-            raise LedgerUnavailable("the ledger (Redis) is unreachable") from exc
         return SettleResult(int(charged), int(returned), int(shortfall))
 
 
