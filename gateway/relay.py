@@ -11,18 +11,17 @@ connection is closed so the model stops generating. Whatever way the stream ends
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import anyio
-import httpx
 
 from gateway.dialects import DialectStream, ErrorInfo, Usage
 from gateway.metrics import Metrics
 from gateway.sse import SSEProtocolError, iter_events
+from gateway.upstream import UpstreamResponse, UpstreamStreamError
 from meters.errors import LedgerUnavailable
 from meters.keeper import Keeper
 from meters.meter import Bill, Outcome, Policy, StreamMeter
@@ -50,7 +49,7 @@ class RelayContext:
     pause_events: Callable[[StreamMeter], Awaitable[list[bytes]]] | None = None
 
 
-async def relay(ctx: RelayContext, response: httpx.Response) -> AsyncIterator[bytes]:
+async def relay(ctx: RelayContext, response: UpstreamResponse) -> AsyncIterator[bytes]:
     """Yield the client's SSE bytes for one upstream streaming response."""
     meter, stream, tokenizer = ctx.meter, ctx.stream, ctx.tokenizer
     outcome = Outcome.DISCONNECTED  # unless the loop below says otherwise
@@ -58,7 +57,7 @@ async def relay(ctx: RelayContext, response: httpx.Response) -> AsyncIterator[by
     ctx.metrics.active_streams.inc()
     try:
         try:
-            async for event in iter_events(response.aiter_raw()):
+            async for event in iter_events(response.chunks()):
                 info = stream.inspect(event)
                 if info.usage is not None:
                     usage = info.usage
@@ -104,7 +103,7 @@ async def relay(ctx: RelayContext, response: httpx.Response) -> AsyncIterator[by
                     for chunk in stream.error(ErrorInfo(502, "upstream_error",
                                                         "the model API ended the stream early")):
                         yield chunk
-        except (httpx.HTTPError, SSEProtocolError, ValueError) as exc:
+        except (UpstreamStreamError, SSEProtocolError, ValueError) as exc:
             # ValueError covers undecodable upstream JSON (orjson raises a subclass).
             outcome = Outcome.UPSTREAM_ERROR
             log.warning("upstream stream failed: %s", type(exc).__name__)
@@ -122,14 +121,10 @@ async def relay(ctx: RelayContext, response: httpx.Response) -> AsyncIterator[by
             await _finish(ctx, response, outcome, usage)
 
 
-async def _finish(ctx: RelayContext, response: httpx.Response, outcome: Outcome,
+async def _finish(ctx: RelayContext, response: UpstreamResponse, outcome: Outcome,
                   usage: Usage) -> None:
     ctx.metrics.active_streams.dec()
-    try:
-        with anyio.fail_after(SETTLE_TIMEOUT):
-            await response.aclose()
-    except (TimeoutError, httpx.HTTPError):
-        log.warning("closing the upstream response failed")
+    response.close()
     meter = ctx.meter
     try:
         with anyio.fail_after(SETTLE_TIMEOUT):
@@ -144,11 +139,4 @@ async def _finish(ctx: RelayContext, response: httpx.Response, outcome: Outcome,
     ctx.metrics.record(ctx.model, bill)
 
 
-async def aclose_quietly(response: httpx.Response) -> None:
-    """Close an upstream response on an error path."""
-    with anyio.CancelScope(shield=True):
-        with contextlib.suppress(TimeoutError, httpx.HTTPError):
-            await asyncio.wait_for(response.aclose(), SETTLE_TIMEOUT)
-
-
-__all__ = ["Bill", "RelayContext", "aclose_quietly", "relay"]
+__all__ = ["Bill", "RelayContext", "relay"]

@@ -5,16 +5,16 @@ from __future__ import annotations
 from typing import Any
 
 import anyio
-import httpx
 import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from gateway.dialects import Dialect, get_dialect
 from gateway.errors import BadRequest, NotFound, PayloadTooLarge, UpstreamError
-from gateway.relay import RelayContext, aclose_quietly, relay
+from gateway.relay import RelayContext, relay
 from gateway.sse import EventStreamResponse
 from gateway.state import Gateway, Model
+from gateway.upstream import UpstreamResponse, UpstreamStreamError
 from meters.errors import InsufficientFunds
 from meters.meter import Outcome, Policy, StreamMeter
 
@@ -112,31 +112,24 @@ async def handle(request: Request, dialect: Dialect) -> Response:
 
 
 async def _complete(gw: Gateway, model: Model, meter: StreamMeter, dialect: Dialect,
-                    response: httpx.Response, headers: dict[str, str]) -> Response:
+                    response: UpstreamResponse, headers: dict[str, str]) -> Response:
     """Non-streaming: read the answer, bill its reported usage (or counted output)."""
     try:
-        raw = bytearray()
-        async for chunk in response.aiter_bytes():
-            raw += chunk
-            if len(raw) > MAX_RESPONSE_BYTES:
-                raise UpstreamError("the model API's answer is too large")
-        body = orjson.loads(raw)
-        usage, text = dialect.response_usage(body)
-    except (httpx.HTTPError, orjson.JSONDecodeError, AttributeError, UpstreamError) as exc:
+        raw = await response.read(MAX_RESPONSE_BYTES)
+        usage, text = dialect.response_usage(orjson.loads(raw))
+    except (UpstreamStreamError, orjson.JSONDecodeError, AttributeError) as exc:
         with anyio.CancelScope(shield=True):
             await meter.refund_all()
-        if isinstance(exc, UpstreamError):
-            raise
         raise UpstreamError("the model API returned an unreadable answer") from exc
     finally:
-        await aclose_quietly(response)
+        response.close()
     meter.delivered_tokens(usage.output_tokens if usage.output_tokens is not None
                            else model.tokenizer.count(text))
     with anyio.CancelScope(shield=True):
         bill = await meter.close(Outcome.COMPLETED, reported_input=usage.input_tokens,
                                  reported_output=usage.output_tokens)
     gw.metrics.record(model.name, bill)
-    return Response(bytes(raw), media_type="application/json", headers=headers)
+    return Response(raw, media_type="application/json", headers=headers)
 
 
 @router.post("/v1/chat/completions")
@@ -177,7 +170,9 @@ async def count_tokens(request: Request) -> Response:
         count = model.tokenizer.count(parsed.prompt_text) + parsed.prompt_overhead
         return Response(orjson.dumps({"input_tokens": count}), media_type="application/json")
     try:
-        raw = await response.aread()
+        raw = await response.read(MAX_RESPONSE_BYTES)
+    except UpstreamStreamError as exc:
+        raise UpstreamError("the model API's token count could not be read") from exc
     finally:
-        await aclose_quietly(response)
+        response.close()
     return Response(raw, media_type="application/json")

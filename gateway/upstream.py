@@ -1,11 +1,20 @@
-"""The pooled HTTP client that talks to model APIs."""
+"""The pooled HTTP client that talks to model APIs.
+
+It is aiohttp rather than httpx: on the hot path httpx's pool walks every connection on each
+request start and close (``is_idle`` / ``has_expired``, a socket check per idle connection)
+and parses HTTP/1.1 in pure Python; with tens of concurrent streams that was the largest single
+cost of the gateway (benchmarks/RESULTS.md). aiohttp's exceptions never leave this module:
+:class:`UpstreamResponse` raises :class:`UpstreamStreamError`, :meth:`Upstreams.open` raises
+the gateway's own errors.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import asyncio
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
-import httpx
+import aiohttp
 import orjson
 
 from gateway.errors import BadRequest, RateLimited, UpstreamError
@@ -18,19 +27,59 @@ _NEVER_FORWARD = frozenset({"authorization", "x-api-key", "cookie", "payment-sig
 MAX_ERROR_BODY = 64 * 1024
 
 
-class Upstreams:
-    """One pooled ``httpx.AsyncClient`` for all upstreams of the process."""
+class UpstreamStreamError(Exception):
+    """The upstream's body broke off or could not be read."""
 
-    def __init__(self, settings: Settings, *, max_connections: int = 4096) -> None:
+
+class UpstreamResponse:
+    """A response whose body has not been read yet. Closing it before its end closes the
+    connection, which is how the model is told to stop generating."""
+
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
+        self._response = response
+        self.status = response.status
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """The body, chunk by chunk as it arrives."""
+        try:
+            async for chunk in self._response.content.iter_any():
+                yield chunk
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise UpstreamStreamError(type(exc).__name__) from exc
+
+    async def read(self, limit: int) -> bytes:
+        """The whole body; :class:`UpstreamStreamError` past ``limit`` bytes."""
+        body = bytearray()
+        async for chunk in self.chunks():
+            body += chunk
+            if len(body) > limit:
+                raise UpstreamStreamError("the answer is too large")
+        return bytes(body)
+
+    def close(self) -> None:
+        # close(), not release(): a half-read stream must drop its connection.
+        self._response.close()
+
+
+class Upstreams:
+    """One pooled session for all upstreams of the process."""
+
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.client = httpx.AsyncClient(
-            limits=httpx.Limits(max_connections=max_connections,
-                                max_keepalive_connections=512),
-            timeout=httpx.Timeout(120.0, connect=5.0),
-        )
+        self._session: aiohttp.ClientSession | None = None
+
+    def session(self) -> aiohttp.ClientSession:
+        # Created lazily, inside the event loop that uses it.
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
+                skip_auto_headers=("User-Agent",))
+        return self._session
 
     async def aclose(self) -> None:
-        await self.client.aclose()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
 
     def forwarded(self, upstream: str, headers: Mapping[str, str]) -> dict[str, str]:
         """The client headers this upstream is configured to receive."""
@@ -44,42 +93,38 @@ class Upstreams:
         return self.settings.upstreams[upstream].base_url.rstrip("/") + path
 
     async def open(self, upstream: str, path: str, body: Mapping[str, Any],
-                   headers: Mapping[str, str]) -> httpx.Response:
-        """Send a request and return the response with its body not yet read.
-
-        The caller owns the response and must ``aclose()`` it: closing it mid-stream closes the
-        connection, which is how the model is told to stop generating.
-        """
+                   headers: Mapping[str, str]) -> UpstreamResponse:
+        """Send a request; return the response with its body not yet read (the caller closes
+        it). Errors become :class:`UpstreamError` (502), :class:`BadRequest` (the upstream
+        rejected a parameter) or :class:`RateLimited` (429)."""
         cfg = self.settings.upstreams[upstream]
-        request = self.client.build_request(
-            "POST", self.url(upstream, path), content=orjson.dumps(body), headers=dict(headers),
-            timeout=httpx.Timeout(cfg.read_timeout, connect=cfg.connect_timeout))
+        timeout = aiohttp.ClientTimeout(total=None, connect=cfg.connect_timeout,
+                                        sock_read=cfg.read_timeout)
         try:
-            response = await self.client.send(request, stream=True)
-        except httpx.TimeoutException as exc:
+            response = await self.session().post(
+                self.url(upstream, path), data=orjson.dumps(body), headers=dict(headers),
+                timeout=timeout)
+        except TimeoutError as exc:
             raise UpstreamError(f"upstream {upstream!r} timed out",
                                 code="upstream_timeout") from exc
-        except httpx.HTTPError as exc:
+        except aiohttp.ClientError as exc:
             raise UpstreamError(f"upstream {upstream!r} is unreachable",
                                 code="upstream_unreachable") from exc
-        if response.status_code >= 400:
-            await _raise_for_status(upstream, response)
-        return response
+        wrapped = UpstreamResponse(response)
+        if response.status >= 400:
+            await _raise_for_status(upstream, wrapped)
+        return wrapped
 
 
-async def _raise_for_status(upstream: str, response: httpx.Response) -> None:
-    raw = b""
+async def _raise_for_status(upstream: str, response: UpstreamResponse) -> None:
     try:
-        async for chunk in response.aiter_bytes():
-            raw += chunk
-            if len(raw) > MAX_ERROR_BODY:
-                break
-    except httpx.HTTPError:
-        pass
+        raw = await asyncio.wait_for(response.read(MAX_ERROR_BODY), 10)
+    except (UpstreamStreamError, TimeoutError):
+        raw = b""
     finally:
-        await response.aclose()
-    message = _error_message(raw) or f"HTTP {response.status_code}"
-    status = response.status_code
+        response.close()
+    message = _error_message(raw) or f"HTTP {response.status}"
+    status = response.status
     if status in (400, 422):
         # The model API rejected a parameter we passed through: that is the client's input.
         raise BadRequest(f"the model API rejected the request: {message}",
