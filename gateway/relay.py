@@ -20,7 +20,7 @@ import anyio
 
 from gateway.dialects import DialectStream, ErrorInfo, Usage
 from gateway.metrics import Metrics
-from gateway.sse import SSEProtocolError, iter_events
+from gateway.sse import SSEProtocolError, iter_batches
 from gateway.upstream import UpstreamResponse, UpstreamStreamError
 from meters.errors import LedgerUnavailable
 from meters.keeper import Keeper
@@ -43,8 +43,9 @@ class RelayContext:
     tokenizer: Tokenizer
     keeper: Keeper
     metrics: Metrics
-    #: Builds the machine-readable reason of a cut (balance, how to top up).
-    cut_reason: Callable[[StreamMeter], Awaitable[Mapping[str, Any]]]
+    #: Builds the machine-readable reason of a cut (balance, how to top up) from the meter
+    #: and the number of tokens delivered once the cut is sent.
+    cut_reason: Callable[[StreamMeter, int], Awaitable[Mapping[str, Any]]]
     #: Events that ask the client for more money before a pause (PAUSE policy only).
     pause_events: Callable[[StreamMeter], Awaitable[list[bytes]]] | None = None
 
@@ -57,45 +58,58 @@ async def relay(ctx: RelayContext, response: UpstreamResponse) -> AsyncIterator[
     ctx.metrics.active_streams.inc()
     try:
         try:
-            async for event in iter_events(response.chunks()):
-                info = stream.inspect(event)
-                if info.usage is not None:
-                    usage = info.usage
-                if info.error is not None:
-                    outcome = Outcome.UPSTREAM_ERROR
-                    yield event.raw
-                    break
-                if info.texts:
-                    n = 0
-                    for text in info.texts:
-                        n += tokenizer.count(text)
-                    granted = meter.take(n)
-                    if granted < n:
-                        granted = await meter.acquire(n)
-                    if granted < n and meter.policy is Policy.PAUSE and ctx.pause_events:
-                        for chunk in await ctx.pause_events(meter):
-                            yield chunk
-                        granted = await meter.wait_for(n)
-                    if granted < n:
-                        outcome = Outcome.CUT
-                        partial = stream.truncate(granted, tokenizer) if granted else None
-                        if partial is not None:
-                            yield partial
-                            meter.delivered_tokens(granted)
-                        reason = await ctx.cut_reason(meter)
-                        for chunk in stream.cut(reason, Usage(meter.input_tokens,
-                                                              meter.delivered)):
-                            yield chunk
+            # Events that arrive together are sent together: one write per upstream read.
+            async for batch in iter_batches(response.chunks()):
+                out: list[bytes] = []
+                pending = 0  # granted tokens in `out`, delivered once it is sent
+                stop = False
+                for event in batch:
+                    info = stream.inspect(event)
+                    if info.usage is not None:
+                        usage = info.usage
+                    if info.error is not None:
+                        outcome = Outcome.UPSTREAM_ERROR
+                        out.append(event.raw)
+                        stop = True
                         break
-                    yield event.raw
-                    meter.delivered_tokens(n)
+                    if info.texts:
+                        n = 0
+                        for text in info.texts:
+                            n += tokenizer.count(text)
+                        granted = meter.take(n)
+                        if granted < n:
+                            granted += await meter.acquire(n - granted)
+                        if granted < n and meter.policy is Policy.PAUSE and ctx.pause_events:
+                            out += await ctx.pause_events(meter)
+                            yield b"".join(out)
+                            meter.delivered_tokens(pending)
+                            out, pending = [], 0
+                            granted += await meter.wait_for(n - granted)
+                        if granted < n:
+                            outcome = Outcome.CUT
+                            partial = stream.truncate(granted, tokenizer) if granted else None
+                            if partial is not None:
+                                out.append(partial)
+                                pending += granted
+                            delivered = meter.delivered + pending
+                            reason = await ctx.cut_reason(meter, delivered)
+                            out += stream.cut(reason, Usage(meter.input_tokens, delivered))
+                            stop = True
+                            break
+                        out.append(event.raw)
+                        pending += n
+                    elif info.forward:
+                        out.append(event.raw)
+                    if info.final:
+                        outcome = Outcome.COMPLETED
+                if out:
+                    yield b"".join(out)
+                    meter.delivered_tokens(pending)
                     # Let the loop process I/O (a client's disconnect among it) before the
                     # next send, even when the upstream's data is already buffered.
                     await asyncio.sleep(0)
-                elif info.forward:
-                    yield event.raw
-                if info.final:
-                    outcome = Outcome.COMPLETED
+                if stop:
+                    break
             else:
                 if outcome is not Outcome.COMPLETED:
                     # The upstream closed without saying it was done.

@@ -97,12 +97,12 @@ async def handle(request: Request, dialect: Dialect) -> Response:
     if not parsed.stream:
         return await _complete(gw, model, meter, dialect, response, extra_headers)
 
-    async def cut_reason(m: StreamMeter) -> dict[str, Any]:
+    async def cut_reason(m: StreamMeter, delivered: int) -> dict[str, Any]:
         return {"type": "allowance_exhausted", "code": "insufficient_funds",
                 "message": "the allowance ran out: the stream was stopped at the last paid "
                            "token",
                 "balance": str(m.balance_seen), "asset": gw.asset.symbol,
-                "decimals": gw.asset.decimals, "delivered_tokens": m.delivered,
+                "decimals": gw.asset.decimals, "delivered_tokens": delivered,
                 "top_up": dict(await gw.rail.top_up_hint(account_id, request))}
 
     ctx = RelayContext(model=model.name, stream=dialect.open_stream(parsed), meter=meter,

@@ -48,8 +48,8 @@ def parse_event(raw: bytes) -> SSEEvent | None:
     return SSEEvent(event=name, data="\n".join(data), raw=raw.rstrip(b"\r\n") + b"\n\n")
 
 
-async def iter_events(chunks: AsyncIterator[bytes]) -> AsyncIterator[SSEEvent]:
-    """Split a byte stream into events as soon as each one is complete.
+async def iter_batches(chunks: AsyncIterator[bytes]) -> AsyncIterator[list[SSEEvent]]:
+    """Split a byte stream into events, yielding the events completed by each chunk together.
 
     A chunk may hold thousands of events (a fast upstream read late): they are cut out by
     offset and the remainder is copied once per chunk, never once per event.
@@ -60,6 +60,7 @@ async def iter_events(chunks: AsyncIterator[bytes]) -> AsyncIterator[SSEEvent]:
         if b"\r" in buffer:
             buffer = buffer.replace(b"\r\n", b"\n")
         start = 0
+        batch: list[SSEEvent] = []
         while True:
             end = buffer.find(b"\n\n", start)
             if end < 0:
@@ -67,14 +68,16 @@ async def iter_events(chunks: AsyncIterator[bytes]) -> AsyncIterator[SSEEvent]:
             event = parse_event(buffer[start:end])
             start = end + 2
             if event is not None:
-                yield event
+                batch.append(event)
         buffer = buffer[start:]
         if len(buffer) > MAX_EVENT_BYTES:
             raise SSEProtocolError("upstream event exceeds the maximum event size")
+        if batch:
+            yield batch
     if buffer.strip():
         event = parse_event(buffer)
         if event is not None:
-            yield event
+            yield [event]
 
 
 def encode(data: bytes | str, event: str | None = None) -> bytes:

@@ -72,6 +72,7 @@ class StreamMeter:
         self.poll_interval = poll_interval
         self.rid = secrets.token_hex(10)
         self.input_tokens = 0
+        self.granted = 0          # output tokens set aside for delivery
         self.delivered = 0        # output tokens handed to the client
         self.covered = 0          # output tokens the hold pays for
         self.held_total = 0       # atomic units held for this request so far (cumulative)
@@ -108,14 +109,19 @@ class StreamMeter:
 
     # -- the hot path -------------------------------------------------------------------------
     def take(self, n: int) -> int:
-        """Grant up to ``n`` tokens from the current lease, without I/O."""
+        """Grant up to ``n`` tokens from the current lease, without I/O.
+
+        Granted tokens are set aside for delivery; they are billed only once the relay reports
+        them delivered (:meth:`delivered_tokens`).
+        """
         if not self.ledger.is_alive():
             return 0  # our holds may have been swept: hand out nothing we cannot prove is paid
-        granted = min(n, self.covered - self.delivered)
-        return max(granted, 0)
+        granted = max(min(n, self.covered - self.granted), 0)
+        self.granted += granted
+        return granted
 
     def delivered_tokens(self, n: int) -> None:
-        """Record ``n`` tokens as handed to the client."""
+        """Record ``n`` granted tokens as handed to the client."""
         self.delivered += n
 
     async def acquire(self, n: int) -> int:
@@ -129,16 +135,17 @@ class StreamMeter:
         if granted == n:
             return n
         await self.renew(n - granted)
-        return self.take(n)
+        return granted + self.take(n - granted)
 
     async def wait_for(self, n: int) -> int:
-        """Pause: poll until the balance can pay for ``n`` tokens or ``pause_timeout`` passes."""
+        """Pause: poll until the balance can pay for ``n`` tokens or ``pause_timeout`` passes;
+        returns the tokens granted meanwhile."""
         deadline = time.monotonic() + self.pause_timeout
         granted = self.take(n)
         while granted < n and time.monotonic() < deadline:
             await asyncio.sleep(self.poll_interval)
             await self.renew(n - granted)
-            granted = self.take(n)
+            granted += self.take(n - granted)
         return granted
 
     async def renew(self, need: int = 1) -> None:
