@@ -149,6 +149,10 @@ async def measure(args: argparse.Namespace, gateway: Process, sim: str, url: str
     if args.profile != "all":
         profiles = [p for p in profiles if p.name == args.profile]
     phases: list[Phase] = []
+    # Warm up (not measured): the gateway's Redis and upstream pools open their connections,
+    # the tokenizer loads; figures then describe the steady state.
+    await run_phase(url, key, Profile("warm-up", 0.0, 1, 1), target="gateway",
+                    streams=args.streams, requests=args.streams, timeout=args.timeout)
     for profile in profiles:
         for target, base in (("direct", sim), ("gateway", url)):
             cpu0, cmd0 = cpu_seconds(gateway.pid), redis_commands(rclient)

@@ -16,7 +16,7 @@ Hierarchy::
     └── ServiceUnavailable        503 the ledger (Redis) or a chain RPC is unreachable
 
 :class:`meters.errors.MeterError` carries its own ``code`` and ``status`` and is rendered by the
-same handler. Foreign exceptions (httpx, redis, web3) are translated where they are caught with
+same handler. Foreign exceptions (aiohttp, redis, web3) are translated where they are caught with
 ``raise ... from exc``; anything else is a bug and surfaces as a 500.
 """
 
