@@ -7,7 +7,7 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
@@ -55,7 +55,6 @@ def create_app(settings: Settings, redis_url: str, *, rail: PaymentRail | None =
         finally:
             await gw.rail.aclose()
             await gw.keeper.stop()
-            await gw.aclose()
             await gw.upstreams.aclose()
             await gw.redis.aclose()
 
@@ -119,9 +118,8 @@ async def _handle_http(request: Request, exc: Exception) -> Response:
     return render_error(request, ErrorInfo(exc.status_code, code, message))
 
 
-def info_router() -> Any:
-    from fastapi import APIRouter
-
+def info_router() -> APIRouter:
+    """Models, balance, health, readiness and metrics."""
     router = APIRouter()
 
     @router.get("/v1/models")

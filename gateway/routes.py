@@ -78,7 +78,8 @@ async def handle(request: Request, dialect: Dialect) -> Response:
     meter = StreamMeter(gw.ledger, account_id, model.rate,
                         lease_tokens=gw.settings.lease_tokens if parsed.stream else cap,
                         max_output=parsed.max_output if parsed.stream else cap,
-                        policy=Policy.CUT, pause_timeout=gw.settings.pause_timeout_seconds)
+                        policy=Policy(gw.settings.exhausted_policy) if parsed.stream
+                        else Policy.CUT, pause_timeout=gw.settings.pause_timeout_seconds)
     try:
         await meter.open(input_tokens)
     except InsufficientFunds as exc:
@@ -105,9 +106,17 @@ async def handle(request: Request, dialect: Dialect) -> Response:
                 "decimals": gw.asset.decimals, "delivered_tokens": delivered,
                 "top_up": dict(await gw.rail.top_up_hint(account_id, request))}
 
+    async def pause_events(m: StreamMeter) -> list[bytes]:
+        # An SSE comment: every SDK ignores it, an agent watching the raw stream (or a
+        # payment rail's client) learns it should top up within pause_timeout_seconds.
+        notice = {"type": "payment_required", "balance": str(m.balance_seen),
+                  "delivered_tokens": m.granted, "waits_seconds": m.pause_timeout,
+                  "top_up": dict(await gw.rail.top_up_hint(account_id, request))}
+        return [b": tollstream payment-required " + orjson.dumps(notice) + b"\n\n"]
+
     ctx = RelayContext(model=model.name, stream=dialect.open_stream(parsed), meter=meter,
                        tokenizer=model.tokenizer, keeper=gw.keeper, metrics=gw.metrics,
-                       cut_reason=cut_reason)
+                       cut_reason=cut_reason, pause_events=pause_events)
     return EventStreamResponse(relay(ctx, response), ping=15, headers=extra_headers)
 
 

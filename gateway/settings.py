@@ -170,6 +170,9 @@ class Settings(_Frozen):
     admin_token: SecretStr | None = None
     lease_tokens: int = Field(default=64, ge=1, le=100_000)
     reservation_ttl_seconds: float = Field(default=15.0, gt=0.5)
+    #: When a stream's allowance runs out: "cut" it at the last paid token, or "pause" it
+    #: (an SSE comment asks for a top-up) for up to pause_timeout_seconds, then cut.
+    exhausted_policy: Literal["cut", "pause"] = "cut"
     pause_timeout_seconds: float = Field(default=60.0, ge=0)
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     asset: AssetSettings = AssetSettings()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hmac
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
@@ -55,7 +54,6 @@ class Gateway:
     metrics: Metrics
     models: dict[str, Model]
     rail: PaymentRail = field(default_factory=PaymentRail)
-    on_close: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
     @property
     def asset(self) -> Asset:
@@ -99,9 +97,6 @@ class Gateway:
         err.extra.setdefault("needed", str(exc.needed))
         return err
 
-    async def aclose(self) -> None:
-        for hook in reversed(self.on_close):
-            await hook()
 
 
 def bearer(request: Request) -> str | None:

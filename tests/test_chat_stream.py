@@ -220,3 +220,29 @@ def test_info_routes(gw: RunningGateway) -> None:
         metrics = http.get("/metrics").text
         assert 'tollstream_tokens_metered_total{kind="output",model="exact"} 3.0' in metrics
         assert "tollstream_active_streams 0.0" in metrics
+
+
+def test_pause_policy_waits_for_a_top_up_then_resumes(gateway_factory: Any) -> None:
+    with gateway_factory(exhausted_policy="pause", pause_timeout_seconds=1.5) as gw:
+        account, key = gw.create_account(10)
+        received, notices = 0, 0
+        with httpx.Client(timeout=20) as http, http.stream(
+                "POST", f"{gw.url}/v1/chat/completions",
+                headers={"authorization": f"Bearer {key}"},
+                json={"model": "exact", "messages": MESSAGES, "stream": True,
+                      "max_tokens": 500}) as response:
+            for line in response.iter_lines():
+                if line.startswith(": tollstream payment-required"):
+                    notices += 1
+                    if notices == 1:
+                        with gw.admin() as admin:  # top up while the stream waits
+                            admin.post(f"/admin/accounts/{account}/credit",
+                                       json={"amount": "7"})
+                elif line.startswith("data: {"):
+                    chunk = httpx.Response(200, content=line[6:]).json()
+                    if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                        received += O200K.count(chunk["choices"][0]["delta"]["content"])
+        state = gw.balance(account)
+    # 10 tokens, a pause, 7 more after the top-up, a second pause that times out: the cut.
+    assert notices == 2 and received == 17
+    assert (state["balance"], state["held"], state["spent"]) == ("0", "0", "17")
