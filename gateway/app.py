@@ -32,7 +32,8 @@ def build_gateway(settings: Settings, redis_url: str, *,
                   rail: PaymentRail | None = None) -> Gateway:
     client = connect(redis_url)
     ledger = Ledger(client, prefix=settings.key_prefix,
-                    owner_ttl_seconds=settings.reservation_ttl_seconds)
+                    owner_ttl_seconds=settings.reservation_ttl_seconds,
+                    key_cache_seconds=settings.key_cache_seconds)
     models = {name: Model.build(name, cfg, settings.rate(name))
               for name, cfg in settings.models.items()}
     if rail is None:

@@ -170,6 +170,9 @@ class Settings(_Frozen):
     admin_token: SecretStr | None = None
     lease_tokens: int = Field(default=64, ge=1, le=100_000)
     reservation_ttl_seconds: float = Field(default=15.0, gt=0.5)
+    #: Seconds a process trusts an API key lookup (0: look up every request). A key revoked
+    #: through another process keeps working here for at most this long.
+    key_cache_seconds: float = Field(default=2.0, ge=0)
     #: When a stream's allowance runs out: "cut" it at the last paid token, or "pause" it
     #: (an SSE comment asks for a top-up) for up to pause_timeout_seconds, then cut.
     exhausted_policy: Literal["cut", "pause"] = "cut"

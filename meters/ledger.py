@@ -92,8 +92,12 @@ class Ledger:
     """Async access to balances and reservations. One instance per process."""
 
     def __init__(self, client: aioredis.Redis, *, prefix: str = "ts:",
-                 owner_ttl_seconds: float = 15.0) -> None:
+                 owner_ttl_seconds: float = 15.0, key_cache_seconds: float = 0.0) -> None:
         self.redis = client
+        #: How long this process trusts a key it looked up (0: never cache). A key revoked by
+        #: another process keeps working here for at most this long.
+        self.key_cache_seconds = key_cache_seconds
+        self._key_cache: dict[str, tuple[str, float]] = {}
         self.prefix = prefix
         self.owner = f"{uuid.uuid4().hex[:12]}"
         self.owner_ttl_ms = int(owner_ttl_seconds * 1000)
@@ -186,6 +190,9 @@ class Ledger:
                 pipe.set(f"{self.prefix}key:{key_hash}", account_id)
                 pipe.sadd(self._keys(account_id), key_hash)
                 await pipe.execute()
+        if revoke_others:
+            for h in [h for h, (acct, _) in self._key_cache.items() if acct == account_id]:
+                del self._key_cache[h]
         return api_key
 
     async def rotate_key(self, account_id: str) -> str:
@@ -198,9 +205,22 @@ class Ledger:
         Keys are looked up by their SHA-256, so no secret is ever compared byte by byte: the
         lookup's timing depends on the hash, which an attacker cannot steer toward a real key.
         """
+        key_hash = hash_key(api_key)
+        if self.key_cache_seconds:
+            hit = self._key_cache.get(key_hash)
+            if hit is not None and hit[1] > time.monotonic():
+                return hit[0]
         with redis_errors():
-            account_id = await self.redis.get(f"{self.prefix}key:{hash_key(api_key)}")
-        return None if account_id is None else as_text(account_id)
+            found = await self.redis.get(f"{self.prefix}key:{key_hash}")
+        if found is None:
+            self._key_cache.pop(key_hash, None)
+            return None
+        account_id = as_text(found)
+        if self.key_cache_seconds:
+            if len(self._key_cache) >= 100_000:  # bound memory; a miss only costs a GET
+                self._key_cache.clear()
+            self._key_cache[key_hash] = (account_id, time.monotonic() + self.key_cache_seconds)
+        return account_id
 
     async def get_account(self, account_id: str) -> Account:
         with redis_errors():

@@ -153,3 +153,21 @@ async def test_pause_policy_resumes_when_money_arrives(redis_url: str) -> None:
     state = await ledger.get_account(account.id)
     assert (state.balance, state.held, state.spent) == (0, 0, 15)
     await ledger.redis.aclose()
+
+
+async def test_key_cache_bounds_revocation_delay(redis_url: str) -> None:
+    prefix = f"t{secrets.token_hex(4)}:"
+    here = make_ledger(redis_url, prefix)
+    here.key_cache_seconds = 0.4
+    there = make_ledger(redis_url, prefix)
+    account, key = await here.create_account(1)
+    assert await here.authenticate(key) == account.id      # looked up, now cached
+    await there.rotate_key(account.id)                      # revoked by another process
+    assert await here.authenticate(key) == account.id      # trusted until the cache expires
+    await asyncio.sleep(0.5)
+    assert await here.authenticate(key) is None
+    new_key = await here.rotate_key(account.id)             # revoked here: at once
+    assert await here.authenticate(new_key) == account.id
+    assert await here.rotate_key(account.id) and await here.authenticate(new_key) is None
+    await here.redis.aclose()
+    await there.redis.aclose()
