@@ -19,7 +19,15 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from meters.errors import ConfigError, InvalidAmount
 from meters.money import Asset
@@ -27,6 +35,8 @@ from meters.rates import Rate
 from meters.tokens import ENCODINGS
 
 ENV_PREFIX = "TOLLSTREAM_"
+#: Shortest admin token accepted at start-up.
+MIN_ADMIN_TOKEN = 16
 
 DialectName = Literal["openai_chat", "anthropic_messages", "openai_responses"]
 
@@ -154,6 +164,19 @@ class X402Settings(_Frozen):
         return self
 
 
+class RateLimitSettings(_Frozen):
+    """Per-client limits on failed authentication and on 402 challenges (token buckets)."""
+
+    enabled: bool = True
+    auth_failures_burst: int = Field(default=30, ge=1)
+    auth_failures_per_second: float = Field(default=0.5, gt=0)
+    challenges_burst: int = Field(default=120, ge=1)
+    challenges_per_second: float = Field(default=2.0, gt=0)
+    #: Behind a reverse proxy, the header it sets to the client's address
+    #: (e.g. "x-forwarded-for"; its first address is used). Unset: the peer address.
+    client_header: str | None = None
+
+
 class AssetSettings(_Frozen):
     symbol: str = "USDC"
     decimals: int = Field(default=6, ge=0, le=18)
@@ -167,6 +190,8 @@ class Settings(_Frozen):
     redis_url: str | None = None
     data_dir: Path = Path(".tollstream")
     key_prefix: str = "ts:"
+    #: Bearer token of the admin API (off when unset). At least MIN_ADMIN_TOKEN characters:
+    #: an empty or short token would open the operator API to anyone who guesses it.
     admin_token: SecretStr | None = None
     lease_tokens: int = Field(default=64, ge=1, le=100_000)
     reservation_ttl_seconds: float = Field(default=15.0, gt=0.5)
@@ -181,7 +206,22 @@ class Settings(_Frozen):
     asset: AssetSettings = AssetSettings()
     upstreams: dict[str, UpstreamSettings] = {}
     models: dict[str, ModelSettings] = {}
+    rate_limit: RateLimitSettings = RateLimitSettings()
     x402: X402Settings = X402Settings()
+
+    @field_validator("admin_token")
+    @classmethod
+    def _check_admin_token(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return None
+        token = value.get_secret_value()
+        if token.strip() != token or len(token) < MIN_ADMIN_TOKEN:
+            raise ValueError(f"admin_token (TOLLSTREAM_ADMIN_TOKEN) must be at least "
+                             f"{MIN_ADMIN_TOKEN} characters without surrounding blanks; "
+                             "generate one with `python3 -c 'import secrets; "
+                             "print(secrets.token_urlsafe(24))'`, or leave it unset to keep "
+                             "the admin API off")
+        return value
 
     @model_validator(mode="after")
     def _check_models(self) -> Settings:

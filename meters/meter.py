@@ -46,7 +46,10 @@ class Outcome(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class Bill:
-    """What one request was charged, in tokens and atomic units."""
+    """What one request was charged, in tokens and atomic units.
+
+    ``balance`` is the account's spendable balance right after the final charge.
+    """
 
     input_tokens: int
     output_tokens: int
@@ -54,6 +57,7 @@ class Bill:
     charged: int
     shortfall: int
     outcome: Outcome
+    balance: int = 0
 
 
 class StreamMeter:
@@ -106,6 +110,20 @@ class StreamMeter:
         self.held_total += taken
         base = self.rate.charge(self.input_tokens, 0)
         self.covered = self.rate.affordable_output(self.input_tokens, 0, self.held_total - base)
+
+    def reprice_input(self, input_tokens: int) -> bool:
+        """Meter the prompt at ``input_tokens`` (the upstream's own count) from now on.
+
+        Only before any output token was granted: the hold then pays for the reported prompt
+        first, and how many output tokens it covers is recomputed, up or down; the next grant
+        renews the lease if it no longer covers one. Returns whether anything changed.
+        """
+        if (not self.opened or self.granted or input_tokens < 0
+                or input_tokens == self.input_tokens):
+            return False
+        self.input_tokens = input_tokens
+        self._add_hold(0)
+        return True
 
     # -- the hot path -------------------------------------------------------------------------
     def take(self, n: int) -> int:
@@ -185,12 +203,13 @@ class StreamMeter:
         billed_in, billed_out, total = self.final_charge(
             outcome, reported_input=reported_input, reported_output=reported_output)
         if not self.opened:
-            return Bill(billed_in, 0, 0, 0, 0, outcome)
+            return Bill(billed_in, 0, 0, 0, 0, outcome, self.balance_seen)
         result = await self.ledger.settle(self.account_id, self.rid, charged_target=total)
         self.opened = False
+        self.balance_seen = result.balance
         return Bill(input_tokens=billed_in, output_tokens=billed_out,
                     delivered_tokens=self.delivered, charged=result.charged,
-                    shortfall=result.shortfall, outcome=outcome)
+                    shortfall=result.shortfall, outcome=outcome, balance=result.balance)
 
     async def refund_all(self) -> None:
         """Return the whole hold: the request failed before anything was delivered."""

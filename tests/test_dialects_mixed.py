@@ -49,21 +49,23 @@ def test_three_dialects_concurrently_on_one_account(gw: RunningGateway) -> None:
         return O200K.count(text)
 
     async def messages(client: anthropic.AsyncAnthropic) -> int:
-        counted = 0
+        text = ""
         try:
             async with client.messages.stream(model="claude-exact", max_tokens=100_000,
                                               messages=[{"role": "user", "content": "go"}],
                                               extra_headers=LONG) as stream:
                 async for event in stream:
                     if event.type == "content_block_delta" and event.delta.type == "text_delta":
-                        counted += ESTIMATE.count(event.delta.text)  # metered per delta
+                        text += event.delta.text
         except anthropic.APIStatusError as exc:
             assert exc.status_code == 402
-        return counted
+        return ESTIMATE.count(text)  # metered on the stream's running total
 
     async def main() -> list[int]:
-        oai = openai.AsyncOpenAI(base_url=f"{gw.url}/v1", api_key=key, max_retries=0)
-        ant = anthropic.AsyncAnthropic(base_url=gw.url, api_key=key, max_retries=0)
+        oai = openai.AsyncOpenAI(base_url=f"{gw.url}/v1", api_key=key, max_retries=0,
+                                 timeout=30)
+        ant = anthropic.AsyncAnthropic(base_url=gw.url, api_key=key, max_retries=0,
+                                       timeout=30)
         jobs: list[Any] = []
         for _ in range(6):
             jobs += [chat(oai), responses(oai), messages(ant)]

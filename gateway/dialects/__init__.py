@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from gateway.sse import SSEEvent
-from meters.tokens import Tokenizer
+from meters.tokens import TokenCounter
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,12 +45,16 @@ class EventInfo:
 
     ``texts``: the generated text in it (content, tool-call arguments, reasoning) to meter;
     ``usage``: usage it reports; ``final``: the upstream declares the response complete;
-    ``error``: the upstream reports a failure (message); ``forward``: False to hide it.
+    ``terminal``: the protocol's last event (``[DONE]``, ``message_stop``,
+    ``response.completed``): the relay settles the bill before sending it, so a client that
+    saw the end of the stream sees a settled ledger; ``error``: the upstream reports a failure
+    (message); ``forward``: False to hide it.
     """
 
     texts: list[str] = field(default_factory=list)
     usage: Usage | None = None
     final: bool = False
+    terminal: bool = False
     error: str | None = None
     forward: bool = True
 
@@ -73,8 +77,9 @@ class DialectStream(Protocol):
         """Read one upstream event."""
         ...
 
-    def truncate(self, keep_tokens: int, tokenizer: Tokenizer) -> bytes | None:
-        """Re-encode the last inspected event keeping only its first ``keep_tokens`` tokens."""
+    def truncate(self, keep_tokens: int, counter: TokenCounter) -> bytes | None:
+        """Re-encode the last inspected event keeping only its first ``keep_tokens`` tokens
+        (as ``counter``, which measured it, counts them)."""
         ...
 
     def cut(self, reason: Mapping[str, Any], usage: Usage) -> list[bytes]:
