@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import time
 
 import pytest
 import redis.asyncio as aioredis
@@ -84,8 +85,11 @@ async def test_sweeper_returns_holds_of_dead_owner(redis_url: str) -> None:
     alive = make_ledger(redis_url, prefix)
     await alive.heartbeat()
     assert await alive.sweep() == (0, 0)
-    await asyncio.sleep(0.8)
-    count, amount = await alive.sweep()
+    # Poll until the dead owner's heartbeat (TTL 0.6 s) has expired and its hold is swept.
+    deadline = time.monotonic() + 5
+    while (swept := await alive.sweep()) == (0, 0) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    count, amount = swept
     assert count == 1 and amount == state.held
     after = await alive.get_account(account.id)
     assert (after.balance, after.held, after.spent) == (90, 0, 10)
@@ -163,9 +167,13 @@ async def test_key_cache_bounds_revocation_delay(redis_url: str) -> None:
     account, key = await here.create_account(1)
     assert await here.authenticate(key) == account.id      # looked up, now cached
     await there.rotate_key(account.id)                      # revoked by another process
+    cached_at = time.monotonic()
     assert await here.authenticate(key) == account.id      # trusted until the cache expires
-    await asyncio.sleep(0.5)
+    deadline = cached_at + 5
+    while await here.authenticate(key) is not None and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
     assert await here.authenticate(key) is None
+    assert time.monotonic() - cached_at >= 0.3  # it was trusted for (about) the cache time
     new_key = await here.rotate_key(account.id)             # revoked here: at once
     assert await here.authenticate(new_key) == account.id
     assert await here.rotate_key(account.id) and await here.authenticate(new_key) is None
