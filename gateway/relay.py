@@ -131,8 +131,8 @@ async def relay(ctx: RelayContext, response: UpstreamResponse) -> AsyncIterator[
                             outcome = Outcome.CUT
                             partial = stream.truncate(granted, counter) if granted else None
                             if partial is not None:
-                                out.append(partial)
-                                pending += granted
+                                out.append(partial[0])
+                                pending += partial[1]  # only what the cut kept is billed
                             if out:
                                 yield b"".join(out)
                                 meter.delivered_tokens(pending)

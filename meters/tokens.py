@@ -196,70 +196,86 @@ class TiktokenTokenizer:
 class EstimateTokenizer:
     """A conservative estimate for models with no offline tokenizer (Claude).
 
-    One token per 3 UTF-8 bytes, rounded up, never less than one token for non-empty text.
-    Real Claude tokens average about 3.5 to 4 bytes of English, so the estimate over-counts
-    slightly: the meter reserves a little more than needed while streaming, and the final bill
-    is reconciled to the upstream's reported usage. A stream is counted on its running byte
-    total (:class:`RunningEstimate`), so the rounding happens once per stream.
+    The larger of two counts: one token per 3 UTF-8 bytes (rounded up), and a real BPE count
+    (``o200k_base``). Real Claude tokens average about 3.5 to 4 bytes of English, so the byte
+    count wins on prose and over-counts it a little; the BPE count wins where tokens are short
+    (digits, which BPE tokenizers split one by one; JSON; some scripts), where bytes / 3 alone
+    under-counted by up to 3x (``benchmarks/estimate_accuracy.py``). The meter reserves a
+    little more than needed while streaming, and the final bill of a completed stream is
+    reconciled to the upstream's reported usage. A stream is counted on its running totals
+    (:class:`RunningEstimate`), so the rounding happens once per stream.
     """
 
+    bpe: TiktokenTokenizer
     name: str = "estimate"
     bytes_per_token: int = 3
 
     def count(self, text: str) -> int:
         size = len(text.encode("utf-8"))
-        return -(-size // self.bytes_per_token)
+        return max(-(-size // self.bytes_per_token), self.bpe.count(text))
 
     def split(self, text: str, n: int) -> str:
-        if n <= 0:
-            return ""
-        raw = text.encode("utf-8")
-        return raw[: n * self.bytes_per_token].decode("utf-8", errors="ignore")
+        counter = self.counter()
+        return counter.split(text, n)
 
     def counter(self) -> RunningEstimate:
-        return RunningEstimate(self.bytes_per_token)
+        return RunningEstimate(self.bpe, self.bytes_per_token)
 
 
 class RunningEstimate:
-    """The estimate of one stream: ``ceil(total bytes / 3)`` of everything committed.
+    """The estimate of one stream: ``max(ceil(bytes / 3), BPE tokens)`` of everything
+    committed, so a delta costs the growth of that total.
 
-    A delta costs the growth of that rounded total, so 43 bytes in any number of deltas cost
-    ceil(43 / 3) = 15 tokens (rounding each delta up separately billed the same 43 bytes in
-    one-to-three-byte deltas as up to 43 tokens).
+    43 bytes in any number of deltas cost at least ceil(43 / 3) = 15 tokens, not the up to 43
+    that rounding each delta up separately billed; digits cost one token each, as the BPE
+    count sees them.
     """
 
-    __slots__ = ("bytes", "bytes_per_token")
+    __slots__ = ("bpe", "bpe_tokens", "bytes", "bytes_per_token")
 
-    def __init__(self, bytes_per_token: int) -> None:
+    def __init__(self, bpe: TiktokenTokenizer, bytes_per_token: int) -> None:
+        self.bpe = bpe
         self.bytes_per_token = bytes_per_token
         self.bytes = 0
+        self.bpe_tokens = 0
 
-    def _tokens(self, size: int) -> int:
-        return -(-size // self.bytes_per_token)
+    def _total(self, size: int, bpe_tokens: int) -> int:
+        return max(-(-size // self.bytes_per_token), bpe_tokens)
 
     def measure(self, texts: list[str]) -> int:
-        added = 0
+        size, tokens = 0, 0
         for text in texts:
-            added += len(text.encode("utf-8"))
-        return self._tokens(self.bytes + added) - self._tokens(self.bytes)
+            size += len(text.encode("utf-8"))
+            tokens += self.bpe.count(text)
+        return (self._total(self.bytes + size, self.bpe_tokens + tokens)
+                - self._total(self.bytes, self.bpe_tokens))
 
     def commit(self, texts: list[str]) -> None:
         for text in texts:
             self.bytes += len(text.encode("utf-8"))
+            self.bpe_tokens += self.bpe.count(text)
 
     def split(self, text: str, n: int) -> str:
-        if n <= 0 and self.bytes % self.bytes_per_token == 0:
-            return ""
-        # Bytes that fit before the rounded total grows by more than n.
-        room = (self._tokens(self.bytes) + max(n, 0)) * self.bytes_per_token - self.bytes
-        return text.encode("utf-8")[:room].decode("utf-8", errors="ignore")
+        """The longest prefix, cut at a BPE token boundary, that adds at most ``n``."""
+        base = self._total(self.bytes, self.bpe_tokens)
+        encoding = self.bpe.encoding
+        kept = b""
+        for k, token in enumerate(self.bpe._encode(text), start=1):
+            candidate = kept + encoding.decode_single_token_bytes(token)
+            if self._total(self.bytes + len(candidate), self.bpe_tokens + k) - base > n:
+                break
+            kept = candidate
+        # A token may end inside a multi-byte character: drop the partial character.
+        return kept.decode("utf-8", errors="ignore")
 
 
 @functools.cache
 def get_tokenizer(name: str) -> Tokenizer:
     """Return the tokenizer called ``name`` (one of :data:`ENCODINGS`), loaded offline."""
     if name == "estimate":
-        return EstimateTokenizer()
+        bpe = get_tokenizer("o200k_base")
+        assert isinstance(bpe, TiktokenTokenizer)
+        return EstimateTokenizer(bpe)
     if name not in _OFFICIAL:
         raise ConfigError(f"unknown tokenizer {name!r}; expected one of {', '.join(ENCODINGS)}")
     _install_offline(name)

@@ -115,16 +115,21 @@ async def test_item1_a_deferred_settle_that_never_ran_still_charges(redis_url: s
 
 # -- item 2: Claude streams metered on the reported prompt ---------------------------------------
 
-@pytest.mark.parametrize(("prompt", "balance"), [
-    (" 1" * 30, 80),   # the estimate (29) under-counts the reported prompt (60)
-    ("Write a long poem about the sea.", 61),  # the estimate over-counts the prompt
+@pytest.mark.parametrize(("prompt", "balance", "reported"), [
+    # The reproduction: the byte estimate (29) under-counted the reported prompt (60);
+    # the estimate now takes the BPE count too, and the report re-prices the hold either way.
+    (" 1" * 30, 80, None),
+    ("hi", 80, "60"),  # a prompt the gateway cannot see is bigger than its estimate
+    ("Write a long poem about the sea.", 61, None),  # the estimate over-counts the prompt
 ])
 def test_item2_claude_hold_repriced_from_message_start(hgw: RunningGateway, prompt: str,
-                                                      balance: int) -> None:
+                                                      balance: int, reported: str | None
+                                                      ) -> None:
     account, key = hgw.create_account(balance)
     events = stream_raw(hgw, "/v1/messages", key, {
         "model": "claude-priced", "max_tokens": 1000,
-        "messages": [{"role": "user", "content": prompt}]})
+        "messages": [{"role": "user", "content": prompt}]},
+        headers={"x-sim-input-tokens": reported} if reported else None)
     reported_in = next(d for e, d in events if e == "message_start")["message"]["usage"][
         "input_tokens"]
     delta = next(d for e, d in events if e == "message_delta")
@@ -133,19 +138,21 @@ def test_item2_claude_hold_repriced_from_message_start(hgw: RunningGateway, prom
     # Billed: the reported prompt plus the delivered output, within the balance, no shortfall.
     assert state["shortfall"] == "0"
     assert int(state["spent"]) == reported_in + 2 * delivered
-    # Cut at the last token the balance pays: less than one output token's price is left.
-    assert int(state["balance"]) < 2 and delta["delta"]["stop_reason"] == "max_tokens"
-    assert delivered == (balance - reported_in) // 2
+    # Cut at the last token the balance pays: less than one simulator token's price is left
+    # (a word costs at most 3 estimate tokens of 2 units each).
+    assert int(state["balance"]) < 3 * 2 and delta["delta"]["stop_reason"] == "max_tokens"
+    assert (balance - reported_in) // 2 - 3 < delivered <= (balance - reported_in) // 2
 
 
 def test_item2_claude_prompt_too_big_for_the_balance_delivers_nothing(
         hgw: RunningGateway) -> None:
-    # The estimate says the prompt fits; the reported count says it does not: no output token
-    # may go out, and the prompt the upstream processed is billed as far as the balance goes.
+    # The estimate says the prompt fits; the reported count (a prompt the gateway cannot see,
+    # e.g. stored upstream) says it does not: no output token may go out, and the prompt the
+    # upstream processed is billed as far as the balance goes.
     account, key = hgw.create_account(40)
     events = stream_raw(hgw, "/v1/messages", key, {
         "model": "claude-priced", "max_tokens": 1000,
-        "messages": [{"role": "user", "content": " 1" * 30}]})
+        "messages": [{"role": "user", "content": "hi"}]}, headers={"x-sim-input-tokens": "60"})
     assert not [d for e, d in events if e == "content_block_delta"]
     delta = next(d for e, d in events if e == "message_delta")
     assert delta["usage"]["output_tokens"] == 0
@@ -159,15 +166,15 @@ def test_item2_claude_prompt_too_big_for_the_balance_delivers_nothing(
 def test_item3_running_estimate_rounds_once() -> None:
     estimate = get_tokenizer("estimate")
     counter = estimate.counter()
-    pieces = ["ab", "c", "d", "efgh", "i"] * 4 + ["xyz", "abcd"]
-    assert len("".join(pieces)) == 43
+    pieces = [" the", " quick", " brown", " fox", " jumps", " over", " a", " lazy", " dog"]
+    assert len("".join(pieces)) == 42
     total = 0
     for piece in pieces:
         n = counter.measure([piece])
         counter.commit([piece])
         total += n
-    assert total == 15  # ceil(43 / 3)
-    assert sum(estimate.count(p) for p in pieces) == 27  # rounding each delta up
+    assert total == 14  # ceil(42 / 3), which is more than the 9 BPE tokens
+    assert sum(estimate.count(p) for p in pieces) == 17  # rounding each delta up
 
 
 def test_item3_cut_claude_stream_billed_its_running_estimate(hgw: RunningGateway) -> None:
@@ -176,9 +183,15 @@ def test_item3_cut_claude_stream_billed_its_running_estimate(hgw: RunningGateway
         "model": "claude-exact", "max_tokens": 1000,
         "messages": [{"role": "user", "content": "hi"}]},
         headers={"x-sim-tokens-per-chunk": "1"})
-    text = "".join(d["delta"]["text"] for e, d in events if e == "content_block_delta")
-    assert -(-len(text.encode()) // 3) == 17
-    assert ledger_balance(hgw, account)["spent"] == "17"
+    deltas = [d["delta"]["text"] for e, d in events if e == "content_block_delta"]
+    counter = get_tokenizer("estimate").counter()
+    billed = 0
+    for delta in deltas:
+        billed += counter.measure([delta])
+        counter.commit([delta])
+    assert billed == -(-len("".join(deltas).encode()) // 3)  # English: the byte count rules
+    state = ledger_balance(hgw, account)
+    assert state["spent"] == str(billed) and 0 <= 17 - billed < 3
 
 
 # -- item 4: images and documents are not free ---------------------------------------------------

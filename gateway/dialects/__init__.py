@@ -77,9 +77,10 @@ class DialectStream(Protocol):
         """Read one upstream event."""
         ...
 
-    def truncate(self, keep_tokens: int, counter: TokenCounter) -> bytes | None:
-        """Re-encode the last inspected event keeping only its first ``keep_tokens`` tokens
-        (as ``counter``, which measured it, counts them)."""
+    def truncate(self, keep_tokens: int, counter: TokenCounter) -> tuple[bytes, int] | None:
+        """Re-encode the last inspected event keeping at most its first ``keep_tokens``
+        tokens (as ``counter``, which measured it, counts them); returns the event and the
+        tokens it kept (a cut on a token boundary may keep fewer), None if nothing is kept."""
         ...
 
     def cut(self, reason: Mapping[str, Any], usage: Usage) -> list[bytes]:

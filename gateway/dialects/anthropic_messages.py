@@ -201,11 +201,12 @@ class MessagesStream:
             return EventInfo(error=str(error.get("message") or "upstream error"))
         return EventInfo()
 
-    def truncate(self, keep_tokens: int, counter: TokenCounter) -> bytes | None:
+    def truncate(self, keep_tokens: int, counter: TokenCounter
+                 ) -> tuple[bytes, int] | None:
         if self._last is None or keep_tokens <= 0:
             return None
-        split_fields(self._fields, keep_tokens, counter)
-        return encode(orjson.dumps(self._last), self._last_event)
+        kept = split_fields(self._fields, keep_tokens, counter)
+        return encode(orjson.dumps(self._last), self._last_event), kept
 
     def cut(self, reason: Mapping[str, Any], usage: Usage) -> list[bytes]:
         events = []

@@ -134,15 +134,20 @@ def _inline_bytes(block: Any) -> int:
 
 # -- truncation -----------------------------------------------------------------------------------
 
-def split_fields(fields: list[FieldRef], keep_tokens: int, counter: TokenCounter) -> None:
-    """Shorten the text fields in place so that together they add ``keep_tokens`` tokens to
-    the stream ``counter`` counts (the fields were measured but not committed)."""
+def split_fields(fields: list[FieldRef], keep_tokens: int, counter: TokenCounter) -> int:
+    """Shorten the text fields in place so that together they add at most ``keep_tokens``
+    tokens to the stream ``counter`` counts (the fields were measured but not committed).
+
+    Returns the tokens actually kept: a cut falls on a token boundary, so it may keep fewer
+    than asked, and only what is kept is delivered and billed.
+    """
     remaining = keep_tokens
     for container, key in fields:
         text = container[key]
         count = counter.measure([text])
         if count > remaining:
             text = container[key] = counter.split(text, remaining)
-            count = remaining
+            count = counter.measure([text])
         counter.commit([text])
         remaining -= count
+    return keep_tokens - remaining

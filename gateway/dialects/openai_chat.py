@@ -195,11 +195,12 @@ class ChatStream:
             info.forward = bool(choices) or self.request.wants_usage
         return info
 
-    def truncate(self, keep_tokens: int, counter: TokenCounter) -> bytes | None:
+    def truncate(self, keep_tokens: int, counter: TokenCounter
+                 ) -> tuple[bytes, int] | None:
         if self._last is None or keep_tokens <= 0:
             return None
-        split_fields(self._fields, keep_tokens, counter)
-        return encode(orjson.dumps(self._last))
+        kept = split_fields(self._fields, keep_tokens, counter)
+        return encode(orjson.dumps(self._last)), kept
 
     def _chunk(self, choices: list[dict[str, Any]], **extra: Any) -> bytes:
         obj: dict[str, Any] = {"id": self.id, "object": "chat.completion.chunk",

@@ -224,12 +224,13 @@ class ResponsesStream:
             part = parts[content_index] = as_dict(parts[content_index])
             part["text"] = str(part.get("text") or "") + text
 
-    def truncate(self, keep_tokens: int, counter: TokenCounter) -> bytes | None:
+    def truncate(self, keep_tokens: int, counter: TokenCounter
+                 ) -> tuple[bytes, int] | None:
         if self._last is None or keep_tokens <= 0:
             return None
-        split_fields(self._fields, keep_tokens, counter)
+        kept = split_fields(self._fields, keep_tokens, counter)
         self._commit(len(self._last["delta"]))
-        return encode(orjson.dumps(self._last), self._last.get("type"))
+        return encode(orjson.dumps(self._last), self._last.get("type")), kept
 
     def _event(self, kind: str, **data: Any) -> bytes:
         self.sequence += 1

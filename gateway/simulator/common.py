@@ -164,7 +164,8 @@ class Sim:
                     reasoning=_int_header(request, "x-sim-reasoning-tokens", 0) or 0,
                     thinking=api == "anthropic" and request.headers.get("x-sim-thinking")
                     == "1",
-                    input_tokens=self.o200k.count(prompt) + media)
+                    input_tokens=_int_header(request, "x-sim-input-tokens", None)
+                    or self.o200k.count(prompt) + media)
         return body, plan
 
     async def pieces(self, plan: Plan) -> AsyncIterator[str | None]:
