@@ -6,11 +6,11 @@ from typing import Any
 
 import anyio
 import orjson
-from fastapi import APIRouter, Request
-from fastapi.responses import Response
+from fastapi import APIRouter, Request, WebSocket
+from fastapi.responses import JSONResponse, Response
 
 from gateway.body import read_json
-from gateway.dialects import Dialect, ParsedRequest, get_dialect
+from gateway.dialects import Dialect, ErrorInfo, ParsedRequest, get_dialect
 from gateway.dialects.anthropic_messages import AnthropicMessages
 from gateway.errors import BadRequest, NotFound, PaymentRequired, UpstreamError
 from gateway.relay import RelayContext, relay
@@ -164,6 +164,22 @@ async def messages(request: Request) -> Response:
 @router.post("/v1/responses")
 async def responses(request: Request) -> Response:
     return await handle(request, get_dialect("openai_responses"))
+
+
+@router.websocket("/v1/responses")
+async def responses_websocket(websocket: WebSocket) -> None:
+    """Refuse the Responses WebSocket transport with 426 Upgrade Required.
+
+    Codex opens ``GET /v1/responses`` as a WebSocket first when its provider claims WebSocket
+    support (the built-in OpenAI provider does). tollstream meters the HTTP stream; on a 426
+    Codex falls back to HTTP within the same turn, while any other refusal (403, 404, 501)
+    costs it ~7 s of retries and a 400 fails the turn (measured with Codex CLI 0.169; Codex's
+    own test servers answer 426 to force HTTP).
+    """
+    body = get_dialect("openai_responses").error_body(ErrorInfo(
+        426, "websocket_unsupported", "tollstream serves the Responses API over HTTP "
+        "streaming only: POST /v1/responses"))
+    await websocket.send_denial_response(JSONResponse(body, status_code=426))
 
 
 @router.post("/v1/messages/count_tokens")
