@@ -73,12 +73,12 @@ class _Settlement:
         with anyio.CancelScope(shield=True):
             try:
                 with anyio.fail_after(SETTLE_TIMEOUT):
-                    bill = await meter.close(outcome, reported_input=usage.input_tokens,
+                    bill = await meter.close(outcome, reported_input=usage.prompt,
                                              reported_output=usage.output_tokens)
             except (LedgerUnavailable, TimeoutError):
                 # The charge may or may not have run: settle.lua is idempotent, so the keeper
                 # retries it until Redis answers.
-                _, _, total = meter.final_charge(outcome, reported_input=usage.input_tokens,
+                _, _, total = meter.final_charge(outcome, reported_input=usage.prompt,
                                                  reported_output=usage.output_tokens)
                 ctx.keeper.defer(meter.account_id, meter.rid, total)
                 log.error("final charge deferred: ledger unreachable")
@@ -107,10 +107,10 @@ async def relay(ctx: RelayContext, response: UpstreamResponse) -> AsyncIterator[
                     info = stream.inspect(event)
                     if info.usage is not None:
                         usage = info.usage
-                        if usage.input_tokens is not None and not meter.granted:
+                        if usage.prompt is not None and not meter.granted:
                             # The upstream counted the prompt before any output: meter it at
                             # that count, not the gateway's estimate (re-prices the hold).
-                            meter.reprice_input(usage.input_tokens)
+                            meter.reprice_input(usage.prompt)
                     if info.error is not None:
                         outcome = Outcome.UPSTREAM_ERROR
                         out.append(event.raw)

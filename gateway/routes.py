@@ -145,7 +145,7 @@ async def _complete(gw: Gateway, model: Model, meter: StreamMeter, dialect: Dial
     meter.delivered_tokens(usage.output_tokens if usage.output_tokens is not None
                            else model.tokenizer.count(text))
     with anyio.CancelScope(shield=True):
-        bill = await meter.close(Outcome.COMPLETED, reported_input=usage.input_tokens,
+        bill = await meter.close(Outcome.COMPLETED, reported_input=usage.prompt,
                                  reported_output=usage.output_tokens)
     gw.metrics.record(model.name, bill)
     return Response(raw, media_type="application/json", headers=headers)

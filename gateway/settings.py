@@ -77,6 +77,9 @@ class ModelSettings(_Frozen):
     dialect: DialectName = "openai_chat"
     input_per_mtok: str = "0"
     output_per_mtok: str
+    #: Prompt tokens read from / written to the upstream's cache (unset: the input price).
+    cache_read_per_mtok: str | None = None
+    cache_write_per_mtok: str | None = None
     tokenizer: str = "o200k_base"
     upstream_model: str | None = None
     max_output_tokens: int = Field(default=4096, ge=1)
@@ -246,7 +249,10 @@ class Settings(_Frozen):
         cfg = self.models[model]
         try:
             return Rate.parse(self.asset_obj(), input_per_mtok=cfg.input_per_mtok,
-                              output_per_mtok=cfg.output_per_mtok, where=f"models.{model}")
+                              output_per_mtok=cfg.output_per_mtok,
+                              cache_read_per_mtok=cfg.cache_read_per_mtok,
+                              cache_write_per_mtok=cfg.cache_write_per_mtok,
+                              where=f"models.{model}")
         except ConfigError as exc:
             raise ValueError(exc.message) from exc
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from meters.errors import InsufficientFunds, LedgerUnavailable
 from meters.ledger import Ledger
-from meters.rates import Rate
+from meters.rates import Prompt, Rate
 
 
 class Policy(enum.Enum):
@@ -75,7 +75,7 @@ class StreamMeter:
         self.max_output = max_output
         self.poll_interval = poll_interval
         self.rid = secrets.token_hex(10)
-        self.input_tokens = 0
+        self.prompt = Prompt()
         self.granted = 0          # output tokens set aside for delivery
         self.delivered = 0        # output tokens handed to the client
         self.covered = 0          # output tokens the hold pays for
@@ -85,11 +85,16 @@ class StreamMeter:
         self.opened = False
 
     # -- opening ------------------------------------------------------------------------------
+    @property
+    def input_tokens(self) -> int:
+        """Prompt tokens metered, all price classes."""
+        return self.prompt.total
+
     async def open(self, input_tokens: int) -> None:
         """Hold the prompt's price plus the first lease; 402 if not even one token is payable."""
-        self.input_tokens = input_tokens
-        want = self.rate.charge(input_tokens, self._lease_size())
-        minimum = self.rate.charge(input_tokens, 1)
+        self.prompt = Prompt(input_tokens)
+        want = self.rate.charge(self.prompt, self._lease_size())
+        minimum = self.rate.charge(self.prompt, 1)
         result = await self.ledger.lease(self.account_id, self.rid, charged_target=0,
                                          want=want, minimum=minimum)
         self.balance_seen = result.balance
@@ -108,20 +113,19 @@ class StreamMeter:
 
     def _add_hold(self, taken: int) -> None:
         self.held_total += taken
-        base = self.rate.charge(self.input_tokens, 0)
-        self.covered = self.rate.affordable_output(self.input_tokens, 0, self.held_total - base)
+        base = self.rate.charge(self.prompt, 0)
+        self.covered = self.rate.affordable_output(self.prompt, 0, self.held_total - base)
 
-    def reprice_input(self, input_tokens: int) -> bool:
-        """Meter the prompt at ``input_tokens`` (the upstream's own count) from now on.
+    def reprice_input(self, prompt: Prompt) -> bool:
+        """Meter the prompt as ``prompt`` (the upstream's own count) from now on.
 
         Only before any output token was granted: the hold then pays for the reported prompt
         first, and how many output tokens it covers is recomputed, up or down; the next grant
         renews the lease if it no longer covers one. Returns whether anything changed.
         """
-        if (not self.opened or self.granted or input_tokens < 0
-                or input_tokens == self.input_tokens):
+        if not self.opened or self.granted or prompt == self.prompt:
             return False
-        self.input_tokens = input_tokens
+        self.prompt = prompt
         self._add_hold(0)
         return True
 
@@ -171,10 +175,10 @@ class StreamMeter:
         if not self.ledger.is_alive():
             # The heartbeat is late: prove liveness before any new grant.
             await self.ledger.heartbeat()
-        target = self.rate.charge(self.input_tokens, self.delivered)
+        target = self.rate.charge(self.prompt, self.delivered)
         lease = max(self._lease_size(), need)
-        want = self.rate.charge(self.input_tokens, self.covered + lease) - self.held_total
-        minimum = self.rate.charge(self.input_tokens, self.covered + 1) - self.held_total
+        want = self.rate.charge(self.prompt, self.covered + lease) - self.held_total
+        minimum = self.rate.charge(self.prompt, self.covered + 1) - self.held_total
         result = await self.ledger.lease(self.account_id, self.rid, charged_target=target,
                                          want=max(want, 0), minimum=max(minimum, 0))
         self.committed = result.charged
@@ -183,21 +187,23 @@ class StreamMeter:
             self._add_hold(result.taken)
 
     # -- closing ------------------------------------------------------------------------------
-    def final_charge(self, outcome: Outcome, *, reported_input: int | None,
+    def final_charge(self, outcome: Outcome, *, reported_input: Prompt | int | None,
                      reported_output: int | None) -> tuple[int, int, int]:
         """(input tokens, output tokens, atomic units) billed for ``outcome``.
 
         Only a completed stream is billed from the upstream's reported usage; any other ending
         bills the tokens actually delivered (plus the prompt as reported, else as counted).
         """
-        billed_in = reported_input if reported_input is not None else self.input_tokens
+        if isinstance(reported_input, int):
+            reported_input = Prompt(reported_input)
+        prompt = reported_input if reported_input is not None else self.prompt
         if outcome is Outcome.COMPLETED and reported_output is not None:
             billed_out = reported_output
         else:
             billed_out = self.delivered
-        return billed_in, billed_out, self.rate.charge(billed_in, billed_out)
+        return prompt.total, billed_out, self.rate.charge(prompt, billed_out)
 
-    async def close(self, outcome: Outcome, *, reported_input: int | None = None,
+    async def close(self, outcome: Outcome, *, reported_input: Prompt | int | None = None,
                     reported_output: int | None = None) -> Bill:
         """Charge the final total and release the rest of the hold."""
         billed_in, billed_out, total = self.final_charge(

@@ -412,3 +412,30 @@ def test_item14_ledger_and_metrics_settled_when_the_stream_ends(hgw: RunningGate
         assert (state["held"], state["spent"]) == ("0", "3")
     metrics = httpx.get(f"{hgw.url}/metrics", timeout=5).text
     assert f'tollstream_tokens_metered_total{{kind="output",model="{model}"}} 15.0' in metrics
+
+
+# -- prompt caching: every prompt token billed, cache reads at their own price ------------------
+
+CACHED = {"input_per_mtok": "10.00", "cache_read_per_mtok": "1.00", "output_per_mtok": "2.00"}
+
+
+@pytest.mark.parametrize(("path", "dialect"), [
+    ("/v1/chat/completions", "openai_chat"), ("/v1/messages", "anthropic_messages"),
+    ("/v1/responses", "openai_responses")])
+def test_cache_reads_are_billed_at_their_price(gateway_factory: Factory, path: str,
+                                               dialect: str) -> None:
+    models = {"cached": {"upstream": "sim", "dialect": dialect, **CACHED,
+                         **({"tokenizer": "estimate"} if dialect == "anthropic_messages"
+                            else {})}}
+    with gateway_factory(models=models) as gw:
+        account, key = gw.create_account(1_000_000)
+        if path == "/v1/responses":
+            body: dict[str, Any] = {"model": "cached", "input": "hi", "max_output_tokens": 5}
+        else:
+            body = {"model": "cached", "max_tokens": 5,
+                    "messages": [{"role": "user", "content": "hi"}]}
+        # 1,000 prompt tokens, 900 of them read from the upstream's cache; 5 output tokens.
+        stream_raw(gw, path, key, body, headers={"x-sim-input-tokens": "1000",
+                                                 "x-sim-cached-tokens": "900"})
+        expected = -(-(100 * 10_000_000 + 900 * 1_000_000 + 5 * 2_000_000) // 1_000_000)
+        assert ledger_balance(gw, account)["spent"] == str(expected)  # 1,000 + 900 + 10

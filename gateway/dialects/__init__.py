@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from gateway.sse import SSEEvent
+from meters.rates import Prompt
 from meters.tokens import TokenCounter
 
 
@@ -33,10 +34,26 @@ class ParsedRequest:
 
 @dataclass(frozen=True, slots=True)
 class Usage:
-    """Token usage as the upstream reported it (``None``: not reported)."""
+    """Token usage as the upstream reported it (``None``: not reported).
+
+    ``input_tokens`` counts every prompt token; ``cache_read_tokens`` and
+    ``cache_write_tokens`` are the parts of it the upstream read from or wrote to its prompt
+    cache (priced apart when the model's rate says so).
+    """
 
     input_tokens: int | None = None
     output_tokens: int | None = None
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
+
+    @property
+    def prompt(self) -> Prompt | None:
+        """The reported prompt by price class, None if the prompt was not reported."""
+        if self.input_tokens is None:
+            return None
+        cached = self.cache_read_tokens + self.cache_write_tokens
+        return Prompt(max(self.input_tokens - cached, 0), self.cache_read_tokens,
+                      self.cache_write_tokens)
 
 
 @dataclass(slots=True)

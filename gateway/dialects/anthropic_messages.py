@@ -24,6 +24,7 @@ SDK parses it as an ordinary length-capped message.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -86,13 +87,19 @@ class CountTokensRequest(MessagesRequest):
     max_tokens: PositiveInt = 1  # count_tokens takes no max_tokens
 
 
-def reported_input(usage: dict[str, Any]) -> int | None:
-    """Every prompt token the upstream reports: uncached, cache writes and cache reads."""
-    parts = [usage.get(key) for key in ("input_tokens", "cache_creation_input_tokens",
-                                        "cache_read_input_tokens")]
-    if not isinstance(parts[0], int):
-        return None
-    return sum(p for p in parts if isinstance(p, int) and not isinstance(p, bool))
+def _count(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def reported_usage(usage: dict[str, Any], output: int | None = None) -> Usage:
+    """The prompt the upstream reports, every part of it: Anthropic's ``input_tokens`` is
+    only the uncached part; cache writes and reads come on top."""
+    given = usage.get("input_tokens")
+    if not isinstance(given, int) or isinstance(given, bool):
+        return Usage(None, output)
+    read = _count(usage.get("cache_read_input_tokens"))
+    write = _count(usage.get("cache_creation_input_tokens"))
+    return Usage(_count(given) + read + write, output, read, write)
 
 
 class AnthropicMessages:
@@ -145,8 +152,7 @@ class AnthropicMessages:
         estimate.add([block for block in as_list(body.get("content"))
                       if isinstance(block, dict) and block.get("type") != "image"])
         output = usage.get("output_tokens")
-        return Usage(input_tokens=reported_input(usage),
-                     output_tokens=output if isinstance(output, int) else None), estimate.text
+        return reported_usage(usage, output if isinstance(output, int) else None), estimate.text
 
     def error_body(self, info: ErrorInfo) -> dict[str, Any]:
         return {"type": "error",
@@ -161,7 +167,7 @@ class MessagesStream:
     def __init__(self, request: ParsedRequest) -> None:
         self.request = request
         self.open_block: int | None = None
-        self.input_tokens: int | None = None
+        self.prompt_usage = Usage()
         self._last: dict[str, Any] | None = None
         self._last_event = "content_block_delta"
         self._fields: list[FieldRef] = []
@@ -185,14 +191,17 @@ class MessagesStream:
         elif kind == "content_block_stop":
             self.open_block = None
         elif kind == "message_start":
-            self.input_tokens = reported_input(as_dict(as_dict(obj.get("message")).get("usage")))
-            return EventInfo(usage=Usage(self.input_tokens, None))
+            self.prompt_usage = reported_usage(
+                as_dict(as_dict(obj.get("message")).get("usage")))
+            return EventInfo(usage=self.prompt_usage)
         elif kind == "message_delta":
             usage = as_dict(obj.get("usage"))
             output = usage.get("output_tokens")
-            given = reported_input(usage)
-            return EventInfo(usage=Usage(given if given is not None else self.input_tokens,
-                                         output if isinstance(output, int) else None),
+            output = output if isinstance(output, int) else None
+            final = reported_usage(usage, output)
+            if final.input_tokens is None:  # the prompt was reported at the start only
+                final = dataclasses.replace(self.prompt_usage, output_tokens=output)
+            return EventInfo(usage=final,
                              final=bool(as_dict(obj.get("delta")).get("stop_reason")))
         elif kind == "message_stop":
             return EventInfo(final=True, terminal=True)

@@ -139,12 +139,22 @@ class OpenAIChat:
                           "param": info.param, "code": info.code, **info.extra}}
 
 
-def _usage(raw: Any) -> Usage:
+def openai_usage(raw: Any, prompt_key: str, output_key: str) -> Usage:
+    """OpenAI's usage: the prompt count includes its cached part
+    (``*_tokens_details.cached_tokens``)."""
     if not isinstance(raw, dict):
         return Usage()
-    prompt, completion = raw.get("prompt_tokens"), raw.get("completion_tokens")
-    return Usage(input_tokens=prompt if isinstance(prompt, int) else None,
-                 output_tokens=completion if isinstance(completion, int) else None)
+    prompt, completion = raw.get(prompt_key), raw.get(output_key)
+    prompt = prompt if isinstance(prompt, int) and not isinstance(prompt, bool) else None
+    cached = as_dict(raw.get(f"{prompt_key}_details")).get("cached_tokens")
+    cached = cached if isinstance(cached, int) and 0 < cached <= (prompt or 0) else 0
+    return Usage(input_tokens=prompt,
+                 output_tokens=completion if isinstance(completion, int) else None,
+                 cache_read_tokens=cached)
+
+
+def _usage(raw: Any) -> Usage:
+    return openai_usage(raw, "prompt_tokens", "completion_tokens")
 
 
 class ChatStream:

@@ -37,7 +37,7 @@ from gateway.dialects.common import (
     split_fields,
     text_of,
 )
-from gateway.dialects.openai_chat import OpenAIChat
+from gateway.dialects.openai_chat import OpenAIChat, openai_usage
 from gateway.sse import SSEEvent, encode
 from meters.tokens import TokenCounter
 
@@ -125,11 +125,7 @@ _CHAT = OpenAIChat()
 
 
 def _usage(raw: Any) -> Usage:
-    if not isinstance(raw, dict):
-        return Usage()
-    given, produced = raw.get("input_tokens"), raw.get("output_tokens")
-    return Usage(given if isinstance(given, int) else None,
-                 produced if isinstance(produced, int) else None)
+    return openai_usage(raw, "input_tokens", "output_tokens")
 
 
 def _index(obj: dict[str, Any], key: str) -> int:

@@ -13,7 +13,8 @@ the arguments are ``{"q": "<text>"}``, whose pieces are ``{"q": "``, the text to
 the text tokens plus 2 framing tokens by the o200k count of each delta),
 ``x-sim-reasoning-tokens: N`` (reported, not streamed), ``x-sim-input-tokens: N`` (report
 this prompt size instead of counting it: a prompt the gateway cannot see, e.g. one cached or
-stored upstream), ``x-sim-thinking: 1`` (Anthropic: a
+stored upstream), ``x-sim-cached-tokens: N`` (N of the prompt's tokens reported as read from
+the prompt cache, each API its own way), ``x-sim-thinking: 1`` (Anthropic: a
 thinking block first, N = 8 thinking tokens, counted in ``output_tokens``).
 
 ``GET /sim/stats`` counts streams started / completed / failed / cancelled (the client went

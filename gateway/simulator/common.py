@@ -64,6 +64,7 @@ class Plan:
     reasoning: int
     thinking: bool
     input_tokens: int
+    cached: int = 0  # of input_tokens, read from the prompt cache
 
 
 class SimError(Exception):
@@ -165,7 +166,8 @@ class Sim:
                     thinking=api == "anthropic" and request.headers.get("x-sim-thinking")
                     == "1",
                     input_tokens=_int_header(request, "x-sim-input-tokens", None)
-                    or self.o200k.count(prompt) + media)
+                    or self.o200k.count(prompt) + media,
+                    cached=_int_header(request, "x-sim-cached-tokens", 0) or 0)
         return body, plan
 
     async def pieces(self, plan: Plan) -> AsyncIterator[str | None]:
