@@ -19,8 +19,9 @@ from gateway.metrics import Metrics
 from gateway.rails import PaymentRail
 from gateway.rails.x402_deposits import X402Deposits
 from gateway.ratelimit import Limit, RateLimiter
+from gateway.routing import ModelRouter
 from gateway.settings import Settings
-from gateway.state import Gateway, Model
+from gateway.state import Gateway
 from gateway.upstream import Upstreams
 from meters.errors import MeterError
 from meters.keeper import Keeper
@@ -35,8 +36,6 @@ def build_gateway(settings: Settings, redis_url: str, *,
     ledger = Ledger(client, prefix=settings.key_prefix,
                     owner_ttl_seconds=settings.reservation_ttl_seconds,
                     key_cache_seconds=settings.key_cache_seconds)
-    models = {name: Model.build(name, cfg, settings.rate(name))
-              for name, cfg in settings.models.items()}
     if rail is None:
         rail = X402Deposits(settings, ledger) if settings.x402.enabled else PaymentRail()
     limits = settings.rate_limit
@@ -47,7 +46,8 @@ def build_gateway(settings: Settings, redis_url: str, *,
                               "challenge": Limit(limits.challenges_burst,
                                                  limits.challenges_per_second)})
     return Gateway(settings=settings, redis=client, ledger=ledger, keeper=Keeper(ledger),
-                   upstreams=Upstreams(settings), metrics=Metrics(), models=models,
+                   upstreams=Upstreams(settings), metrics=Metrics(),
+                   router=ModelRouter(settings),
                    limiter=limiter, rail=rail)
 
 
@@ -148,12 +148,22 @@ def info_router() -> APIRouter:
     async def list_models(request: Request) -> dict[str, Any]:
         gw: Gateway = request.app.state.gateway
         asset = gw.asset
-        return {"object": "list", "data": [
-            {"id": m.name, "object": "model", "created": 0, "owned_by": m.upstream,
-             "tollstream": {"dialect": m.dialect.name, "asset": asset.symbol,
-                            "input_per_mtok": asset.format(m.rate.input_per_mtok),
-                            "output_per_mtok": asset.format(m.rate.output_per_mtok)}}
-            for m in gw.models.values()]}
+        data = []
+        for m, pattern in gw.router.listing():
+            rate = m.rate
+            info: dict[str, Any] = {
+                "dialect": m.dialect.name, "asset": asset.symbol,
+                "input_per_mtok": asset.format(rate.input_per_mtok),
+                "output_per_mtok": asset.format(rate.output_per_mtok)}
+            for key in ("cache_read_per_mtok", "cache_write_per_mtok"):
+                value = getattr(rate, key)
+                if value is not None:
+                    info[key] = asset.format(value)
+            if pattern is not None:
+                info["route"] = pattern
+            data.append({"id": m.name, "object": "model", "created": 0,
+                         "owned_by": m.upstream, "tollstream": info})
+        return {"object": "list", "data": data}
 
     @router.get("/v1/balance")
     async def balance(request: Request) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse, Response
 from gateway.body import read_json
 from gateway.dialects import Dialect, ErrorInfo, ParsedRequest, get_dialect
 from gateway.dialects.anthropic_messages import AnthropicMessages
-from gateway.errors import BadRequest, NotFound, PaymentRequired, UpstreamError
+from gateway.errors import PaymentRequired, UpstreamError
 from gateway.relay import RelayContext, relay
 from gateway.sse import EventStreamResponse
 from gateway.state import Gateway, Model
@@ -27,16 +27,8 @@ MAX_RESPONSE_BYTES = 16 * 1024 * 1024
 
 
 def find_model(gw: Gateway, name: str, dialect: Dialect) -> Model:
-    model = gw.models.get(name)
-    if model is None:
-        raise NotFound(f"the model {name!r} does not exist on this gateway; "
-                       "GET /v1/models lists the models you can use",
-                       code="model_not_found", param="model")
-    if model.dialect.name != dialect.name:
-        raise BadRequest(f"the model {name!r} speaks {model.dialect.name}, "
-                         f"not {dialect.name}: use its own endpoint",
-                         code="wrong_endpoint", param="model")
-    return model
+    """The model asked for (see :mod:`gateway.routing`); 404 or 400 naming ``model``."""
+    return gw.router.resolve(name, dialect)
 
 
 def rough_prompt_tokens(parsed: ParsedRequest) -> int:

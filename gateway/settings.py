@@ -70,19 +70,65 @@ class UpstreamSettings(_Frozen):
         return None
 
 
-class ModelSettings(_Frozen):
-    """A model clients may ask for: where it goes, how it is spoken to, what it costs."""
+class PriceSettings(_Frozen):
+    """What a model costs, in asset units per million tokens (decimal strings)."""
 
-    upstream: str
-    dialect: DialectName = "openai_chat"
     input_per_mtok: str = "0"
     output_per_mtok: str
     #: Prompt tokens read from / written to the upstream's cache (unset: the input price).
     cache_read_per_mtok: str | None = None
     cache_write_per_mtok: str | None = None
+
+    def rate(self, asset: Asset, where: str) -> Rate:
+        """The parsed rate; ``ValueError`` naming ``where`` on a bad price."""
+        try:
+            return Rate.parse(asset, input_per_mtok=self.input_per_mtok,
+                              output_per_mtok=self.output_per_mtok,
+                              cache_read_per_mtok=self.cache_read_per_mtok,
+                              cache_write_per_mtok=self.cache_write_per_mtok, where=where)
+        except ConfigError as exc:
+            raise ValueError(exc.message) from exc
+
+
+class ModelSettings(PriceSettings):
+    """A model clients may ask for by its exact name: where it goes, how it is spoken to,
+    what it costs."""
+
+    upstream: str
+    dialect: DialectName = "openai_chat"
     tokenizer: str = "o200k_base"
     upstream_model: str | None = None
     max_output_tokens: int = Field(default=4096, ge=1)
+
+
+class RouteSettings(_Frozen):
+    """Model names matching a pattern (``claude-*``, ``*``), for one endpoint's dialect.
+
+    Without prices of its own a route bills each model at its price table entry
+    (``gateway/prices.toml`` plus ``[prices]``), and a name the table lacks is refused: nothing
+    is ever served unpriced.
+    """
+
+    match: str = Field(min_length=1)
+    upstream: str
+    dialect: DialectName = "openai_chat"
+    tokenizer: str = "o200k_base"
+    #: Sent upstream instead of the requested name (unset: the requested name).
+    upstream_model: str | None = None
+    max_output_tokens: int = Field(default=4096, ge=1)
+    input_per_mtok: str | None = None
+    output_per_mtok: str | None = None
+    cache_read_per_mtok: str | None = None
+    cache_write_per_mtok: str | None = None
+
+    def price(self) -> PriceSettings | None:
+        """The route's own price, if it sets one."""
+        if self.output_per_mtok is None:
+            return None
+        return PriceSettings(input_per_mtok=self.input_per_mtok or "0",
+                             output_per_mtok=self.output_per_mtok,
+                             cache_read_per_mtok=self.cache_read_per_mtok,
+                             cache_write_per_mtok=self.cache_write_per_mtok)
 
 
 #: Known x402 networks: USDC on Base and Base Sepolia (EIP-712 domain name and version of each
@@ -209,6 +255,11 @@ class Settings(_Frozen):
     asset: AssetSettings = AssetSettings()
     upstreams: dict[str, UpstreamSettings] = {}
     models: dict[str, ModelSettings] = {}
+    #: Pattern routes, tried in order after the exact models (a last ``match = "*"`` is the
+    #: default route; without one, unknown names are 404).
+    routes: list[RouteSettings] = []
+    #: Entries added to (or replacing) the shipped price table, by model name.
+    prices: dict[str, PriceSettings] = {}
     rate_limit: RateLimitSettings = RateLimitSettings()
     x402: X402Settings = X402Settings()
 
@@ -228,13 +279,25 @@ class Settings(_Frozen):
 
     @model_validator(mode="after")
     def _check_models(self) -> Settings:
+        entries: list[tuple[str, ModelSettings | RouteSettings]] = [
+            *((f"models.{name}", model) for name, model in self.models.items()),
+            *((f"routes.{i}", route) for i, route in enumerate(self.routes))]
+        for where, entry in entries:
+            if entry.upstream not in self.upstreams:
+                raise ValueError(f"{where}.upstream names unknown upstream "
+                                 f"{entry.upstream!r}")
+            if entry.tokenizer not in ENCODINGS:
+                raise ValueError(f"{where}.tokenizer must be one of {ENCODINGS}")
         for name, model in self.models.items():
-            if model.upstream not in self.upstreams:
-                raise ValueError(f"models.{name}.upstream names unknown upstream "
-                                 f"{model.upstream!r}")
-            if model.tokenizer not in ENCODINGS:
-                raise ValueError(f"models.{name}.tokenizer must be one of {ENCODINGS}")
-            self.rate(name)  # parse now: a bad price refuses start-up
+            model.rate(self.asset_obj(), f"models.{name}")  # a bad price refuses start-up
+        for i, route in enumerate(self.routes):
+            if route.input_per_mtok is not None and route.output_per_mtok is None:
+                raise ValueError(f"routes.{i}.output_per_mtok is required with input_per_mtok")
+            price = route.price()
+            if price is not None:
+                price.rate(self.asset_obj(), f"routes.{i}")
+        for name, price in self.prices.items():
+            price.rate(self.asset_obj(), f"prices.{name}")
         if self.x402.enabled:
             try:
                 self.asset_obj().parse(self.x402.deposit, field="x402.deposit")
@@ -246,15 +309,8 @@ class Settings(_Frozen):
         return Asset(symbol=self.asset.symbol, decimals=self.asset.decimals)
 
     def rate(self, model: str) -> Rate:
-        cfg = self.models[model]
-        try:
-            return Rate.parse(self.asset_obj(), input_per_mtok=cfg.input_per_mtok,
-                              output_per_mtok=cfg.output_per_mtok,
-                              cache_read_per_mtok=cfg.cache_read_per_mtok,
-                              cache_write_per_mtok=cfg.cache_write_per_mtok,
-                              where=f"models.{model}")
-        except ConfigError as exc:
-            raise ValueError(exc.message) from exc
+        """The rate of the exactly named model ``model``."""
+        return self.models[model].rate(self.asset_obj(), f"models.{model}")
 
     @classmethod
     def load(cls, path: str | Path | None = None,

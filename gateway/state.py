@@ -8,39 +8,19 @@ from dataclasses import dataclass, field
 import redis.asyncio as aioredis
 from starlette.requests import Request
 
-from gateway.dialects import Dialect, get_dialect
 from gateway.errors import GatewayError, Unauthorized
 from gateway.metrics import Metrics
 from gateway.rails import PaymentRail
 from gateway.ratelimit import RateLimiter
-from gateway.settings import ModelSettings, Settings
+from gateway.routing import Model, ModelRouter
+from gateway.settings import Settings
 from gateway.upstream import Upstreams
 from meters.errors import InsufficientFunds
 from meters.keeper import Keeper
 from meters.ledger import Ledger
 from meters.money import Asset
-from meters.rates import Rate
-from meters.tokens import Tokenizer, get_tokenizer
 
-
-@dataclass(frozen=True, slots=True)
-class Model:
-    """A configured model, resolved: its rate, tokenizer and dialect objects."""
-
-    name: str
-    upstream: str
-    upstream_model: str
-    dialect: Dialect
-    rate: Rate
-    tokenizer: Tokenizer
-    max_output_tokens: int
-
-    @classmethod
-    def build(cls, name: str, cfg: ModelSettings, rate: Rate) -> Model:
-        return cls(name=name, upstream=cfg.upstream, upstream_model=cfg.upstream_model or name,
-                   dialect=get_dialect(cfg.dialect), rate=rate,
-                   tokenizer=get_tokenizer(cfg.tokenizer),
-                   max_output_tokens=cfg.max_output_tokens)
+__all__ = ["Gateway", "Model", "bearer"]
 
 
 @dataclass(slots=True)
@@ -53,7 +33,7 @@ class Gateway:
     keeper: Keeper
     upstreams: Upstreams
     metrics: Metrics
-    models: dict[str, Model]
+    router: ModelRouter
     limiter: RateLimiter
     rail: PaymentRail = field(default_factory=PaymentRail)
 

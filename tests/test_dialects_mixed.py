@@ -76,8 +76,10 @@ def test_three_dialects_concurrently_on_one_account(gw: RunningGateway) -> None:
 
     delivered = asyncio.run(main())
     state = gw.balance(account)
-    # Billed exactly what was delivered; all of it, but for less than one Claude token's
-    # price when the last stream's next token did not fit (a cut falls on a token boundary).
+    # Billed exactly what was delivered, and all of the balance but what the Claude streams
+    # could not use: a cut falls on a token boundary, and a simulator word costs up to 3
+    # estimate tokens, so each of the 6 Claude streams can end with up to 2 units it held
+    # but could not spend (returned to the balance once the other streams were already cut).
     assert state["held"] == "0" and state["spent"] == str(sum(delivered))
-    assert 0 <= total - sum(delivered) < 3
+    assert 0 <= total - sum(delivered) <= 6 * 2
     assert int(state["balance"]) + int(state["spent"]) == total
