@@ -109,6 +109,9 @@ class Ledger:
         self.owner_ttl_ms = int(owner_ttl_seconds * 1000)
         #: Monotonic time until which this process' holds are provably alive in Redis.
         self.alive_until = 0.0
+        #: Bumped whenever liveness is proved again after it had lapsed: holds leased in an
+        #: earlier epoch may have been swept meanwhile and must be re-checked before use.
+        self.epoch = 0
         self._lease: AsyncScript = client.register_script(script("lease.lua"))
         self._settle: AsyncScript = client.register_script(script("settle.lua"))
         self._sweep: AsyncScript = client.register_script(script("sweep.lua"))
@@ -128,8 +131,11 @@ class Ledger:
     async def heartbeat(self) -> None:
         """Prove this process alive; holds of a process that stops doing this get swept."""
         started = time.monotonic()
+        lapsed = started >= self.alive_until
         with redis_errors():
             await self.redis.set(f"{self.prefix}alive:{self.owner}", "1", px=self.owner_ttl_ms)
+        if lapsed:
+            self.epoch += 1
         # Leave a margin of a third of the TTL: the sweeper of another process must never see
         # this owner dead while it still hands out tokens from its holds.
         self.alive_until = started + self.owner_ttl_ms / 1000 * 2 / 3

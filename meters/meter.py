@@ -82,6 +82,7 @@ class StreamMeter:
         self.held_total = 0       # atomic units held for this request so far (cumulative)
         self.committed = 0        # atomic units charged so far (cumulative)
         self.balance_seen = 0     # the account's spendable balance after the last Redis call
+        self.epoch = -1           # the ledger's liveness epoch when the hold was last confirmed
         self.opened = False
 
     # -- opening ------------------------------------------------------------------------------
@@ -93,6 +94,7 @@ class StreamMeter:
     async def open(self, input_tokens: int) -> None:
         """Hold the prompt's price plus the first lease; 402 if not even one token is payable."""
         self.prompt = Prompt(input_tokens)
+        epoch = self.ledger.epoch
         want = self.rate.charge(self.prompt, self._lease_size())
         minimum = self.rate.charge(self.prompt, 1)
         result = await self.ledger.lease(self.account_id, self.rid, charged_target=0,
@@ -104,6 +106,7 @@ class StreamMeter:
                 f"({input_tokens} tokens) and one output token ({minimum} atomic units)",
                 needed=minimum, available=result.balance)
         self.opened = True
+        self.epoch = epoch
         self._add_hold(result.taken)
 
     def _lease_size(self) -> int:
@@ -136,8 +139,10 @@ class StreamMeter:
         Granted tokens are set aside for delivery; they are billed only once the relay reports
         them delivered (:meth:`delivered_tokens`).
         """
-        if not self.ledger.is_alive():
-            return 0  # our holds may have been swept: hand out nothing we cannot prove is paid
+        if not self.ledger.is_alive() or self.ledger.epoch != self.epoch:
+            # Our holds may have been swept (liveness lapsed since the hold was confirmed):
+            # hand out nothing before a lease call proves the reservation still stands.
+            return 0
         granted = max(min(n, self.covered - self.granted), 0)
         self.granted += granted
         return granted
@@ -175,6 +180,7 @@ class StreamMeter:
         if not self.ledger.is_alive():
             # The heartbeat is late: prove liveness before any new grant.
             await self.ledger.heartbeat()
+        epoch = self.ledger.epoch
         target = self.rate.charge(self.prompt, self.delivered)
         lease = max(self._lease_size(), need)
         want = self.rate.charge(self.prompt, self.covered + lease) - self.held_total
@@ -183,6 +189,8 @@ class StreamMeter:
                                          want=max(want, 0), minimum=max(minimum, 0))
         self.committed = result.charged
         self.balance_seen = result.balance
+        # The lease call found the reservation standing (a swept one raises): confirmed.
+        self.epoch = epoch
         if result.ok:
             self._add_hold(result.taken)
 

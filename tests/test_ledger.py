@@ -179,3 +179,32 @@ async def test_key_cache_bounds_revocation_delay(redis_url: str) -> None:
     assert await here.rotate_key(account.id) and await here.authenticate(new_key) is None
     await here.redis.aclose()
     await there.redis.aclose()
+
+
+async def test_a_lapsed_heartbeat_makes_meters_recheck_their_hold(redis_url: str) -> None:
+    """A process whose heartbeat lapsed may have had its holds swept; once it beats again,
+    its meters grant nothing from a lease before a Redis call shows the hold still stands."""
+    prefix = f"t{secrets.token_hex(4)}:"
+    slow = make_ledger(redis_url, prefix, ttl=0.6)
+    await slow.heartbeat()
+    account, _ = await slow.create_account(100)
+    meter = StreamMeter(slow, account.id, ONE_PER_TOKEN, lease_tokens=40)
+    await meter.open(0)
+    meter.delivered_tokens(meter.take(5))
+    # The process stalls past its TTL; another process sweeps its hold.
+    sweeper = make_ledger(redis_url, prefix)
+    await sweeper.heartbeat()
+    deadline = time.monotonic() + 5
+    while (swept := await sweeper.sweep()) == (0, 0) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert swept[0] == 1
+    # The stalled process wakes up and proves liveness again: the lease it still remembers
+    # (35 tokens) must not be handed out.
+    await slow.heartbeat()
+    assert slow.is_alive() and meter.take(5) == 0
+    with pytest.raises(LedgerUnavailable):
+        await meter.acquire(5)
+    state = await sweeper.get_account(account.id)
+    assert (state.balance, state.held, state.spent) == (100, 0, 0)
+    await slow.redis.aclose()
+    await sweeper.redis.aclose()
