@@ -56,6 +56,62 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(deposit=args.deposit, prompt=args.prompt)
 
 
+def _wallet(args: argparse.Namespace) -> int:
+    import os
+
+    import uvicorn
+    from eth_account import Account
+
+    from gateway.agent.wallet_proxy import create_proxy, is_loopback, printer, summary
+    from gateway.agent.x402 import Wallet
+    from meters.errors import InvalidAmount
+    from meters.money import parse_decimal
+
+    if not is_loopback(args.host):
+        print(f"tollstream wallet: --host must be a loopback address (whoever reaches the "
+              f"proxy spends the wallet's money), not {args.host!r}", file=sys.stderr)
+        return 2
+    key = os.environ.get(args.key_env, "")
+    if not key:
+        print(f"tollstream wallet: set {args.key_env} to the wallet's private key "
+              "(or name another variable with --key-env)", file=sys.stderr)
+        return 2
+    try:
+        account = Account.from_key(key)
+    except (ValueError, TypeError):
+        print(f"tollstream wallet: {args.key_env} is not a private key (32 bytes of hex)",
+              file=sys.stderr)
+        return 2
+    try:
+        cap = parse_decimal(args.cap, args.decimals, field="--cap")
+    except InvalidAmount as exc:
+        print(f"tollstream wallet: {exc.message}", file=sys.stderr)
+        return 2
+    allowed = []
+    for item in args.allow:
+        network, _, asset = item.rpartition(":")
+        if not network or not asset.startswith("0x"):
+            print(f"tollstream wallet: --allow takes NETWORK:ASSET (eip155:8453:0x...), "
+                  f"not {item!r}", file=sys.stderr)
+            return 2
+        allowed.append((network, asset))
+
+    def emit(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    wallet = Wallet(account, spend_cap=cap, allowed=allowed,
+                    on_payment=printer(args.decimals, emit))
+    app = create_proxy(args.gateway, wallet)
+    emit(f"tollstream wallet: {account.address} pays {args.gateway} up to {args.cap}; "
+         f"point the agent at http://{args.host}:{args.port}")
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
+                    loop="asyncio", http="httptools")
+    finally:
+        emit(summary(wallet, args.decimals))
+    return 0
+
+
 def _chain(args: argparse.Namespace) -> int:
     from gateway.chain.devchain import run_chain_cli
 
@@ -90,6 +146,26 @@ def build_parser() -> argparse.ArgumentParser:
                       help="the x402 deposit the gateway asks for, in USDC (default 0.0001)")
     demo.add_argument("--prompt", default="Tell me a long story about a toll bridge.")
     demo.set_defaults(func=_demo)
+
+    wallet = sub.add_parser(
+        "wallet", help="a loopback proxy that pays the gateway's 402s for an unmodified agent",
+        description="Point an agent (Claude Code, Codex) at this proxy: it forwards to the "
+                    "gateway, pays its 402s with the wallet's key, never past --cap.")
+    wallet.add_argument("--gateway", required=True, help="the tollstream gateway's URL")
+    wallet.add_argument("--key-env", default="WALLET_KEY",
+                        help="environment variable holding the wallet's private key "
+                             "(default WALLET_KEY)")
+    wallet.add_argument("--cap", required=True,
+                        help="most the wallet may spend, in asset units (e.g. 5.00)")
+    wallet.add_argument("--decimals", type=int, default=6,
+                        help="decimals of the asset paid (USDC: 6, the default)")
+    wallet.add_argument("--allow", action="append", default=[],
+                        help="only pay this NETWORK:ASSET (repeatable; default: any the "
+                             "gateway asks for on an eip155 chain)")
+    wallet.add_argument("--host", default="127.0.0.1", help="loopback address to listen on")
+    wallet.add_argument("--port", type=int, default=8403)
+    wallet.add_argument("--log-level", default="warning")
+    wallet.set_defaults(func=_wallet)
 
     chain = sub.add_parser("chain", help="run a local EVM chain with the test USDC token")
     chain.add_argument("--wallets", type=int, default=3)

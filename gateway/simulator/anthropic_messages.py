@@ -48,6 +48,7 @@ def register(app: FastAPI, sim: Sim) -> None:
             if plan.tool:
                 content = [{"type": "tool_use", "id": "toolu_sim", "name": "search",
                             "input": {"q": text_of(0, plan.output)}}]
+            sim.report(plan, out_tokens)
             return JSONResponse(message(content, out_tokens, stop))
 
         async def events() -> AsyncIterator[bytes]:
@@ -91,6 +92,8 @@ def register(app: FastAPI, sim: Sim) -> None:
                     "type": "input_json_delta", "partial_json": '"}'}}, "content_block_delta")
             yield sim.sse({"type": "content_block_stop", "index": index}, "content_block_stop")
             usage = {"output_tokens": out_tokens} if plan.usage else {}
+            if plan.usage:
+                sim.report(plan, out_tokens)  # before the client can see the end
             yield sim.sse({"type": "message_delta", "delta": {"stop_reason": stop,
                                                           "stop_sequence": None},
                        "usage": usage}, "message_delta")

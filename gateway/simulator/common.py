@@ -48,6 +48,8 @@ class SimStats:
     tokens_emitted: int = 0
     cancellations: list[dict[str, Any]] = field(default_factory=list)
     last_key_sha256: str | None = None
+    #: The usage reported for each completed response: {"input", "cached", "output"}.
+    reported: list[dict[str, int]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,12 @@ class Sim:
         self.config = config
         self.stats = SimStats()
         self.o200k = get_tokenizer("o200k_base")
+
+    def report(self, plan: Plan, output_tokens: int) -> None:
+        """Remember the usage a completed response reported (tests bill from it)."""
+        self.stats.reported.append({"input": plan.input_tokens, "cached": plan.cached,
+                                    "output": output_tokens})
+        del self.stats.reported[:-1000]
 
     def error(self, api: str, exc: SimError) -> Response:
         if api == "anthropic":

@@ -35,6 +35,7 @@ def register(app: FastAPI, sim: Sim) -> None:
                     "id": "call_sim", "type": "function", "function": {
                         "name": "search", "arguments": orjson.dumps(
                             {"q": text_of(0, plan.output)}).decode()}}]}
+            sim.report(plan, plan.output + reasoning)
             return JSONResponse({"id": rid, "object": "chat.completion", "created": created,
                                  "model": model, "choices": [{"index": 0, "message": message,
                                                               "finish_reason": finish}],
@@ -68,6 +69,7 @@ def register(app: FastAPI, sim: Sim) -> None:
                 yield chunk({"tool_calls": [{"index": 0, "function": {"arguments": '"}'}}]})
             yield chunk({}, finish)
             if plan.usage:
+                sim.report(plan, plan.output + reasoning)  # before the client sees the end
                 yield sim.sse({"id": rid, "object": "chat.completion.chunk", "created": created,
                            "model": model, "choices": [], "usage": usage})
             yield b"data: [DONE]\n\n"

@@ -49,6 +49,7 @@ def register(app: FastAPI, sim: Sim) -> None:
 
         if not body.get("stream"):
             status = "incomplete" if plan.capped else "completed"
+            sim.report(plan, plan.output + plan.reasoning)
             return JSONResponse(response(status, [output_item(
                 "completed", arguments if plan.tool else text)], True))
         seq = itertools.count()
@@ -94,6 +95,8 @@ def register(app: FastAPI, sim: Sim) -> None:
             done = output_item("completed", arguments if plan.tool else text)
             yield ev("response.output_item.done", output_index=0, item=done)
             final = "response.incomplete" if plan.capped else "response.completed"
+            if plan.usage:
+                sim.report(plan, plan.output + plan.reasoning)  # before the client sees it
             yield ev(final, response=response(final.split(".")[1], [done], plan.usage))
             sim.stats.streams_completed += 1
 

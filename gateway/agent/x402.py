@@ -23,7 +23,7 @@ from __future__ import annotations
 import secrets
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,12 +33,14 @@ from gateway.errors import GatewayError
 from gateway.rails.evm import EvmNetwork, sign_authorization
 from gateway.rails.x402 import (
     PAYMENT_REQUIRED_HEADER,
+    PAYMENT_RESPONSE_HEADER,
     PAYMENT_SIGNATURE_HEADER,
     Authorization,
     ExactEvmPayload,
     PaymentPayload,
     PaymentRequired,
     PaymentRequirements,
+    SettlementResponse,
     decode_model,
     encode_header,
 )
@@ -65,6 +67,8 @@ class Wallet:
     spent: int = 0
     api_key: str | None = None
     payments: list[dict[str, Any]] = field(default_factory=list)
+    #: Called with each payment once the gateway answered it (amount, network, transaction).
+    on_payment: Callable[[dict[str, Any]], None] | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def choose(self, required: PaymentRequired) -> PaymentRequirements:
@@ -131,6 +135,17 @@ def _remember_key(response: httpx.Response, wallet: Wallet) -> None:
     key = response.headers.get(API_KEY_HEADER)
     if key:
         wallet.api_key = key
+    receipt = response.headers.get(PAYMENT_RESPONSE_HEADER)
+    if receipt and wallet.payments:
+        try:
+            settled = decode_model(receipt, SettlementResponse, header=PAYMENT_RESPONSE_HEADER)
+        except GatewayError:
+            return
+        payment = wallet.payments[-1]
+        payment["success"] = settled.success
+        payment["transaction"] = settled.transaction
+        if wallet.on_payment is not None:
+            wallet.on_payment(payment)
 
 
 class PayingTransport(httpx.BaseTransport):
