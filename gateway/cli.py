@@ -101,14 +101,12 @@ def _wallet(args: argparse.Namespace) -> int:
 
     wallet = Wallet(account, spend_cap=cap, allowed=allowed,
                     on_payment=printer(args.decimals, emit))
-    app = create_proxy(args.gateway, wallet)
+    app = create_proxy(args.gateway, wallet,
+                       on_shutdown=lambda: emit(summary(wallet, args.decimals)))
     emit(f"tollstream wallet: {account.address} pays {args.gateway} up to {args.cap}; "
          f"point the agent at http://{args.host}:{args.port}")
-    try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
-                    loop="asyncio", http="httptools")
-    finally:
-        emit(summary(wallet, args.decimals))
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
+                loop="asyncio", http="httptools")
     return 0
 
 

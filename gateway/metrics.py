@@ -28,6 +28,9 @@ class Metrics:
         self.shortfall = Counter("tollstream_shortfall_atomic_units",
                                  "Reported usage the balance could not cover", ["model"],
                                  registry=self.registry)
+        self.websocket_refused = Counter(
+            "tollstream_websocket_refused", "WebSocket upgrades answered 426 (clients fall "
+            "back to HTTP streaming)", registry=self.registry)
         self.active_streams = Gauge("tollstream_active_streams", "Streams in flight",
                                     registry=self.registry)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import anyio
@@ -168,10 +169,24 @@ async def responses_websocket(websocket: WebSocket) -> None:
     costs it ~7 s of retries and a 400 fails the turn (measured with Codex CLI 0.169; Codex's
     own test servers answer 426 to force HTTP).
     """
+    gw: Gateway = websocket.app.state.gateway
+    gw.metrics.websocket_refused.inc()
     body = get_dialect("openai_responses").error_body(ErrorInfo(
         426, "websocket_unsupported", "tollstream serves the Responses API over HTTP "
         "streaming only: POST /v1/responses"))
     await websocket.send_denial_response(JSONResponse(body, status_code=426))
+
+
+class _DenialIsNotAnError(logging.Filter):
+    """uvicorn 0.54's websocket protocols log "ASGI callable returned without completing
+    handshake." after a denial response was sent in full (the 426 above reaches the client):
+    not an error, and the gateway serves no other WebSocket route."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != "ASGI callable returned without completing handshake."
+
+
+logging.getLogger("uvicorn.error").addFilter(_DenialIsNotAnError())
 
 
 @router.post("/v1/messages/count_tokens")

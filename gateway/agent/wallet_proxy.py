@@ -99,8 +99,11 @@ def _error(status: int, code: str, message: str) -> JSONResponse:
 
 
 def create_proxy(gateway_url: str, wallet: Wallet, *, timeout: float = 600.0,
-                 transport: httpx.AsyncBaseTransport | None = None) -> Starlette:
-    """The proxy as an ASGI app forwarding to ``gateway_url`` and paying with ``wallet``."""
+                 transport: httpx.AsyncBaseTransport | None = None,
+                 on_shutdown: Callable[[], None] | None = None) -> Starlette:
+    """The proxy as an ASGI app forwarding to ``gateway_url`` and paying with ``wallet``;
+    ``on_shutdown`` runs when the server stops (uvicorn re-raises SIGTERM after its graceful
+    shutdown, so code after ``uvicorn.run`` may never run)."""
     base = gateway_url.rstrip("/")
     state: dict[str, httpx.AsyncClient] = {}
 
@@ -113,6 +116,8 @@ def create_proxy(gateway_url: str, wallet: Wallet, *, timeout: float = 600.0,
             yield
         finally:
             await state["client"].aclose()
+            if on_shutdown is not None:
+                on_shutdown()
 
     async def forward(request: Request) -> Response:
         client = state["client"]
