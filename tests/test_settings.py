@@ -82,3 +82,10 @@ def test_serve_refuses_an_empty_or_short_admin_token(tmp_path: Path, token: str)
     assert result.returncode == 2
     assert "TOLLSTREAM_ADMIN_TOKEN" in result.stderr and "admin_token" in result.stderr
     assert token == "" or token not in result.stderr  # the secret is never echoed
+
+
+def test_the_example_config_is_valid() -> None:
+    """tollstream.example.toml shows every key: it must load as it is."""
+    example = Path(__file__).resolve().parents[1] / "tollstream.example.toml"
+    settings = Settings.load(example, env={"TOLLSTREAM_ADMIN_TOKEN": "x" * 20})
+    assert settings.routes and settings.prices and settings.rate_limit.enabled
