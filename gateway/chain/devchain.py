@@ -23,6 +23,7 @@ import contextlib
 import functools
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -41,7 +42,7 @@ from eth_account import Account
 from eth_utils import keccak
 from hexbytes import HexBytes
 from web3 import HTTPProvider, Web3
-from web3.types import TxParams, Wei
+from web3.types import TxParams
 
 from gateway.chain.build import load_artifact
 
@@ -85,6 +86,7 @@ class DevChain:
     backend: str
     _stopper: Callable[[], None] = field(repr=False)
     _stopped: bool = field(default=False, repr=False)
+    block_time: float | None = 1.0  # seconds between empty blocks; None: transactions only
 
     @property
     def network(self) -> str:
@@ -169,14 +171,27 @@ def _wait_rpc(url: str, proc: subprocess.Popen[bytes] | None, timeout: float) ->
         time.sleep(0.05)
 
 
-def _start_anvil(binary: str, port: int | None) -> tuple[str, Callable[[], None]]:
+def _anvil_mining_args(block_time: float | None) -> list[str]:
+    """Mining and clock flags. ``--mixed-mining`` mines each transaction at once (automine:
+    no latency added to settlement) *and* an empty block every ``block_time`` seconds, so the
+    head never lags the wall clock by more than that; with automine alone an idle chain's head
+    keeps the timestamp of its last transaction, and simulations against it think a fresh
+    authorization is "not yet valid". Interval mining alone would add up to a block time to
+    every settlement. 1 s is the finest useful interval: timestamps have 1 s resolution."""
+    if block_time is None:
+        return []
+    return ["--block-time", f"{block_time:g}", "--mixed-mining"]
+
+
+def _start_anvil(binary: str, port: int | None, mining_args: list[str]
+                 ) -> tuple[str, Callable[[], None]]:
     attempts = 1 if port else 3  # a picked free port can be taken before anvil binds it
     last: Exception | None = None
     for _ in range(attempts):
         use_port = port or _free_port()
         proc = subprocess.Popen(
             [binary, "--host", "127.0.0.1", "--port", str(use_port),
-             "--chain-id", str(CHAIN_ID), "--accounts", "1", "--silent"],
+             "--chain-id", str(CHAIN_ID), "--accounts", "1", "--silent", *mining_args],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             start_new_session=True,
         )
@@ -219,28 +234,53 @@ def _to_json_rpc(value: Any) -> Any:
     return str(value)
 
 
+_NONCE_ERROR = re.compile(r"Invalid transaction nonce: Expected (\d+), but got (\d+)")
+
+
 def _revert_error(exc: Exception) -> dict[str, Any]:
-    """JSON-RPC error for an exception raised by eth-tester, shaped like anvil's revert."""
+    """JSON-RPC error for an exception raised by eth-tester, shaped like anvil's: reverts carry
+    Error(string) data, refused transactions geth's wording (code -32003)."""
     reason = exc.args[0] if exc.args else str(exc)
     if isinstance(reason, bytes | bytearray):
         data = "0x" + bytes(reason).hex()
         return {"code": 3, "message": "execution reverted", "data": data}
     message = str(reason)
-    error: dict[str, Any] = {"code": -32000, "message": message}
     if type(exc).__name__ == "TransactionFailed":
         from eth_abi import encode
 
         # Error(string) so web3 decodes the reason as it would from a real node.
-        data = "0x08c379a0" + encode(["string"], [message.removeprefix("execution reverted: ")
-                                                  ]).hex()
-        error = {"code": 3, "message": f"execution reverted: {message}", "data": data}
-    return error
+        reason_text = message.removeprefix("execution reverted: ")
+        data = "0x08c379a0" + encode(["string"], [reason_text]).hex()
+        return {"code": 3, "message": f"execution reverted: {reason_text}", "data": data}
+    nonce = _NONCE_ERROR.search(message)
+    if nonce:
+        expected, got = int(nonce.group(1)), int(nonce.group(2))
+        wording = "nonce too low" if got < expected else "nonce too high"
+        return {"code": -32003, "message": f"{wording}: {message}"}
+    if "cannot afford txn gas" in message:
+        return {"code": -32003, "message": f"insufficient funds for gas * price + value: "
+                                           f"{message}"}
+    return {"code": -32000, "message": message}
+
+
+# Methods that mine the pending block (automine), and methods that look at the head block.
+_MINING = frozenset({"eth_sendRawTransaction", "eth_sendTransaction", "evm_mine"})
+_HEAD_READS = frozenset({"eth_call", "eth_estimateGas", "eth_blockNumber", "eth_getBlockByNumber"})
 
 
 class _TesterRpc:
-    """eth-tester behind web3's request formatting; one lock because py-evm is not thread-safe."""
+    """eth-tester behind web3's request formatting; one lock because py-evm is not thread-safe.
 
-    def __init__(self) -> None:
+    The chain follows a clock (the wall clock, shifted by ``evm_setTime`` as on anvil) as
+    anvil with ``--mixed-mining`` does. py-evm alone stamps the pending block when the
+    *previous* block is mined, so after an idle minute a transaction would be mined (and
+    simulated by eth_call) a minute in the past. Here every mined block carries the clock's
+    time, an empty block is mined when the head is ``block_time`` or more behind the clock as
+    soon as anyone looks at the head (interval mining, done lazily), and the "pending" tag
+    (unsupported by eth-tester) means a head at the clock's time.
+    """
+
+    def __init__(self, *, block_time: float | None = 1.0) -> None:
         from eth.chains.base import ChainContext
         from eth_tester import EthereumTester, PyEVMBackend
         from web3 import EthereumTesterProvider
@@ -249,11 +289,35 @@ class _TesterRpc:
         # eth-tester hard-codes its chain id; CHAINID (and so the EIP-712 domain) reads these.
         backend.chain.chain_id = CHAIN_ID
         backend.chain.chain_context = ChainContext(CHAIN_ID)
+        self.backend = backend
         self.tester = EthereumTester(backend)
         provider = EthereumTesterProvider(self.tester)
         self.w3 = Web3(provider)
         self._request = provider.request_func(self.w3, self.w3.middleware_onion)
         self._lock = threading.Lock()
+        self.block_time = block_time
+        self._offset = 0.0  # chain clock - wall clock, set by evm_setTime
+
+    def now(self) -> int:
+        """The chain clock."""
+        return int(time.time() + self._offset)
+
+    def _follow_clock(self, method: str, params: list[Any]) -> list[Any]:
+        """Keep blocks on the clock before ``method`` runs; returns its params ("pending"
+        rewritten to "latest" once the head is at the clock's time). Under the lock."""
+        chain = self.backend.chain
+        head = chain.get_canonical_head().timestamp
+        now = self.now()
+        pending = method in ("eth_call", "eth_estimateGas") and "pending" in params[1:]
+        if method in _MINING or pending or (
+                method in _HEAD_READS and self.block_time is not None
+                and now - head >= self.block_time):
+            chain.header = chain.header.copy(timestamp=max(now, head + 1))
+            if method not in _MINING and now > head:
+                self.tester.mine_blocks(1)  # an empty block at the clock's time
+        if pending:
+            params = [params[0], "latest", *params[2:]]
+        return params
 
     def handle(self, req: Any) -> Any:
         if isinstance(req, list):
@@ -270,6 +334,11 @@ class _TesterRpc:
             return {"jsonrpc": "2.0", "id": rid, "result": str(CHAIN_ID)}
         try:
             with self._lock:
+                if method == "evm_setTime":  # as anvil: returns the jump in seconds
+                    before = self.now()
+                    self._offset = int(params[0]) - time.time()
+                    return {"jsonrpc": "2.0", "id": rid, "result": self.now() - before}
+                params = self._follow_clock(method, list(params))
                 resp = self._request(method, params)
         except Exception as exc:  # any eth-tester failure is a JSON-RPC error to the caller
             return {"jsonrpc": "2.0", "id": rid, "error": _revert_error(exc)}
@@ -282,12 +351,16 @@ class _TesterRpc:
         return out
 
 
-def _start_tester(port: int | None) -> tuple[str, Callable[[], None]]:
-    rpc = _TesterRpc()
+def _start_tester(port: int | None, *, block_time: float | None
+                  ) -> tuple[str, Callable[[], None]]:
+    rpc = _TesterRpc(block_time=block_time)
     # Give the relayer ETH from eth-tester's pre-funded, unlocked account.
     relayer = Account.from_key(RELAYER_KEY).address
-    rpc.w3.eth.send_transaction({"from": rpc.w3.eth.accounts[0], "to": relayer,
-                                 "value": Wei(1_000 * 10**18)})
+    # Through handle(), like every request, so the block follows the chain's clock.
+    funded = rpc.handle({"jsonrpc": "2.0", "id": 1, "method": "eth_sendTransaction", "params": [
+        {"from": rpc.w3.eth.accounts[0], "to": relayer, "value": hex(1_000 * 10**18)}]})
+    if "error" in funded:
+        raise RuntimeError(f"eth-tester: funding the relayer failed: {funded['error']}")
 
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:
@@ -364,11 +437,15 @@ def _deploy(rpc_url: str, *, wallets: int, funding: int, token_name: str,
 
 def start_chain(*, wallets: int = 3, funding: int = DEFAULT_FUNDING, port: int | None = None,
                 backend: Backend | None = None, token_name: str = DEFAULT_TOKEN_NAME,
-                token_version: str = DEFAULT_TOKEN_VERSION) -> DevChain:
+                token_version: str = DEFAULT_TOKEN_VERSION,
+                block_time: float | None = 1.0) -> DevChain:
     """Start a dev chain on 127.0.0.1, deploy TestUSDC, mint ``funding`` to each test wallet.
 
     ``backend`` defaults to ``$TOLLSTREAM_CHAIN_BACKEND`` or ``auto`` (anvil when found, else
     eth-tester). ``funding`` is in atomic units. The relayer (token owner) holds ETH for gas.
+    Transactions are mined at once, and an empty block every ``block_time`` seconds keeps the
+    head on the wall clock (None: only transactions mine blocks, as a plain anvil). The
+    JSON-RPC method ``evm_setTime`` moves the chain's clock on both backends (tests).
     """
     if funding < 0 or wallets < 0:
         raise ValueError("wallets and funding must be >= 0")
@@ -377,10 +454,10 @@ def start_chain(*, wallets: int = 3, funding: int = DEFAULT_FUNDING, port: int |
     if choice == "anvil" and anvil is None:
         raise RuntimeError("anvil not found: run `npm install` at the repo root")
     if anvil is not None:
-        url, stopper = _start_anvil(anvil, port)
+        url, stopper = _start_anvil(anvil, port, _anvil_mining_args(block_time))
         used = "anvil"
     elif choice in ("auto", "eth-tester"):
-        url, stopper = _start_tester(port)
+        url, stopper = _start_tester(port, block_time=block_time)
         used = "eth-tester"
     else:
         raise ValueError(f"unknown chain backend {choice!r}")
@@ -392,7 +469,7 @@ def start_chain(*, wallets: int = 3, funding: int = DEFAULT_FUNDING, port: int |
         raise
     return DevChain(rpc_url=url, chain_id=CHAIN_ID, token=token, token_name=token_name,
                     token_version=token_version, relayer_key=RELAYER_KEY, wallets=funded,
-                    backend=used, _stopper=stopper)
+                    backend=used, _stopper=stopper, block_time=block_time)
 
 
 def run_chain_cli(wallets: int, port: int | None) -> None:
