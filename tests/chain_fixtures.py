@@ -183,6 +183,19 @@ class Raw:
     status: int
     body: bytes = b""
     content_type: str = "application/json"
+    headers: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+def reply(handler: BaseHTTPRequestHandler, answer: Raw) -> None:
+    """Send ``answer`` from an http.server handler (the client may have given up: fine)."""
+    handler.send_response(answer.status)
+    handler.send_header("Content-Type", answer.content_type)
+    for name, value in answer.headers.items():
+        handler.send_header(name, value)
+    handler.send_header("Content-Length", str(len(answer.body)))
+    handler.end_headers()
+    with contextlib.suppress(OSError):
+        handler.wfile.write(answer.body)
 
 
 Forward = Callable[[dict[str, Any]], dict[str, Any]]
@@ -201,6 +214,7 @@ class RpcProxy:
         self.upstream = upstream
         self.hooks: dict[str, Hook] = {}
         self.seen: list[str] = []
+        self.errors: list[BaseException] = []  # hooks that failed (a broken test, not a fault)
         self._released = threading.Event()  # set on stop: ends any stalled hook
         self._client = httpx.Client(timeout=30)
         proxy = self
@@ -209,23 +223,17 @@ class RpcProxy:
             def do_POST(self) -> None:
                 req = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
                 answer = proxy.answer(req)
-                if isinstance(answer, Raw):
-                    status, body, ctype = answer.status, answer.body, answer.content_type
-                else:
-                    status, body, ctype = 200, json.dumps(answer).encode(), "application/json"
-                self.send_response(status)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                with contextlib.suppress(OSError):  # the client may have given up (timeout)
-                    self.wfile.write(body)
+                if not isinstance(answer, Raw):
+                    answer = Raw(200, json.dumps(answer).encode())
+                reply(self, answer)
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,),
+                                        daemon=True)  # 0.05: the shutdown poll interval
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
 
     def forward(self, req: dict[str, Any]) -> dict[str, Any]:
@@ -235,7 +243,11 @@ class RpcProxy:
         method = str(req.get("method"))
         self.seen.append(method)
         hook = self.hooks.get(method)
-        return hook(req, self.forward) if hook else self.forward(req)
+        try:
+            return hook(req, self.forward) if hook else self.forward(req)
+        except Exception as exc:
+            self.errors.append(exc)
+            return Raw(599, repr(exc).encode(), "text/plain")
 
     def stall(self, seconds: float) -> None:
         """Hold a request (a node that stopped answering) until ``seconds`` pass or the proxy
@@ -266,6 +278,7 @@ def rpc_error(req: dict[str, Any], code: int, message: str) -> dict[str, Any]:
 def rpc_proxy(chain: DevChain) -> Iterator[RpcProxy]:
     with RpcProxy(chain.rpc_url) as proxy:
         yield proxy
+    assert not proxy.errors, f"a proxy hook failed: {proxy.errors!r}"
 
 
 def via(proxy: RpcProxy, network: EvmNetwork, **changes: Any) -> EvmNetwork:

@@ -185,3 +185,15 @@ async def test_local_settlement(chain: DevChain, evm_network: EvmNetwork,
     with pytest.raises(PaymentRejected) as info:
         await local.settle(payload, requirements)
     assert info.value.code == ERR_NONCE_USED
+
+
+async def test_deeply_nested_body_is_400_not_a_crash(facilitator_url: str) -> None:
+    """Importing web3 raises Python's recursion limit to 100000 (py_ecc), so the stdlib JSON
+    parser overflows the C stack on deeply nested input and kills the process (segfault);
+    the facilitator parses with orjson, which refuses nesting past 1024."""
+    nested = b"[" * 100_000 + b"]" * 100_000
+    async with httpx.AsyncClient(timeout=10) as client:
+        for path in ("/verify", "/settle"):
+            response = await client.post(f"{facilitator_url}{path}", content=nested)
+            assert response.status_code == 400
+        assert (await client.get(f"{facilitator_url}/supported")).status_code == 200

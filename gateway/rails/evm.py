@@ -8,12 +8,13 @@ stays the one import for callers); our relayer key submits and pays gas.
 Failures raise the gateway's errors, never a web3/aiohttp/eth_* exception:
 
 * :class:`~gateway.errors.PaymentRejected` with ``code`` = the x402 error code (see ``ERR_*``),
-* :class:`~gateway.errors.ServiceUnavailable` when the RPC node cannot be reached, times out or
-  rate-limits us; once a transaction was signed its hash is in ``extra["transaction"]``: it may
-  still land, so reconcile (``transaction_status`` / ``authorization_used``) before retrying,
-* :class:`SettlementNotSubmitted` (a ServiceUnavailable) when the node refused our transaction:
-  nothing was broadcast, the authorization is untouched and may be settled again later,
-* :class:`~gateway.errors.UpstreamError` when the node answers an error or garbage.
+* :class:`SettlementNotSubmitted` (a ServiceUnavailable) when settlement failed before our
+  transaction was broadcast (the simulation could not run, the node refused the transaction,
+  no relayer key): the authorization is untouched and may be settled again later,
+* :class:`~gateway.errors.ServiceUnavailable` / :class:`~gateway.errors.UpstreamError` when
+  the node cannot be reached, times out or rate-limits us / answers an error or garbage. After
+  the broadcast they carry the hash in ``extra["transaction"]``: the transfer may still land,
+  so reconcile (``transaction_status`` / ``authorization_used``) before crediting or retrying.
 
 Money is ``int`` atomic units throughout.
 """
@@ -21,17 +22,16 @@ Money is ``int`` atomic units throughout.
 from __future__ import annotations
 
 import asyncio
-import re
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 from eth_account import Account
 from eth_typing import ChecksumAddress
 from eth_utils import to_checksum_address
 from hexbytes import HexBytes
-from web3.exceptions import ContractLogicError, TransactionNotFound
+from web3.exceptions import ContractLogicError, Web3RPCError
 
 from gateway.errors import PaymentRejected, ServiceUnavailable, UpstreamError
 from gateway.rails.eip3009 import (
@@ -54,9 +54,7 @@ from gateway.rails.eip3009 import (
     sign_authorization,
     typed_data,
 )
-from gateway.rails.evm_rpc import ChainRpc
-
-_HEX32 = re.compile(r"^0x[0-9a-fA-F]{64}$")
+from gateway.rails.evm_rpc import ChainRpc, TransactionStatus
 
 # A node refusing our transaction because another sender (another gateway process using the
 # same relayer key) took its nonce; retried with a fresh nonce. anvil/geth/reth wording.
@@ -67,8 +65,8 @@ T = TypeVar("T")
 
 
 class SettlementNotSubmitted(ServiceUnavailable):
-    """The node refused the settlement transaction (or no relayer is configured): nothing was
-    broadcast, so the authorization is unused and a claim on it can be released."""
+    """Settlement failed before the transaction was broadcast: the authorization is unused,
+    and a claim on it can be released."""
 
     code = "settlement_not_submitted"
 
@@ -85,15 +83,6 @@ class SettlementResult:
     amount: int
     block_number: int | None
     network: str = ""
-
-
-@dataclass(frozen=True)
-class TransactionStatus:
-    """What the chain says about a transaction hash (for crash recovery)."""
-
-    state: Literal["unknown", "pending", "success", "reverted"]
-    block_number: int | None = None
-    confirmations: int = 0
 
 
 class EvmSettler:
@@ -131,7 +120,7 @@ class EvmSettler:
     async def balance_of(self, address: str, network: EvmNetwork) -> int:
         """Token balance of ``address`` in atomic units."""
         fn = self._token(network).functions.balanceOf(to_checksum_address(address))
-        return int(await self._rpc(network, fn.call))
+        return await self.rpc.quantity(network, fn.call, "balanceOf")
 
     async def authorization_used(self, from_: str, nonce: str, network: EvmNetwork) -> bool:
         """Whether ``(from_, nonce)`` was already used or canceled on-chain.
@@ -143,28 +132,8 @@ class EvmSettler:
         return bool(await self._rpc(network, fn.call))
 
     async def transaction_status(self, tx_hash: str, network: EvmNetwork) -> TransactionStatus:
-        """Receipt state of ``tx_hash``: unknown, pending, success or reverted.
-
-        A string that is not a 32-byte hash names no transaction: "unknown".
-        """
-        if not isinstance(tx_hash, str) or not _HEX32.match(tx_hash):
-            return TransactionStatus("unknown")
-        eth = self.rpc.web3(network).eth
-        try:
-            receipt = await self._rpc(network, lambda: eth.get_transaction_receipt(
-                HexBytes(tx_hash)))
-        except TransactionNotFound:
-            receipt = None
-        if receipt is None or receipt.get("blockNumber") is None:
-            try:
-                await self._rpc(network, lambda: eth.get_transaction(HexBytes(tx_hash)))
-            except TransactionNotFound:
-                return TransactionStatus("unknown")
-            return TransactionStatus("pending")
-        head = await self._rpc(network, lambda: eth.block_number)
-        block = int(receipt["blockNumber"])
-        return TransactionStatus("success" if receipt.get("status") == 1 else "reverted",
-                                 block_number=block, confirmations=int(head) - block + 1)
+        """Receipt state of ``tx_hash``: unknown, pending, success or reverted."""
+        return await self.rpc.transaction_status(tx_hash, network)
 
     # ------------------------------------------------------------------ verify
 
@@ -226,16 +195,18 @@ class EvmSettler:
             # revert "not yet valid" there. Nodes that treat "pending" as "latest" (erigon)
             # are no worse off. The pending state also includes mempool transactions that
             # spend the payer's balance or this nonce, which is what our transaction will see.
-            gas = await self._rpc(network, lambda: fn.estimate_gas(
-                {"from": relayer}, block_identifier="pending"))
+            gas = await self.rpc.quantity(network, lambda: fn.estimate_gas(
+                {"from": relayer}, block_identifier="pending"), "eth_estimateGas")
         except ContractLogicError as exc:
             message = str(exc.message or exc)
             raise PaymentRejected(f"settlement simulation reverted: {message}",
                                   code=revert_code(message)) from exc
-        tx_hash = await self._broadcast(fn, int(gas), relayer, network)
+        except (ServiceUnavailable, UpstreamError) as exc:  # e.g. the relayer has no gas money
+            raise SettlementNotSubmitted(f"settlement simulation failed: {exc.message}") from exc
+        tx_hash = await self._broadcast(fn, gas, relayer, network)
         sent = tx_hash.to_0x_hex()
         try:
-            receipt = await self._wait_receipt(tx_hash, network)
+            receipt = await self.rpc.wait_receipt(tx_hash, network, poll=self._poll)
             if receipt.get("status") != 1:
                 raise PaymentRejected(f"settlement transaction {sent} reverted",
                                       code=await self._explain_revert(auth, network),
@@ -248,7 +219,7 @@ class EvmSettler:
             raise PaymentRejected("settlement receipt lacks the Transfer event",
                                   code=ERR_TRANSFER_EVENT_MISMATCH, extra={"transaction": sent})
         return SettlementResult(tx_hash=sent, payer=auth.payer, amount=auth.value,
-                                block_number=int(receipt["blockNumber"]),
+                                block_number=receipt["blockNumber"],
                                 network=network.network)
 
     async def _broadcast(self, fn: Any, gas: int, relayer: ChecksumAddress,
@@ -261,24 +232,27 @@ class EvmSettler:
             for attempt in range(1, _SEND_ATTEMPTS + 1):
                 try:
                     return await self._send_once(fn, gas, relayer, network)
-                except UpstreamError as exc:
-                    refusal = str(exc.__cause__ or exc)
-                    if attempt < _SEND_ATTEMPTS and any(
-                            needle in refusal.lower() for needle in _NONCE_CONFLICT):
-                        continue  # another sender took the nonce: take the next one
-                    raise SettlementNotSubmitted(
-                        f"{network.network} node refused the settlement transaction: "
-                        f"{refusal}") from exc
+                except SettlementNotSubmitted as exc:
+                    if attempt == _SEND_ATTEMPTS or not any(
+                            needle in exc.message.lower() for needle in _NONCE_CONFLICT):
+                        raise
+                    # Another sender (a process on the same relayer key) took the nonce.
         raise AssertionError("unreachable")  # the loop returns or raises
 
     async def _send_once(self, fn: Any, gas: int, relayer: ChecksumAddress,
                          network: EvmNetwork) -> HexBytes:
         w3 = self.rpc.web3(network)
-        nonce = await self._rpc(network, lambda: w3.eth.get_transaction_count(relayer, "pending"))
-        gas_price = await self._rpc(network, lambda: w3.eth.gas_price)
-        tx = await self._rpc(network, lambda: fn.build_transaction({
-            "from": relayer, "nonce": nonce, "gas": gas * 5 // 4, "gasPrice": gas_price,
-            "chainId": network.chain_id}))
+        try:
+            nonce = await self.rpc.quantity(network, lambda: w3.eth.get_transaction_count(
+                relayer, "pending"), "eth_getTransactionCount")
+            gas_price = await self.rpc.quantity(network, lambda: w3.eth.gas_price,
+                                                "eth_gasPrice")
+            tx = await self._rpc(network, lambda: fn.build_transaction({
+                "from": relayer, "nonce": nonce, "gas": gas * 5 // 4, "gasPrice": gas_price,
+                "chainId": network.chain_id}))
+        except (ServiceUnavailable, UpstreamError) as exc:
+            raise SettlementNotSubmitted(f"could not prepare the settlement: {exc.message}"
+                                         ) from exc
         signed = Account.sign_transaction(tx, network.relayer_secret())
         tx_hash = HexBytes(signed.hash)
         try:
@@ -287,34 +261,15 @@ class EvmSettler:
             message = str(exc.message or exc)
             raise PaymentRejected(f"settlement rejected: {message}",
                                   code=revert_code(message, ERR_TRANSACTION_STATE)) from exc
-        except ServiceUnavailable as exc:
-            # The request may have reached the node before the failure: outcome unknown.
+        except (ServiceUnavailable, UpstreamError) as exc:
+            if isinstance(exc, UpstreamError) and isinstance(exc.__cause__, Web3RPCError):
+                # A JSON-RPC error: the node did not take the transaction.
+                raise SettlementNotSubmitted(f"{network.network} node refused the settlement "
+                                             f"transaction: {exc.__cause__}") from exc
+            # No answer, or one we cannot read: the node may have taken it; outcome unknown.
             exc.extra.setdefault("transaction", tx_hash.to_0x_hex())
             raise
         return tx_hash
-
-    async def _wait_receipt(self, tx_hash: HexBytes, network: EvmNetwork) -> Mapping[str, Any]:
-        eth = self.rpc.web3(network).eth
-        deadline = time.monotonic() + network.receipt_timeout
-        while True:
-            try:
-                receipt = await self._rpc(network, lambda: eth.get_transaction_receipt(tx_hash))
-            except TransactionNotFound:
-                receipt = None
-            if receipt is not None and not isinstance(receipt, Mapping):
-                raise UpstreamError(f"{network.network} RPC answered a receipt that is not "
-                                    "an object")
-            if receipt is not None and receipt.get("blockNumber") is not None:
-                head = await self._rpc(network, lambda: eth.block_number)
-                if int(head) - int(receipt["blockNumber"]) + 1 >= network.confirmations:
-                    return receipt
-            if time.monotonic() > deadline:
-                # The transaction may still land: the caller must reconcile via
-                # transaction_status / authorization_used before crediting or retrying.
-                raise ServiceUnavailable(
-                    f"no receipt for {tx_hash.to_0x_hex()} after {network.receipt_timeout}s",
-                    extra={"transaction": tx_hash.to_0x_hex()})
-            await asyncio.sleep(self._poll)
 
     async def _explain_revert(self, auth: Eip3009Authorization, network: EvmNetwork) -> str:
         """Best-effort code for a mined revert (e.g. a concurrent settle of the same nonce)."""

@@ -1,9 +1,10 @@
 """JSON-RPC access to EVM chains, and the one place web3/aiohttp failures become gateway errors.
 
-:class:`ChainRpc` keeps one ``AsyncWeb3`` per RPC URL and runs each call under the network's
-timeout. Every call :mod:`gateway.rails.evm` makes goes through :meth:`ChainRpc.call`, which
-lets only reverts (``ContractLogicError``) and ``TransactionNotFound`` through (the caller
-gives them meaning) and translates the rest with ``raise ... from exc``:
+:class:`ChainRpc` keeps one ``AsyncWeb3`` per RPC URL, runs each call under the network's
+timeout, and answers the chain-generic questions settlement asks (a transaction's status, its
+receipt once confirmed). Every call goes through :meth:`ChainRpc.call`, which lets only reverts
+(``ContractLogicError``) and ``TransactionNotFound`` through (the caller gives them meaning)
+and translates the rest with ``raise ... from exc``:
 
 * unreachable, timed out, rate-limited -> :class:`~gateway.errors.ServiceUnavailable` (503);
 * a JSON-RPC error, or an answer web3 cannot use -> :class:`~gateway.errors.UpstreamError`
@@ -13,11 +14,15 @@ gives them meaning) and translates the rest with ``raise ... from exc``:
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+import re
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
 
 import aiohttp
 from eth_utils import to_checksum_address
+from hexbytes import HexBytes
 from web3 import AsyncHTTPProvider, AsyncWeb3
 from web3.exceptions import (
     ContractLogicError,
@@ -45,7 +50,18 @@ RPC_DOWN: tuple[type[BaseException], ...] = (
 # is hidden by catching these there.
 RPC_GARBAGE: tuple[type[BaseException], ...] = (Web3Exception, ValueError, TypeError, KeyError)
 
+_HEX32 = re.compile(r"^0x[0-9a-fA-F]{64}$")
+
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class TransactionStatus:
+    """What the chain says about a transaction hash (for crash recovery)."""
+
+    state: Literal["unknown", "pending", "success", "reverted"]
+    block_number: int | None = None
+    confirmations: int = 0
 
 
 class ChainRpc:
@@ -85,6 +101,64 @@ class ChainRpc:
         except RPC_GARBAGE as exc:
             raise UpstreamError(f"{network.network} RPC answered garbage: {exc!r}") from exc
 
+    async def quantity(self, network: EvmNetwork, call: Callable[[], Awaitable[Any]],
+                       what: str) -> int:
+        """:meth:`call` for a result that must be a non-negative integer (a balance, a block
+        number, gas): web3 passes some wrong-typed results through unformatted."""
+        return as_quantity(await self.call(network, call), what, network)
+
+    async def transaction_status(self, tx_hash: str, network: EvmNetwork) -> TransactionStatus:
+        """Receipt state of ``tx_hash``: unknown, pending, success or reverted.
+
+        A string that is not a 32-byte hash names no transaction: "unknown".
+        """
+        if not isinstance(tx_hash, str) or not _HEX32.match(tx_hash):
+            return TransactionStatus("unknown")
+        eth = self.web3(network).eth
+        try:
+            receipt = await self.call(network, lambda: eth.get_transaction_receipt(
+                HexBytes(tx_hash)))
+        except TransactionNotFound:
+            receipt = None
+        if receipt is None or receipt.get("blockNumber") is None:
+            try:
+                await self.call(network, lambda: eth.get_transaction(HexBytes(tx_hash)))
+            except TransactionNotFound:
+                return TransactionStatus("unknown")
+            return TransactionStatus("pending")
+        head = await self.quantity(network, lambda: eth.block_number, "eth_blockNumber")
+        block = as_quantity(receipt["blockNumber"], "receipt.blockNumber", network)
+        return TransactionStatus("success" if receipt.get("status") == 1 else "reverted",
+                                 block_number=block, confirmations=head - block + 1)
+
+    async def wait_receipt(self, tx_hash: HexBytes, network: EvmNetwork, *,
+                           poll: float) -> Mapping[str, Any]:
+        """The receipt of ``tx_hash`` once it has ``network.confirmations`` confirmations;
+        :class:`ServiceUnavailable` naming the hash after ``network.receipt_timeout``."""
+        eth = self.web3(network).eth
+        deadline = time.monotonic() + network.receipt_timeout
+        while True:
+            try:
+                receipt = await self.call(network, lambda: eth.get_transaction_receipt(tx_hash))
+            except TransactionNotFound:
+                receipt = None
+            if receipt is not None and not isinstance(receipt, Mapping):
+                raise UpstreamError(f"{network.network} RPC answered a receipt that is not "
+                                    "an object")
+            if receipt is not None and receipt.get("blockNumber") is not None:
+                block = as_quantity(receipt["blockNumber"], "receipt.blockNumber", network)
+                head = await self.quantity(network, lambda: eth.block_number,
+                                           "eth_blockNumber")
+                if head - block + 1 >= network.confirmations:
+                    return receipt
+            if time.monotonic() > deadline:
+                # The transaction may still land: the caller must reconcile via
+                # transaction_status / authorization_used before crediting or retrying.
+                raise ServiceUnavailable(
+                    f"no receipt for {tx_hash.to_0x_hex()} after {network.receipt_timeout}s",
+                    extra={"transaction": tx_hash.to_0x_hex()})
+            await asyncio.sleep(poll)
+
     async def aclose(self) -> None:
         """Close the HTTP sessions held by the providers."""
         for w3 in self._w3.values():
@@ -92,4 +166,11 @@ class ChainRpc:
         self._w3.clear()
 
 
-__all__ = ["RPC_DOWN", "RPC_GARBAGE", "ChainRpc"]
+def as_quantity(value: Any, what: str, network: EvmNetwork) -> int:
+    """``value`` if it is a non-negative int, else :class:`UpstreamError` naming ``what``."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    raise UpstreamError(f"{network.network} RPC answered {value!r:.80} for {what}")
+
+
+__all__ = ["RPC_DOWN", "RPC_GARBAGE", "ChainRpc", "TransactionStatus", "as_quantity"]

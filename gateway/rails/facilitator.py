@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 import httpx
+import orjson
 from fastapi import FastAPI
 from pydantic import Field, ValidationError
 
@@ -165,8 +166,11 @@ class RemoteFacilitator:
         if response.status_code not in (200, 400):
             raise UpstreamError(f"facilitator {path} answered HTTP {response.status_code}")
         try:
-            return response.json()
-        except (ValueError, RecursionError) as exc:  # RecursionError: absurdly nested JSON
+            # orjson, not json: web3 (py_ecc) raises the recursion limit to 100000, so the
+            # stdlib parser overflows the C stack on deeply nested input (a segfault, not a
+            # RecursionError); orjson refuses nesting past 1024 with a ValueError.
+            return orjson.loads(response.content)
+        except ValueError as exc:
             raise UpstreamError(f"facilitator {path} answered non-JSON") from exc
 
     @staticmethod
