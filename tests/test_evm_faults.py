@@ -12,20 +12,25 @@ from __future__ import annotations
 
 import dataclasses
 import secrets
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import httpx
 import pytest
 import pytest_asyncio
+from eth_abi import encode
 from eth_account import Account
 
-from gateway.chain.devchain import DevChain
+from gateway.chain.devchain import DevChain, start_chain
 from gateway.errors import PaymentRejected, ServiceUnavailable, UpstreamError
-from gateway.rails.eip3009 import TRANSFER_TOPIC
+from gateway.rails.eip3009 import TRANSFER_TOPIC, has_transfer_log
 from gateway.rails.evm import (
     ERR_INSUFFICIENT_BALANCE,
     ERR_NONCE_USED,
+    ERR_TRANSACTION_STATE,
     ERR_TRANSFER_EVENT_MISMATCH,
+    ERR_VALID_BEFORE,
     EvmNetwork,
     EvmSettler,
     SettlementNotSubmitted,
@@ -371,3 +376,102 @@ async def test_rpc_faults_become_gateway_errors(
     with pytest.raises(SettlementNotSubmitted) as submitted:
         await fresh_settler.settle(auth, network)
     assert isinstance(submitted.value.__cause__, expected)
+
+
+# --------------------------------------------------------------------------- more refusals
+
+
+async def test_node_refusing_a_reverting_transaction(chain: DevChain, evm_network: EvmNetwork,
+                                                     settler: EvmSettler,
+                                                     fresh_settler: EvmSettler,
+                                                     rpc_proxy: RpcProxy) -> None:
+    """Some nodes execute a transaction before taking it and refuse one that reverts: that is
+    the payer's rejection (with the revert's code), and nothing was sent."""
+    reason = "FiatTokenV2: authorization is used or canceled"
+    rpc_proxy.hooks["eth_sendRawTransaction"] = lambda req, fwd: {
+        "jsonrpc": "2.0", "id": req["id"], "error": {
+            "code": 3, "message": f"execution reverted: {reason}",
+            "data": "0x08c379a0" + encode(["string"], [reason]).hex()}}
+    auth = make_auth(evm_network, new_payer(chain, 650), value=650)
+    with pytest.raises(PaymentRejected) as info:
+        await fresh_settler.settle(auth, via(rpc_proxy, evm_network))
+    assert info.value.code == ERR_NONCE_USED and "transaction" not in info.value.extra
+    assert not await settler.authorization_used(auth.from_, auth.nonce, evm_network)
+
+
+@pytest.mark.parametrize("method", ["eth_getTransactionCount", "eth_gasPrice"])
+async def test_failure_preparing_the_transaction_is_not_submitted(
+        method: str, chain: DevChain, evm_network: EvmNetwork, fresh_settler: EvmSettler,
+        rpc_proxy: RpcProxy) -> None:
+    rpc_proxy.hooks[method] = lambda req, fwd: Raw(500, b"down", "text/plain")
+    auth = make_auth(evm_network, chain.wallets[0].private_key, value=640)
+    with pytest.raises(SettlementNotSubmitted) as info:
+        await fresh_settler.settle(auth, via(rpc_proxy, evm_network))
+    assert isinstance(info.value.__cause__, ServiceUnavailable)
+    assert "eth_sendRawTransaction" not in rpc_proxy.seen
+
+
+async def test_mined_revert_without_a_known_cause(chain: DevChain, evm_network: EvmNetwork,
+                                                  settler: EvmSettler,
+                                                  fresh_settler: EvmSettler,
+                                                  rpc_proxy: RpcProxy) -> None:
+    """A node that underestimates gas: our transaction is mined and runs out of gas. Not the
+    nonce, not the balance, not the window: invalid_transaction_state, naming the transaction;
+    the authorization stays usable."""
+    def low_estimate(req: dict[str, Any], forward: Forward) -> dict[str, Any]:
+        answer = forward(req)
+        answer["result"] = hex(28_000)  # above the intrinsic cost, far below what it needs
+        return answer
+    rpc_proxy.hooks["eth_estimateGas"] = low_estimate
+    auth = make_auth(evm_network, new_payer(chain, 630), value=630)
+    with pytest.raises(PaymentRejected) as info:
+        await fresh_settler.settle(auth, via(rpc_proxy, evm_network))
+    assert info.value.code == ERR_TRANSACTION_STATE
+    status = await settler.transaction_status(info.value.extra["transaction"], evm_network)
+    assert status.state == "reverted"
+    assert not await settler.authorization_used(auth.from_, auth.nonce, evm_network)
+
+
+async def test_authorization_expiring_before_mining() -> None:
+    """The chain's clock passes validBefore between the simulation and the block (a slow
+    inclusion): the mined revert is explained as expired. Own chain: its clock jumps."""
+    with start_chain(wallets=1, block_time=None) as own, RpcProxy(own.rpc_url) as proxy:
+        jump: list[int] = [0]
+        network = EvmNetwork(network=own.network, chain_id=own.chain_id, rpc_url=proxy.url,
+                             asset=own.token, token_name=own.token_name,
+                             token_version=own.token_version, relayer_key=own.relayer_key)
+        auth = make_auth(network, own.wallets[0].private_key, value=620,
+                         valid_before=int(time.time()) + 60)
+
+        def late(req: dict[str, Any], forward: Forward) -> dict[str, Any]:
+            jump[0] = 120
+            body = httpx.post(own.rpc_url, json={"jsonrpc": "2.0", "id": 1, "method":
+                                                 "evm_setTime", "params": [
+                                                     int(time.time()) + jump[0]]}).json()
+            assert "error" not in body, body
+            return forward(req)
+        proxy.hooks["eth_sendRawTransaction"] = late
+        settler = EvmSettler(clock=lambda: time.time() + jump[0])
+        try:
+            with pytest.raises(PaymentRejected) as info:
+                await settler.settle(auth, network)
+        finally:
+            await settler.aclose()
+        assert info.value.code == ERR_VALID_BEFORE and "transaction" in info.value.extra
+        assert not proxy.errors
+
+
+def test_transfer_log_check_skips_malformed_logs(evm_network: EvmNetwork) -> None:
+    """has_transfer_log over whatever a faulty node put in a receipt: no exception; a
+    malformed entry is just not the Transfer log."""
+    auth = make_auth(evm_network, "0x" + "22" * 32, value=77)
+    good = {"address": evm_network.asset, "data": (77).to_bytes(32, "big"),
+            "topics": [TRANSFER_TOPIC, "0x" + "00" * 12 + auth.from_.lower()[2:],
+                       "0x" + "00" * 12 + auth.to.lower()[2:]]}
+    junk: list[Any] = [None, 5, "log", {}, {"address": "zz", "topics": ["0xzz"]},
+                       {"address": evm_network.asset, "topics": None, "data": "0x"},
+                       {**good, "data": object()}]
+    assert has_transfer_log({"logs": [*junk, good]}, auth, evm_network)
+    assert not has_transfer_log({"logs": junk}, auth, evm_network)
+    assert not has_transfer_log({"logs": "not a list"}, auth, evm_network)
+    assert not has_transfer_log({}, auth, evm_network)

@@ -442,8 +442,8 @@ async def test_refused_settlement_releases_the_claim(
 
 @pytest.mark.xfail(strict=True, reason=(
     "X402Deposits.recover treats authorizationState == true as settled, but the payer may "
-    "have cancelled the authorization (cancelAuthorization): nothing moved, yet it credits "
-    "(see the report)"))
+    "have cancelled the authorization (cancelAuthorization): nothing moved, yet it credits; "
+    "EvmSettler.authorization_canceled tells the two apart (see the report)"))
 async def test_recovery_does_not_credit_a_cancelled_authorization(
         chain: DevChain, evm_network: EvmNetwork, settler: EvmSettler,
         ledger_for: Callable[[Settings], Ledger]) -> None:

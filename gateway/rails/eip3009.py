@@ -47,6 +47,7 @@ _HEX_SIG = re.compile(r"^0x[0-9a-fA-F]{130}$")
 _ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
 _UINT256_MAX = 2**256 - 1
 TRANSFER_TOPIC = "0x" + keccak(text="Transfer(address,address,uint256)").hex()
+AUTHORIZATION_CANCELED_TOPIC = "0x" + keccak(text="AuthorizationCanceled(address,bytes32)").hex()
 
 # Revert strings of Circle's FiatTokenV2 (and our TestUSDC) -> x402 codes.
 _REVERT_CODES: tuple[tuple[str, str], ...] = (
@@ -274,6 +275,7 @@ def revert_code(message: str, default: str = ERR_SIMULATION_FAILED) -> str:
 
 
 __all__ = [
+    "AUTHORIZATION_CANCELED_TOPIC",
     "EIP3009_ABI",
     "ERR_INSUFFICIENT_BALANCE",
     "ERR_NONCE_USED",

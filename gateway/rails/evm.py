@@ -35,6 +35,7 @@ from web3.exceptions import ContractLogicError, Web3RPCError
 
 from gateway.errors import PaymentRejected, ServiceUnavailable, UpstreamError
 from gateway.rails.eip3009 import (
+    AUTHORIZATION_CANCELED_TOPIC,
     EIP3009_ABI,
     ERR_INSUFFICIENT_BALANCE,
     ERR_NONCE_USED,
@@ -123,13 +124,26 @@ class EvmSettler:
         return await self.rpc.quantity(network, fn.call, "balanceOf")
 
     async def authorization_used(self, from_: str, nonce: str, network: EvmNetwork) -> bool:
-        """Whether ``(from_, nonce)`` was already used or canceled on-chain.
-
-        For crash recovery: an authorization that is used but not credited was settled.
+        """Whether ``(from_, nonce)`` was already used *or canceled* on-chain (the token's
+        ``authorizationState`` does not tell them apart: see :meth:`authorization_canceled`).
         """
         fn = self._token(network).functions.authorizationState(to_checksum_address(from_),
                                                                 HexBytes(nonce))
         return bool(await self._rpc(network, fn.call))
+
+    async def authorization_canceled(self, from_: str, nonce: str, network: EvmNetwork, *,
+                                     from_block: int) -> bool:
+        """Whether the payer canceled ``(from_, nonce)`` (EIP-3009 ``cancelAuthorization``:
+        an ``AuthorizationCanceled`` log) in a block >= ``from_block``. Then nothing moved,
+        though :meth:`authorization_used` is true. Providers bound eth_getLogs ranges: pass
+        a block from before the authorization was claimed, not 0, on a long chain."""
+        eth = self.rpc.web3(network).eth
+        logs = await self._rpc(network, lambda: eth.get_logs({
+            "address": to_checksum_address(network.asset), "fromBlock": from_block,
+            "toBlock": "latest", "topics": [
+                AUTHORIZATION_CANCELED_TOPIC, "0x" + "00" * 12 + from_.lower()[2:],
+                nonce.lower()]}))
+        return len(logs) > 0
 
     async def transaction_status(self, tx_hash: str, network: EvmNetwork) -> TransactionStatus:
         """Receipt state of ``tx_hash``: unknown, pending, success or reverted."""
@@ -257,15 +271,16 @@ class EvmSettler:
         tx_hash = HexBytes(signed.hash)
         try:
             await self._rpc(network, lambda: w3.eth.send_raw_transaction(signed.raw_transaction))
-        except ContractLogicError as exc:
-            message = str(exc.message or exc)
-            raise PaymentRejected(f"settlement rejected: {message}",
-                                  code=revert_code(message, ERR_TRANSACTION_STATE)) from exc
         except (ServiceUnavailable, UpstreamError) as exc:
             if isinstance(exc, UpstreamError) and isinstance(exc.__cause__, Web3RPCError):
-                # A JSON-RPC error: the node did not take the transaction.
+                # A JSON-RPC error: the node did not take the transaction. Nodes that execute
+                # it first (some sequencers) refuse a reverting one: the payer's fault then.
+                refusal = str(exc.__cause__)
+                if "execution reverted" in refusal:
+                    raise PaymentRejected(f"settlement refused: {refusal}", code=revert_code(
+                        refusal, ERR_TRANSACTION_STATE)) from exc
                 raise SettlementNotSubmitted(f"{network.network} node refused the settlement "
-                                             f"transaction: {exc.__cause__}") from exc
+                                             f"transaction: {refusal}") from exc
             # No answer, or one we cannot read: the node may have taken it; outcome unknown.
             exc.extra.setdefault("transaction", tx_hash.to_0x_hex())
             raise

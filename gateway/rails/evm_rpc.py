@@ -142,9 +142,6 @@ class ChainRpc:
                 receipt = await self.call(network, lambda: eth.get_transaction_receipt(tx_hash))
             except TransactionNotFound:
                 receipt = None
-            if receipt is not None and not isinstance(receipt, Mapping):
-                raise UpstreamError(f"{network.network} RPC answered a receipt that is not "
-                                    "an object")
             if receipt is not None and receipt.get("blockNumber") is not None:
                 block = as_quantity(receipt["blockNumber"], "receipt.blockNumber", network)
                 head = await self.quantity(network, lambda: eth.block_number,

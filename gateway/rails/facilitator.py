@@ -47,6 +47,16 @@ from gateway.rails.x402 import (
 _TX_HASH = re.compile(r"^0x[0-9a-fA-F]{64}$")
 
 
+def _transaction_of(body: bytes) -> dict[str, str]:
+    """``{"transaction": hash}`` if an error body names a well-formed one, else ``{}``."""
+    try:
+        data = orjson.loads(body)
+    except ValueError:
+        return {}
+    tx = data.get("transaction") if isinstance(data, dict) else None
+    return {"transaction": tx} if isinstance(tx, str) and _TX_HASH.match(tx) else {}
+
+
 class Settlement(Protocol):
     """How the gateway turns a decoded x402 payment into money (local or remote)."""
 
@@ -158,9 +168,11 @@ class RemoteFacilitator:
             raise UpstreamError(f"facilitator {path} answered garbage: {exc!r}") from exc
         if response.status_code in (502, 503, 504):
             # It, or a proxy in front of it, is down or overloaded: retry later. A /settle
-            # whose outcome is unknown this way must be reconciled on-chain before a retry.
+            # whose outcome is unknown this way must be reconciled on-chain before a retry;
+            # a facilitator that sent a transaction may name it (tollstream's does).
             raise ServiceUnavailable(
-                f"facilitator {path} unavailable (HTTP {response.status_code})")
+                f"facilitator {path} unavailable (HTTP {response.status_code})",
+                extra=_transaction_of(response.content))
         # Some facilitators answer an invalid payment with 400 + a proper body; accept that
         # body if it parses (checked by the caller), anything else is garbage.
         if response.status_code not in (200, 400):
