@@ -279,7 +279,7 @@ async def test_node_stops_answering_after_broadcast(
     rpc_proxy.hooks[stalled] = hook
     auth = make_auth(evm_network, new_payer(chain, 700), value=700)
     with pytest.raises(ServiceUnavailable) as info:
-        await fresh_settler.settle(auth, via(rpc_proxy, evm_network, rpc_timeout=1.0))
+        await fresh_settler.settle(auth, via(rpc_proxy, evm_network, rpc_timeout=2.0))
     tx = info.value.extra["transaction"]
     assert (await settler.transaction_status(tx, evm_network)).state == "success"
 
@@ -363,7 +363,7 @@ async def test_rpc_faults_become_gateway_errors(
     """Every eth_call answer a broken node may give is a 503 or a 502, never a web3/JSON
     exception (JSON decode errors, BadResponseFormat, non-hex results escaped before); the
     same fault at the simulation means nothing was submitted."""
-    network = via(rpc_proxy, evm_network, rpc_timeout=1.0)
+    network = via(rpc_proxy, evm_network, rpc_timeout=2.0)
     auth = make_auth(network, chain.wallets[0].private_key, value=500)
     rpc_proxy.hooks["eth_call"] = make_hook(rpc_proxy)
     with pytest.raises(expected) as info:
