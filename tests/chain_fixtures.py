@@ -36,8 +36,9 @@ from gateway.rails.evm import (
     sign_authorization,
     typed_data,
 )
+from gateway.rails.x402 import PaymentPayload, PaymentRequirements
 
-__all__ = ["chain", "evm_network", "rpc_proxy", "settler"]
+__all__ = ["chain", "evm_network", "fresh_settler", "front_runner", "rpc_proxy", "settler"]
 
 # A merchant address (payTo) that is none of the funded wallets.
 PAY_TO = Account.from_key("0x" + "42" * 32).address
@@ -285,3 +286,47 @@ def via(proxy: RpcProxy, network: EvmNetwork, **changes: Any) -> EvmNetwork:
     """``network`` reached through ``proxy`` (short timeouts: faults should fail fast)."""
     return dataclasses.replace(network, rpc_url=proxy.url, **{
         "rpc_timeout": 5.0, "receipt_timeout": 5.0, **changes})
+
+
+# --------------------------------------------------------------------------- fault helpers
+
+
+@pytest.fixture(scope="module")
+def front_runner(chain: DevChain) -> str:
+    """A third party with gas money, relaying authorizations it has seen."""
+    return str(new_account(chain, eth=10**18).key.to_0x_hex())
+
+
+@pytest_asyncio.fixture
+async def fresh_settler() -> AsyncIterator[EvmSettler]:
+    """A settler of its own (a proxy has its own URL, so its own HTTP session)."""
+    settler = EvmSettler(poll_interval=0.02)
+    yield settler
+    await settler.aclose()
+
+
+def new_payer(chain: DevChain, tokens: int) -> str:
+    """Private key of a fresh payer holding ``tokens`` (atomic units) and no ETH."""
+    return str(new_account(chain, tokens=tokens).key.to_0x_hex())
+
+
+def once(action: Callable[[], None]) -> Hook:
+    """A hook that runs ``action`` on the chain before forwarding the first request only."""
+    done: list[bool] = []
+
+    def hook(req: dict[str, Any], forward: Forward) -> dict[str, Any]:
+        if not done:
+            done.append(True)
+            action()
+        return forward(req)
+    return hook
+
+
+def payment(auth: Eip3009Authorization, requirements: PaymentRequirements) -> PaymentPayload:
+    """The v2 payment carrying ``auth`` for ``requirements``."""
+    return PaymentPayload.model_validate({
+        "x402Version": 2, "accepted": requirements.model_dump(by_alias=True),
+        "payload": {"signature": auth.signature, "authorization": {
+            "from": auth.from_, "to": auth.to, "value": str(auth.value),
+            "validAfter": str(auth.valid_after), "validBefore": str(auth.valid_before),
+            "nonce": auth.nonce}}})
