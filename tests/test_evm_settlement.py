@@ -24,7 +24,7 @@ from gateway.rails.evm import (
     EvmSettler,
 )
 from tests.chain_fixtures import *  # noqa: F403  (session fixtures: chain, evm_network, settler)
-from tests.chain_fixtures import PAY_TO, make_auth
+from tests.chain_fixtures import PAY_TO, cancel_authorization, make_auth, new_account
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -140,6 +140,13 @@ async def test_malformed_authorization_is_invalid_payment() -> None:
     with pytest.raises(InvalidPayment, match="value"):
         Eip3009Authorization(from_=PAY_TO, to=PAY_TO, value=-1, valid_after=0, valid_before=1,
                              nonce="0x" + "00" * 32, signature="0x" + "00" * 65)
+    # Wrong types (the regexes would raise TypeError on them) are InvalidPayment too.
+    fields = {"from_": PAY_TO, "to": PAY_TO, "value": 1, "valid_after": 0, "valid_before": 1,
+              "nonce": "0x" + "00" * 32, "signature": "0x" + "00" * 65}
+    for name, bad in (("from_", 123), ("to", None), ("nonce", b"\0" * 32), ("signature", 5),
+                      ("value", "1"), ("valid_before", True)):
+        with pytest.raises(InvalidPayment):
+            Eip3009Authorization(**{**fields, name: bad})  # type: ignore[arg-type]
 
 
 async def test_ten_concurrent_settlements(chain: DevChain, evm_network: EvmNetwork,
@@ -183,3 +190,19 @@ async def test_rpc_down_is_service_unavailable(chain: DevChain,
             await isolated.authorization_used(auth.from_, auth.nonce, down)
     finally:
         await isolated.aclose()
+
+
+async def test_authorization_canceled_tells_a_cancel_from_a_use(
+        chain: DevChain, evm_network: EvmNetwork, settler: EvmSettler) -> None:
+    """authorizationState is true after a transfer and after a cancel alike; the log tells."""
+    key = new_account(chain, tokens=300).key.to_0x_hex()
+    used, canceled, unused = (make_auth(evm_network, key, value=300) for _ in range(3))
+    await settler.settle(used, evm_network)
+    assert cancel_authorization(chain, evm_network, key, canceled.nonce,
+                                chain.relayer_key)["status"] == 1
+    for auth, is_used, is_canceled in ((used, True, False), (canceled, True, True),
+                                       (unused, False, False)):
+        assert await settler.authorization_used(auth.from_, auth.nonce,
+                                                 evm_network) is is_used
+        assert await settler.authorization_canceled(auth.from_, auth.nonce, evm_network,
+                                                    from_block=0) is is_canceled

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 
 import httpx
@@ -25,7 +26,7 @@ from gateway.rails.x402 import (
     exact_requirements,
 )
 from tests.chain_fixtures import *  # noqa: F403  (session fixtures: chain, evm_network, settler)
-from tests.chain_fixtures import PAY_TO, make_auth
+from tests.chain_fixtures import PAY_TO, RpcProxy, make_auth, new_account, rpc_result, via
 from tests.servers import free_port, serve
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -185,3 +186,92 @@ async def test_local_settlement(chain: DevChain, evm_network: EvmNetwork,
     with pytest.raises(PaymentRejected) as info:
         await local.settle(payload, requirements)
     assert info.value.code == ERR_NONCE_USED
+
+
+async def test_deeply_nested_body_is_400_not_a_crash(facilitator_url: str) -> None:
+    """Importing web3 raises Python's recursion limit to 100000 (py_ecc), so the stdlib JSON
+    parser overflows the C stack on deeply nested input and kills the process (segfault);
+    the facilitator parses with orjson, which refuses nesting past 1024."""
+    nested = b"[" * 100_000 + b"]" * 100_000
+    async with httpx.AsyncClient(timeout=10) as client:
+        for path in ("/verify", "/settle"):
+            response = await client.post(f"{facilitator_url}{path}", content=nested)
+            assert response.status_code == 400
+        assert (await client.get(f"{facilitator_url}/supported")).status_code == 200
+
+
+async def test_malformed_shapes_are_400(facilitator_url: str, chain: DevChain,
+                                        evm_network: EvmNetwork) -> None:
+    payload, requirements = _payment(evm_network, chain.wallets[0].private_key)
+    good = {"x402Version": 2,
+            "paymentPayload": payload.model_dump(mode="json", by_alias=True, exclude_none=True),
+            "paymentRequirements": requirements.model_dump(mode="json", by_alias=True)}
+    async with httpx.AsyncClient(timeout=10) as client:
+        for path in ("/verify", "/settle"):
+            r = await client.post(f"{facilitator_url}{path}", json=[good])
+            assert r.status_code == 400
+            r = await client.post(f"{facilitator_url}{path}",
+                                  json={**good, "paymentRequirements": {"scheme": "exact"}})
+            assert r.status_code == 400
+            body = r.json()
+            assert (body.get("invalidReason") or body.get("errorReason")) == \
+                "invalid_payment_requirements"
+
+
+async def test_chain_down_is_503_and_a_lost_receipt_names_the_transaction(
+        chain: DevChain, evm_network: EvmNetwork, settler: EvmSettler,
+        rpc_proxy: RpcProxy) -> None:
+    """The facilitator's chain is unreachable: 503 from /verify and /settle, and the client
+    raises ServiceUnavailable. When /settle sent a transaction but got no receipt in time,
+    the 503 names it and so does the client's error: the caller can reconcile."""
+    down = dataclasses.replace(evm_network, rpc_url=f"http://127.0.0.1:{free_port()}",
+                               rpc_timeout=2.0)
+    lossy = via(rpc_proxy, evm_network, receipt_timeout=1.0)
+    rpc_proxy.hooks["eth_getTransactionReceipt"] = lambda req, fwd: rpc_result(req, None)
+    for network, sends in ((down, False), (lossy, True)):
+        with serve(create_facilitator_app(EvmSettler(), [network])) as url:
+            remote = RemoteFacilitator(url, timeout=30)
+            payload, requirements = _payment(network, new_account(
+                chain, tokens=20_000).key.to_0x_hex())
+            try:
+                if not sends:
+                    with pytest.raises(ServiceUnavailable):
+                        await remote.verify(payload, requirements)
+                with pytest.raises(ServiceUnavailable) as info:
+                    await remote.settle(payload, requirements)
+            finally:
+                await remote.aclose()
+        if sends:
+            status = await settler.transaction_status(info.value.extra["transaction"],
+                                                      evm_network)
+            assert status.state == "success"
+        else:
+            assert "transaction" not in info.value.extra
+
+
+async def test_local_settlement_refuses_other_schemes_networks_assets(
+        evm_network: EvmNetwork, settler: EvmSettler, chain: DevChain) -> None:
+    local = LocalSettlement(settler, [evm_network])
+    payload, requirements = _payment(evm_network, chain.wallets[0].private_key)
+    for change, code in (({"scheme": "upto"}, "unsupported_scheme"),
+                         ({"network": "eip155:1"}, "invalid_network"),
+                         ({"asset": PAY_TO}, "invalid_payment_requirements")):
+        with pytest.raises(PaymentRejected) as info:
+            await local.verify(payload, requirements.model_copy(update=change))
+        assert info.value.code == code
+
+
+async def test_supported_of_the_wrong_shape(chain: DevChain) -> None:
+    junk = FastAPI()
+
+    @junk.get("/supported")
+    async def supported() -> JSONResponse:
+        return JSONResponse({"kinds": "all"})
+
+    with serve(junk) as url:
+        remote = RemoteFacilitator(url, timeout=5)
+        try:
+            with pytest.raises(UpstreamError, match="unexpected shape"):
+                await remote.supported()
+        finally:
+            await remote.aclose()

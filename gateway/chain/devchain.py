@@ -4,8 +4,12 @@ Two backends, same interface (a JSON-RPC URL on loopback):
 
 * ``anvil`` -- the Foundry binary from the npm package ``@foundry-rs/anvil`` (``npm install`` at
   the repo root puts it under ``node_modules``) or on ``PATH``. Preferred: fast, a real node.
-* ``eth-tester`` -- py-evm in this process behind a minimal JSON-RPC HTTP server on 127.0.0.1,
-  so other processes (the gateway, a CLI) can reach it too. Used when anvil is not installed.
+* ``eth-tester`` -- py-evm in this process behind a minimal JSON-RPC HTTP server on 127.0.0.1
+  (:mod:`gateway.chain.ethtester`), so other processes (the gateway, a CLI) can reach it too.
+  Used when anvil is not installed.
+
+Both mine each transaction at once and an empty block every ``block_time`` seconds, so the
+head's timestamp follows the wall clock even when nobody transacts.
 
 ``TOLLSTREAM_CHAIN_BACKEND`` (``auto`` | ``anvil`` | ``eth-tester``) overrides the choice and
 ``TOLLSTREAM_ANVIL`` names an anvil binary. All keys here are public test keys: the relayer is
@@ -31,7 +35,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any, Literal, cast
@@ -41,9 +44,10 @@ from eth_account import Account
 from eth_utils import keccak
 from hexbytes import HexBytes
 from web3 import HTTPProvider, Web3
-from web3.types import TxParams, Wei
+from web3.types import TxParams
 
 from gateway.chain.build import load_artifact
+from gateway.chain.ethtester import start_tester
 
 CHAIN_ID = 31337
 DEFAULT_FUNDING = 1_000 * 10**6  # 1,000 USDC in atomic units (6 decimals)
@@ -85,6 +89,7 @@ class DevChain:
     backend: str
     _stopper: Callable[[], None] = field(repr=False)
     _stopped: bool = field(default=False, repr=False)
+    block_time: float | None = 1.0  # seconds between empty blocks; None: transactions only
 
     @property
     def network(self) -> str:
@@ -169,14 +174,27 @@ def _wait_rpc(url: str, proc: subprocess.Popen[bytes] | None, timeout: float) ->
         time.sleep(0.05)
 
 
-def _start_anvil(binary: str, port: int | None) -> tuple[str, Callable[[], None]]:
+def _anvil_mining_args(block_time: float | None) -> list[str]:
+    """Mining and clock flags. ``--mixed-mining`` mines each transaction at once (automine:
+    no latency added to settlement) *and* an empty block every ``block_time`` seconds, so the
+    head never lags the wall clock by more than that; with automine alone an idle chain's head
+    keeps the timestamp of its last transaction, and simulations against it think a fresh
+    authorization is "not yet valid". Interval mining alone would add up to a block time to
+    every settlement. 1 s is the finest useful interval: timestamps have 1 s resolution."""
+    if block_time is None:
+        return []
+    return ["--block-time", f"{block_time:g}", "--mixed-mining"]
+
+
+def _start_anvil(binary: str, port: int | None, mining_args: list[str]
+                 ) -> tuple[str, Callable[[], None]]:
     attempts = 1 if port else 3  # a picked free port can be taken before anvil binds it
     last: Exception | None = None
     for _ in range(attempts):
         use_port = port or _free_port()
         proc = subprocess.Popen(
             [binary, "--host", "127.0.0.1", "--port", str(use_port),
-             "--chain-id", str(CHAIN_ID), "--accounts", "1", "--silent"],
+             "--chain-id", str(CHAIN_ID), "--accounts", "1", "--silent", *mining_args],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             start_new_session=True,
         )
@@ -199,128 +217,6 @@ def _stop_process(proc: subprocess.Popen[bytes]) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(5)
-
-
-# --------------------------------------------------------------------------- eth-tester
-
-
-def _to_json_rpc(value: Any) -> Any:
-    """Render eth-tester's Python values as JSON-RPC: quantities and bytes as 0x-hex."""
-    if isinstance(value, bool) or value is None or isinstance(value, str):
-        return value
-    if isinstance(value, int):
-        return hex(value)
-    if isinstance(value, bytes | bytearray):
-        return "0x" + bytes(value).hex()
-    if isinstance(value, dict) or hasattr(value, "items"):
-        return {str(k): _to_json_rpc(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_to_json_rpc(v) for v in value]
-    return str(value)
-
-
-def _revert_error(exc: Exception) -> dict[str, Any]:
-    """JSON-RPC error for an exception raised by eth-tester, shaped like anvil's revert."""
-    reason = exc.args[0] if exc.args else str(exc)
-    if isinstance(reason, bytes | bytearray):
-        data = "0x" + bytes(reason).hex()
-        return {"code": 3, "message": "execution reverted", "data": data}
-    message = str(reason)
-    error: dict[str, Any] = {"code": -32000, "message": message}
-    if type(exc).__name__ == "TransactionFailed":
-        from eth_abi import encode
-
-        # Error(string) so web3 decodes the reason as it would from a real node.
-        data = "0x08c379a0" + encode(["string"], [message.removeprefix("execution reverted: ")
-                                                  ]).hex()
-        error = {"code": 3, "message": f"execution reverted: {message}", "data": data}
-    return error
-
-
-class _TesterRpc:
-    """eth-tester behind web3's request formatting; one lock because py-evm is not thread-safe."""
-
-    def __init__(self) -> None:
-        from eth.chains.base import ChainContext
-        from eth_tester import EthereumTester, PyEVMBackend
-        from web3 import EthereumTesterProvider
-
-        backend = PyEVMBackend()
-        # eth-tester hard-codes its chain id; CHAINID (and so the EIP-712 domain) reads these.
-        backend.chain.chain_id = CHAIN_ID
-        backend.chain.chain_context = ChainContext(CHAIN_ID)
-        self.tester = EthereumTester(backend)
-        provider = EthereumTesterProvider(self.tester)
-        self.w3 = Web3(provider)
-        self._request = provider.request_func(self.w3, self.w3.middleware_onion)
-        self._lock = threading.Lock()
-
-    def handle(self, req: Any) -> Any:
-        if isinstance(req, list):
-            return [self.handle(item) for item in req]
-        if not isinstance(req, dict) or not isinstance(req.get("method"), str):
-            return {"jsonrpc": "2.0", "id": None,
-                    "error": {"code": -32600, "message": "invalid request"}}
-        rid = req.get("id")
-        method: str = req["method"]
-        params = req.get("params") or []
-        if method == "eth_chainId":
-            return {"jsonrpc": "2.0", "id": rid, "result": hex(CHAIN_ID)}
-        if method == "net_version":
-            return {"jsonrpc": "2.0", "id": rid, "result": str(CHAIN_ID)}
-        try:
-            with self._lock:
-                resp = self._request(method, params)
-        except Exception as exc:  # any eth-tester failure is a JSON-RPC error to the caller
-            return {"jsonrpc": "2.0", "id": rid, "error": _revert_error(exc)}
-        out: dict[str, Any] = {"jsonrpc": "2.0", "id": rid}
-        if "error" in resp:
-            err = resp["error"]
-            out["error"] = err if isinstance(err, dict) else {"code": -32000, "message": str(err)}
-        else:
-            out["result"] = _to_json_rpc(resp.get("result"))
-        return out
-
-
-def _start_tester(port: int | None) -> tuple[str, Callable[[], None]]:
-    rpc = _TesterRpc()
-    # Give the relayer ETH from eth-tester's pre-funded, unlocked account.
-    relayer = Account.from_key(RELAYER_KEY).address
-    rpc.w3.eth.send_transaction({"from": rpc.w3.eth.accounts[0], "to": relayer,
-                                 "value": Wei(1_000 * 10**18)})
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            length = int(self.headers.get("Content-Length") or 0)
-            try:
-                req = json.loads(self.rfile.read(length))
-            except ValueError:
-                result: Any = {"jsonrpc": "2.0", "id": None,
-                               "error": {"code": -32700, "message": "parse error"}}
-            else:
-                result = rpc.handle(req)
-            body = json.dumps(result).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, format: str, *args: Any) -> None:
-            pass  # quiet: tests and the CLI print JSON on stdout
-
-    server = ThreadingHTTPServer(("127.0.0.1", port or 0), Handler)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, name="devchain-rpc", daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{server.server_address[1]}"
-
-    def stop() -> None:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
-
-    return url, stop
 
 
 # --------------------------------------------------------------------------- deploy
@@ -364,11 +260,15 @@ def _deploy(rpc_url: str, *, wallets: int, funding: int, token_name: str,
 
 def start_chain(*, wallets: int = 3, funding: int = DEFAULT_FUNDING, port: int | None = None,
                 backend: Backend | None = None, token_name: str = DEFAULT_TOKEN_NAME,
-                token_version: str = DEFAULT_TOKEN_VERSION) -> DevChain:
+                token_version: str = DEFAULT_TOKEN_VERSION,
+                block_time: float | None = 1.0) -> DevChain:
     """Start a dev chain on 127.0.0.1, deploy TestUSDC, mint ``funding`` to each test wallet.
 
     ``backend`` defaults to ``$TOLLSTREAM_CHAIN_BACKEND`` or ``auto`` (anvil when found, else
     eth-tester). ``funding`` is in atomic units. The relayer (token owner) holds ETH for gas.
+    Transactions are mined at once, and an empty block every ``block_time`` seconds keeps the
+    head on the wall clock (None: only transactions mine blocks, as a plain anvil). The
+    JSON-RPC method ``evm_setTime`` moves the chain's clock on both backends (tests).
     """
     if funding < 0 or wallets < 0:
         raise ValueError("wallets and funding must be >= 0")
@@ -377,10 +277,11 @@ def start_chain(*, wallets: int = 3, funding: int = DEFAULT_FUNDING, port: int |
     if choice == "anvil" and anvil is None:
         raise RuntimeError("anvil not found: run `npm install` at the repo root")
     if anvil is not None:
-        url, stopper = _start_anvil(anvil, port)
+        url, stopper = _start_anvil(anvil, port, _anvil_mining_args(block_time))
         used = "anvil"
     elif choice in ("auto", "eth-tester"):
-        url, stopper = _start_tester(port)
+        url, stopper = start_tester(port, chain_id=CHAIN_ID, block_time=block_time,
+                                    fund=Account.from_key(RELAYER_KEY).address)
         used = "eth-tester"
     else:
         raise ValueError(f"unknown chain backend {choice!r}")
@@ -392,7 +293,7 @@ def start_chain(*, wallets: int = 3, funding: int = DEFAULT_FUNDING, port: int |
         raise
     return DevChain(rpc_url=url, chain_id=CHAIN_ID, token=token, token_name=token_name,
                     token_version=token_version, relayer_key=RELAYER_KEY, wallets=funded,
-                    backend=used, _stopper=stopper)
+                    backend=used, _stopper=stopper, block_time=block_time)
 
 
 def run_chain_cli(wallets: int, port: int | None) -> None:

@@ -7,8 +7,9 @@ One protocol, two implementations, chosen by configuration:
 * :class:`RemoteFacilitator` -- delegate to an x402 facilitator over HTTP
   (``POST /verify``, ``POST /settle``, ``GET /supported``).
 
-:func:`create_facilitator_app` serves the facilitator API on top of :class:`LocalSettlement`,
-so tollstream can be its own (self-hosted) facilitator, and tests get a real remote one.
+:func:`create_facilitator_app` (:mod:`gateway.rails.facilitator_server`) serves the facilitator
+API on top of :class:`LocalSettlement`, so tollstream can be its own (self-hosted)
+facilitator, and tests get a real remote one.
 
 Both raise :class:`PaymentRejected` (``code`` = x402 reason), :class:`ServiceUnavailable`
 (chain RPC or facilitator unreachable) or :class:`UpstreamError` (garbage answer).
@@ -16,17 +17,16 @@ Both raise :class:`PaymentRejected` (``code`` = x402 reason), :class:`ServiceUna
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any, Protocol
 
 import httpx
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+import orjson
+from fastapi import FastAPI
 from pydantic import Field, ValidationError
 
 from gateway.errors import (
-    GatewayError,
-    InvalidPayment,
     PaymentRejected,
     ServiceUnavailable,
     UpstreamError,
@@ -35,15 +35,26 @@ from gateway.rails.evm import EvmNetwork, EvmSettler, SettlementResult
 from gateway.rails.x402 import (
     SCHEME_EXACT,
     AnyPaymentPayload,
-    PaymentPayload,
     PaymentRequirements,
     SettlementResponse,
     _Wire,
     as_v2,
+    caip2,
     match_requirements,
-    parse_payment_payload,
     to_authorization,
 )
+
+_TX_HASH = re.compile(r"^0x[0-9a-fA-F]{64}$")
+
+
+def _transaction_of(body: bytes) -> dict[str, str]:
+    """``{"transaction": hash}`` if an error body names a well-formed one, else ``{}``."""
+    try:
+        data = orjson.loads(body)
+    except ValueError:
+        return {}
+    tx = data.get("transaction") if isinstance(data, dict) else None
+    return {"transaction": tx} if isinstance(tx, str) and _TX_HASH.match(tx) else {}
 
 
 class Settlement(Protocol):
@@ -153,14 +164,24 @@ class RemoteFacilitator:
             raise ServiceUnavailable(f"facilitator {path} timed out") from exc
         except httpx.TransportError as exc:
             raise ServiceUnavailable(f"facilitator unreachable: {exc}") from exc
-        if response.status_code == 503:
-            raise ServiceUnavailable(f"facilitator {path} unavailable (503)")
+        except httpx.HTTPError as exc:  # undecodable body (bad gzip), redirect loops
+            raise UpstreamError(f"facilitator {path} answered garbage: {exc!r}") from exc
+        if response.status_code in (502, 503, 504):
+            # It, or a proxy in front of it, is down or overloaded: retry later. A /settle
+            # whose outcome is unknown this way must be reconciled on-chain before a retry;
+            # a facilitator that sent a transaction may name it (tollstream's does).
+            raise ServiceUnavailable(
+                f"facilitator {path} unavailable (HTTP {response.status_code})",
+                extra=_transaction_of(response.content))
         # Some facilitators answer an invalid payment with 400 + a proper body; accept that
         # body if it parses (checked by the caller), anything else is garbage.
         if response.status_code not in (200, 400):
             raise UpstreamError(f"facilitator {path} answered HTTP {response.status_code}")
         try:
-            return response.json()
+            # orjson, not json: web3 (py_ecc) raises the recursion limit to 100000, so the
+            # stdlib parser overflows the C stack on deeply nested input (a segfault, not a
+            # RecursionError); orjson refuses nesting past 1024 with a ValueError.
+            return orjson.loads(response.content)
         except ValueError as exc:
             raise UpstreamError(f"facilitator {path} answered non-JSON") from exc
 
@@ -207,15 +228,23 @@ class RemoteFacilitator:
         if not result.success:
             raise PaymentRejected("facilitator could not settle the payment",
                                   code=result.error_reason or "unexpected_settle_error")
-        if not result.transaction:
-            raise UpstreamError("facilitator /settle reported success without a transaction")
+        # Success claims money moved: anything inconsistent is an UpstreamError carrying the
+        # transaction (when it looks like one), so the caller reconciles on-chain, never
+        # credits on the facilitator's word alone.
+        if not _TX_HASH.match(result.transaction):
+            raise UpstreamError("facilitator /settle reported success without a transaction "
+                                f"hash ({result.transaction[:80]!r})")
+        extra = {"transaction": result.transaction}
         payer = to_authorization(payload).payer
         if result.payer is not None and result.payer.lower() != payer.lower():
-            raise UpstreamError("facilitator /settle reported a different payer")
+            raise UpstreamError("facilitator /settle reported a different payer", extra=extra)
+        if result.network and caip2(result.network) != requirements.network:
+            raise UpstreamError(f"facilitator /settle reported network {result.network!r}, "
+                                f"not {requirements.network!r}", extra=extra)
         # The facilitator does not report the block; exact means the amount is the required one.
         return SettlementResult(tx_hash=result.transaction, payer=payer,
                                 amount=requirements.amount, block_number=None,
-                                network=result.network or requirements.network)
+                                network=requirements.network)
 
     async def supported(self) -> SupportedResult:
         """``GET /supported``."""
@@ -229,108 +258,12 @@ class RemoteFacilitator:
 # --------------------------------------------------------------------------- server
 
 
-def _parse_request(data: Any) -> tuple[PaymentPayload, PaymentRequirements]:
-    if not isinstance(data, dict):
-        raise InvalidPayment("request body is not a JSON object")
-    if data.get("x402Version") != 2:
-        raise InvalidPayment("only x402Version 2 is supported", param="x402Version",
-                             code="invalid_x402_version")
-    payload = parse_payment_payload(data.get("paymentPayload"), version=2,
-                                    where="paymentPayload")
-    try:
-        requirements = PaymentRequirements.model_validate(data.get("paymentRequirements"))
-    except ValidationError as exc:
-        raise InvalidPayment("paymentRequirements is malformed",
-                             param="paymentRequirements",
-                             code="invalid_payment_requirements") from exc
-    assert isinstance(payload, PaymentPayload)  # version=2 guarantees it
-    return payload, requirements
-
-
-def _payer_of(data: Any) -> str | None:
-    try:
-        payer = data["paymentPayload"]["payload"]["authorization"]["from"]
-    except (KeyError, TypeError):
-        return None
-    return payer if isinstance(payer, str) else None
-
-
 def create_facilitator_app(settler: EvmSettler, networks: Sequence[EvmNetwork]) -> FastAPI:
-    """A FastAPI app serving ``/verify``, ``/settle`` and ``/supported`` on ``networks``.
+    """The facilitator API (``/verify``, ``/settle``, ``/supported``) on ``networks``; see
+    :mod:`gateway.rails.facilitator_server` (imported here, where it was first defined)."""
+    from gateway.rails.facilitator_server import create_app
 
-    Invalid payments answer 200 with ``isValid: false`` / ``success: false`` and the x402
-    reason (what the x402 SDK's facilitator client expects); malformed requests answer 400;
-    an unreachable chain answers 503.
-    """
-    local = LocalSettlement(settler, networks)
-    app = FastAPI(title="tollstream x402 facilitator", docs_url=None, redoc_url=None)
-
-    def error(exc: GatewayError) -> JSONResponse:
-        return JSONResponse({"error": exc.code, "message": exc.message}, status_code=exc.status)
-
-    @app.post("/verify")
-    async def verify(request: Request) -> JSONResponse:
-        try:
-            data = await request.json()
-        except ValueError:
-            return JSONResponse({"isValid": False, "invalidReason": "invalid_payload",
-                                 "invalidMessage": "body is not JSON"}, status_code=400)
-        try:
-            payload, requirements = _parse_request(data)
-            payer = await local.verify(payload, requirements)
-        except InvalidPayment as exc:
-            return JSONResponse({"isValid": False,
-                                 "invalidReason": exc.code if exc.code != "invalid_payment"
-                                 else "invalid_payload",
-                                 "invalidMessage": exc.message, "payer": _payer_of(data)},
-                                status_code=400)
-        except PaymentRejected as exc:
-            return JSONResponse({"isValid": False, "invalidReason": exc.code,
-                                 "invalidMessage": exc.message, "payer": _payer_of(data)})
-        except (ServiceUnavailable, UpstreamError) as exc:
-            return error(exc)
-        return JSONResponse({"isValid": True, "payer": payer})
-
-    @app.post("/settle")
-    async def settle(request: Request) -> JSONResponse:
-        try:
-            data = await request.json()
-        except ValueError:
-            return JSONResponse({"success": False, "errorReason": "invalid_payload",
-                                 "transaction": "", "network": ""}, status_code=400)
-        network = ""
-        if isinstance(data, dict) and isinstance(data.get("paymentRequirements"), dict):
-            network = str(data["paymentRequirements"].get("network", ""))
-        try:
-            payload, requirements = _parse_request(data)
-            result = await local.settle(payload, requirements)
-        except InvalidPayment as exc:
-            return JSONResponse({"success": False,
-                                 "errorReason": exc.code if exc.code != "invalid_payment"
-                                 else "invalid_payload",
-                                 "errorMessage": exc.message, "payer": _payer_of(data),
-                                 "transaction": "", "network": network}, status_code=400)
-        except PaymentRejected as exc:
-            body: dict[str, Any] = {"success": False, "errorReason": exc.code,
-                                    "errorMessage": exc.message, "payer": _payer_of(data),
-                                    "transaction": exc.extra.get("transaction", ""),
-                                    "network": network}
-            return JSONResponse(body)
-        except (ServiceUnavailable, UpstreamError) as exc:
-            return error(exc)
-        return JSONResponse({"success": True, "payer": result.payer,
-                             "transaction": result.tx_hash, "network": result.network,
-                             "amount": str(result.amount)})
-
-    @app.get("/supported")
-    async def supported() -> JSONResponse:
-        kinds = [{"x402Version": 2, "scheme": SCHEME_EXACT, "network": n.network}
-                 for n in networks]
-        signers = sorted({n.relayer_address for n in networks})
-        return JSONResponse({"kinds": kinds, "extensions": [],
-                             "signers": {"eip155:*": signers}})
-
-    return app
+    return create_app(settler, networks)
 
 
 __all__ = [
