@@ -156,6 +156,9 @@ class X402NetworkSettings(_Frozen):
     token_name: str = ""
     token_version: str = "2"
     confirmations: int = Field(default=1, ge=1)
+    #: One RPC call, and the wait for a settlement's receipt, before giving up (503).
+    rpc_timeout_seconds: float = Field(default=10.0, gt=0)
+    receipt_timeout_seconds: float = Field(default=120.0, gt=0)
     relayer_key: SecretStr | None = None
     relayer_key_env: str | None = None
 

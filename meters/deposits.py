@@ -44,6 +44,9 @@ class Deposit:
     asset: str
     payload: str  # the payment payload as JSON, for recovery
     requirements: str  # the requirements it paid, as JSON
+    #: The chain's head block when the deposit was claimed (0: unknown): recovery looks for
+    #: what happened to the authorization from there on.
+    block: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +77,7 @@ class Deposits:
             "account_id": deposit.account_id, "amount": deposit.amount,
             "payer": deposit.payer, "network": deposit.network, "asset": deposit.asset,
             "payload": deposit.payload, "requirements": deposit.requirements,
+            "block": deposit.block,
             "status": SETTLING, "transaction": "", "error": "", "created": time.time()}
         args: list[Any] = [deposit.key]
         for name, value in fields.items():
@@ -93,7 +97,8 @@ class Deposits:
         data = {as_text(k): as_text(v) for k, v in raw.items()}
         deposit = Deposit(key=key, account_id=data["account_id"], amount=int(data["amount"]),
                           payer=data["payer"], network=data["network"], asset=data["asset"],
-                          payload=data["payload"], requirements=data["requirements"])
+                          payload=data["payload"], requirements=data["requirements"],
+                          block=int(data.get("block") or 0))
         return DepositRecord(deposit, data["status"], data.get("transaction", ""),
                              data.get("error", ""), float(data.get("created", 0)))
 

@@ -3,7 +3,7 @@ Valkey and the dev chain: recovery at start-up of claims left unfinished, and se
 failing after the claim (chain faults from :class:`~tests.chain_fixtures.RpcProxy`). The
 remote facilitator client's faults are in test_evm_remote_facilitator.py.
 
-Two strict xfails document bugs in x402_deposits.py, which this branch does not edit.
+Two of them were strict xfails of bugs in x402_deposits.py, fixed since.
 """
 
 from __future__ import annotations
@@ -232,10 +232,6 @@ async def test_unknown_outcome_keeps_the_claim_for_recovery(
     assert await credited(ledger, evm_network, auth.payer) == DEPOSIT
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "x402_deposits.pay keeps the claim when the node refused the settlement transaction "
-    "(SettlementNotSubmitted is a ServiceUnavailable); nothing was sent, so it should "
-    "abandon it like a PaymentRejected and let the payer retry (see the report)"))
 async def test_refused_settlement_releases_the_claim(
         chain: DevChain, evm_network: EvmNetwork, settler: EvmSettler, rpc_proxy: RpcProxy,
         ledger_for: Callable[[Settings], Ledger]) -> None:
@@ -251,7 +247,7 @@ async def test_refused_settlement_releases_the_claim(
         with pytest.raises(SettlementNotSubmitted):
             await rail.pay(http_request(), paid, 0)
         assert not await settler.authorization_used(auth.from_, auth.nonce, evm_network)
-        assert await rail.deposits.unfinished() == []  # fails today: the claim stays
+        assert await rail.deposits.unfinished() == []  # the claim was released
         del rpc_proxy.hooks["eth_sendRawTransaction"]  # the relayer is funded again
         result, _ = await rail.pay(http_request(), paid, 0)
         assert result.amount == DEPOSIT
@@ -260,10 +256,6 @@ async def test_refused_settlement_releases_the_claim(
     assert await credited(ledger, evm_network, auth.payer) == DEPOSIT
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "X402Deposits.recover treats authorizationState == true as settled, but the payer may "
-    "have cancelled the authorization (cancelAuthorization): nothing moved, yet it credits; "
-    "EvmSettler.authorization_canceled tells the two apart (see the report)"))
 async def test_recovery_does_not_credit_a_cancelled_authorization(
         chain: DevChain, evm_network: EvmNetwork, settler: EvmSettler,
         ledger_for: Callable[[Settings], Ledger]) -> None:
@@ -278,7 +270,7 @@ async def test_recovery_does_not_credit_a_cancelled_authorization(
         assert receipt["status"] == 1  # ...and the payer cancels before anyone settles
         assert await settler.authorization_used(auth.from_, auth.nonce, evm_network)
         assert await settler.balance_of(auth.payer, evm_network) == DEPOSIT  # nothing moved
-        assert await rail.recover() == 0  # fails today: credited
+        assert await rail.recover() == 0  # not credited: nothing moved
     finally:
         await rail.aclose()
     assert await credited(ledger, evm_network, auth.payer) == 0

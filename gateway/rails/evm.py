@@ -123,6 +123,11 @@ class EvmSettler:
         fn = self._token(network).functions.balanceOf(to_checksum_address(address))
         return await self.rpc.quantity(network, fn.call, "balanceOf")
 
+    async def head_block(self, network: EvmNetwork) -> int:
+        """The chain's latest block number."""
+        eth = self.rpc.web3(network).eth
+        return await self.rpc.quantity(network, lambda: eth.block_number, "eth_blockNumber")
+
     async def authorization_used(self, from_: str, nonce: str, network: EvmNetwork) -> bool:
         """Whether ``(from_, nonce)`` was already used *or canceled* on-chain (the token's
         ``authorizationState`` does not tell them apart: see :meth:`authorization_canceled`).

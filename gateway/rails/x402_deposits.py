@@ -36,7 +36,7 @@ from gateway.errors import (
     ServiceUnavailable,
 )
 from gateway.rails import PaymentRail
-from gateway.rails.evm import EvmNetwork, EvmSettler, SettlementResult
+from gateway.rails.evm import EvmNetwork, EvmSettler, SettlementNotSubmitted, SettlementResult
 from gateway.rails.facilitator import LocalSettlement, RemoteFacilitator, Settlement
 from gateway.rails.x402 import (
     PAYMENT_SIGNATURE_HEADER,
@@ -87,7 +87,9 @@ class X402Deposits(PaymentRail):
                                     rpc_url=net.rpc_url, asset=net.asset,
                                     token_name=net.token_name, token_version=net.token_version,
                                     relayer_key=net.relayer() or "",
-                                    confirmations=net.confirmations)
+                                    confirmations=net.confirmations,
+                                    rpc_timeout=net.rpc_timeout_seconds,
+                                    receipt_timeout=net.receipt_timeout_seconds)
             for net in cfg.networks.values()}
         self.settler = EvmSettler()
         self.settlement: Settlement
@@ -136,15 +138,26 @@ class X402Deposits(PaymentRail):
                 continue
             payload = parse_payment_payload(_json(deposit.payload))
             auth = to_authorization(payload)
-            if record.status != SETTLED and not await self.settler.authorization_used(
-                    auth.from_, auth.nonce, network):
-                requirements = PaymentRequirements.model_validate(_json(deposit.requirements))
-                try:
-                    result = await self.settlement.settle(payload, requirements)
-                except PaymentRejected:
-                    await self.deposits.abandon(deposit.key)
-                    continue
-                await self.deposits.mark_settled(deposit.key, result.tx_hash)
+            if record.status != SETTLED:
+                if await self.settler.authorization_used(auth.from_, auth.nonce, network):
+                    # Used: settled by us (or relayed by anyone: the transfer went to pay_to
+                    # either way), unless the payer cancelled it, when nothing moved.
+                    if await self.settler.authorization_canceled(
+                            auth.from_, auth.nonce, network, from_block=deposit.block):
+                        log.warning("deposit %s: the payer cancelled the authorization; "
+                                    "nothing to credit", deposit.key)
+                        await self.deposits.abandon(deposit.key)
+                        continue
+                else:
+                    requirements = PaymentRequirements.model_validate(
+                        _json(deposit.requirements))
+                    try:
+                        result = await self.settlement.settle(payload, requirements)
+                    except (PaymentRejected, SettlementNotSubmitted):
+                        # Nothing moved: release the claim (the payer may pay again).
+                        await self.deposits.abandon(deposit.key)
+                        continue
+                    await self.deposits.mark_settled(deposit.key, result.tx_hash)
             if await self.deposits.credit(record, label=f"x402 {deposit.payer}"):
                 credited += 1
         return credited
@@ -214,11 +227,13 @@ class X402Deposits(PaymentRail):
             raise self._fresh(request, needed, exc, type(exc)) from exc
         network = self.networks[requirements.network]
         account_id = payer_account_id(network.network, network.asset, auth.payer)
+        # Where recovery starts looking for a cancellation of this authorization.
+        block = await self.settler.head_block(network)
         deposit = Deposit(
             key=f"{network.network}:{network.asset.lower()}:{auth.payer.lower()}:{auth.nonce}",
             account_id=account_id, amount=requirements.amount, payer=auth.payer,
             network=network.network, asset=network.asset,
-            payload=_dumps(payload), requirements=_dumps(requirements))
+            payload=_dumps(payload), requirements=_dumps(requirements), block=block)
         claimed, record = await self.deposits.begin(deposit)
         if not claimed:
             raise self._fresh(request, needed, PaymentRejected(
@@ -231,6 +246,11 @@ class X402Deposits(PaymentRail):
             await self.deposits.abandon(deposit.key)
             raise self._fresh(request, needed, exc, PaymentRejected, failed=True,
                               network=network.network, payer=auth.payer) from exc
+        except SettlementNotSubmitted:
+            # Nothing was broadcast: the authorization is untouched, release the claim so
+            # the payer's retry is not refused as "already used".
+            await self.deposits.abandon(deposit.key)
+            raise
         except ServiceUnavailable:
             # Outcome unknown (the transfer may be in flight): the record stays open and the
             # next start-up's recovery asks the chain.
