@@ -33,6 +33,7 @@ import pytest
 import redis
 
 from gateway.app import create_app
+from gateway.simulator import text_of
 from meters.errors import LedgerUnavailable
 from meters.ledger import Ledger, connect
 from meters.meter import Outcome, StreamMeter
@@ -280,6 +281,46 @@ def test_upstream_drops_the_connection_mid_stream(fgw: RunningGateway, sim: str,
     assert_billed(settled(fgw, account), result.tokens(api.tokenizer))
     stats = sim_stats(sim)
     assert (stats["streams_dropped"], stats["streams_completed"]) == (1, 0)
+
+
+RAW_REQUESTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "chat": ("/v1/chat/completions", {"model": "exact", "stream": True, "max_tokens": 200,
+                                      "messages": [{"role": "user", "content": PROMPT}]}),
+    "messages": ("/v1/messages", {"model": "claude-exact", "stream": True, "max_tokens": 200,
+                                  "messages": [{"role": "user", "content": PROMPT}]}),
+    "responses": ("/v1/responses", {"model": "resp-exact", "stream": True, "input": PROMPT,
+                                    "max_output_tokens": 200}),
+}
+
+
+@pytest.mark.parametrize("api", APIS, ids=lambda a: a.name)
+def test_the_client_stream_ends_cleanly_after_an_upstream_drop(fgw: RunningGateway,
+                                                               sim: str, api: Api) -> None:
+    """On the wire: the upstream's reset does not reach the client. Its response is a
+    complete HTTP body (httpx would raise on a missing terminating chunk) whose last event is
+    the dialect's error event."""
+    account, key = fgw.create_account(CREDIT)
+    path, body = RAW_REQUESTS[api.name]
+    response = httpx.post(f"{fgw.url}{path}", json=body, timeout=SDK_TIMEOUT, headers={
+        "authorization": f"Bearer {key}", "anthropic-version": "2023-06-01",
+        **PACE, "x-sim-drop-after": str(N)})
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/event-stream")
+    events = [e for e in response.text.replace("\r\n", "\n").split("\n\n") if e.strip()]
+    last = events[-1].splitlines()
+    data = httpx.Response(200, content=last[-1].removeprefix("data: ")).json()
+    if api.name == "chat":
+        assert data["error"]["code"] == "upstream_error"
+    elif api.name == "messages":
+        assert last[0] == "event: error" and data["type"] == "error"
+        assert data["tollstream"]["code"] == "upstream_error"
+    else:
+        assert last[0] == "event: error" and data["type"] == "error"
+        assert data["code"] == "upstream_error"
+    assert "[DONE]" not in response.text
+    delivered = int(settled(fgw, account)["spent"])
+    assert delivered == (N if api.tokenizer is O200K else
+                         sum(ESTIMATE.count(text_of(i, 1)) for i in range(N)))
 
 
 @pytest.mark.parametrize("api", APIS, ids=lambda a: a.name)
@@ -633,8 +674,9 @@ def test_gateway_cut_off_from_the_ledger_stops_the_stream_and_bills_it_later(
             gateway_factory(key_prefix=prefix, reservation_ttl_seconds=1.0) as other:
         settings = make_settings(sim, key_prefix=prefix, reservation_ttl_seconds=1.0,
                                  lease_tokens=1000)
-        with serve(create_app(settings, url)) as gw_url:
-            gw = RunningGateway(gw_url, settings, other.gateway)
+        app = create_app(settings, url)
+        with serve(app) as gw_url:
+            gw = RunningGateway(gw_url, settings, app.state.gateway)
             account, key = gw.create_account(CREDIT)
             text, error = "", None
             cut_off_at = ended_at = 0.0
@@ -650,7 +692,7 @@ def test_gateway_cut_off_from_the_ledger_stops_the_stream_and_bills_it_later(
             delivered = O200K.count(text)
             assert error is not None and error["code"] == "ledger_unavailable", error
             # Stopped by the lapsed heartbeat (2/3 of the TTL), long before the lease's end.
-            assert 5 <= delivered < 40 and ended_at - cut_off_at < 1.0 + 1.0
+            assert 5 <= delivered < 40 and ended_at - cut_off_at < 1.0 + 1.0  # TTL + slack
             _cancelled(sim)
             # The other gateway returns the hold once the heartbeat key has expired.
             wait_until(lambda: other.balance(account)["held"] == "0", what="the sweep")
