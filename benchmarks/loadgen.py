@@ -37,7 +37,7 @@ from benchmarks.procs import Process, cpu_seconds, peak_rss_mb, start_process, w
 from gateway.background import free_port
 from meters.tokens import get_tokenizer
 
-ADMIN = "bench-admin"
+ADMIN = "bench-admin-token-0123"
 SIM_KEY = "bench-sim-key"
 O200K = get_tokenizer("o200k_base")
 

@@ -9,32 +9,37 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
+from gateway.body import parse, read_json
 from gateway.state import Gateway
 from meters.ledger import Account
 from meters.money import parse_atomic
 
 
-def require_admin(request: Request) -> None:
-    """Runs before the body is validated: a caller without the token learns nothing more."""
+async def require_admin(request: Request) -> None:
+    """Runs before the body is read: a caller without the token learns nothing more."""
     gw: Gateway = request.app.state.gateway
-    gw.check_admin(request)
+    await gw.check_admin(request)
 
 
 router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])
 
 
+#: Admin bodies are small; anything larger is a mistake.
+ADMIN_BODY_LIMIT = 64 * 1024
+
+
 class CreateAccount(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    balance: Any = "0"
-    label: str = ""
+    balance: str | int = "0"
+    label: str = Field(default="", max_length=200)
 
 
 class CreditAccount(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    amount: Any
-    idempotency_key: str | None = None
+    amount: str | int
+    idempotency_key: str | None = Field(default=None, min_length=1, max_length=200)
 
 
 def account_view(gw: Gateway, account: Account) -> dict[str, Any]:
@@ -47,20 +52,22 @@ def account_view(gw: Gateway, account: Account) -> dict[str, Any]:
 
 
 @router.post("/accounts", status_code=201)
-async def create_account(request: Request, body: CreateAccount) -> dict[str, Any]:
+async def create_account(request: Request) -> dict[str, Any]:
     gw: Gateway = request.app.state.gateway
+    body = parse(CreateAccount, await read_json(request, ADMIN_BODY_LIMIT))
     balance = parse_atomic(body.balance, field="balance")
-    account, api_key = await gw.ledger.create_account(balance, label=body.label[:200])
+    account, api_key = await gw.ledger.create_account(balance, label=body.label)
     return {**account_view(gw, account), "api_key": api_key}
 
 
 @router.post("/accounts/{account_id}/credit")
-async def credit_account(request: Request, account_id: str,
-                         body: CreditAccount) -> dict[str, Any]:
+async def credit_account(request: Request, account_id: str) -> dict[str, Any]:
     gw: Gateway = request.app.state.gateway
+    body = parse(CreditAccount, await read_json(request, ADMIN_BODY_LIMIT))
     amount = parse_atomic(body.amount, field="amount")
     credited, _ = await gw.ledger.credit(account_id, amount,
-                                         idempotency_key=body.idempotency_key)
+                                         idempotency_key=body.idempotency_key,
+                                         purpose="admin")
     account = await gw.ledger.get_account(account_id)
     return {**account_view(gw, account), "credited_now": credited}
 

@@ -18,8 +18,10 @@ from gateway.errors import GatewayError, ServiceUnavailable
 from gateway.metrics import Metrics
 from gateway.rails import PaymentRail
 from gateway.rails.x402_deposits import X402Deposits
+from gateway.ratelimit import Limit, RateLimiter
+from gateway.routing import ModelRouter
 from gateway.settings import Settings
-from gateway.state import Gateway, Model
+from gateway.state import Gateway
 from gateway.upstream import Upstreams
 from meters.errors import MeterError
 from meters.keeper import Keeper
@@ -34,12 +36,19 @@ def build_gateway(settings: Settings, redis_url: str, *,
     ledger = Ledger(client, prefix=settings.key_prefix,
                     owner_ttl_seconds=settings.reservation_ttl_seconds,
                     key_cache_seconds=settings.key_cache_seconds)
-    models = {name: Model.build(name, cfg, settings.rate(name))
-              for name, cfg in settings.models.items()}
     if rail is None:
         rail = X402Deposits(settings, ledger) if settings.x402.enabled else PaymentRail()
+    limits = settings.rate_limit
+    limiter = RateLimiter(client, prefix=settings.key_prefix, enabled=limits.enabled,
+                          client_header=limits.client_header, limits={
+                              "auth": Limit(limits.auth_failures_burst,
+                                            limits.auth_failures_per_second),
+                              "challenge": Limit(limits.challenges_burst,
+                                                 limits.challenges_per_second)})
     return Gateway(settings=settings, redis=client, ledger=ledger, keeper=Keeper(ledger),
-                   upstreams=Upstreams(settings), metrics=Metrics(), models=models, rail=rail)
+                   upstreams=Upstreams(settings), metrics=Metrics(),
+                   router=ModelRouter(settings),
+                   limiter=limiter, rail=rail)
 
 
 def create_app(settings: Settings, redis_url: str, *, rail: PaymentRail | None = None
@@ -82,13 +91,23 @@ def _dialect_for(path: str) -> str:
 
 def render_error(request: Request, info: ErrorInfo,
                  headers: dict[str, str] | None = None) -> JSONResponse:
-    """An error in the shape of the API the client called (so its SDK raises as usual)."""
+    """An error in the shape of the API the client called (so its SDK raises as usual).
+
+    A request whose payment was settled before it failed still carries the settlement and the
+    issued key (``request.state.payment_headers``): the payer keeps what it paid for.
+    """
     name = _dialect_for(request.url.path)
     try:
         dialect = get_dialect(name)
     except KeyError:
         dialect = get_dialect("openai_chat")
-    return JSONResponse(dialect.error_body(info), status_code=info.status, headers=headers)
+    return JSONResponse(dialect.error_body(info), status_code=info.status,
+                        headers=_with_payment(request, headers))
+
+
+def _with_payment(request: Request, headers: dict[str, str] | None) -> dict[str, str]:
+    paid: dict[str, str] = getattr(request.state, "payment_headers", None) or {}
+    return {**(headers or {}), **paid}
 
 
 async def _handle_error(request: Request, exc: Exception) -> Response:
@@ -98,7 +117,8 @@ async def _handle_error(request: Request, exc: Exception) -> Response:
     headers = exc.headers if isinstance(exc, GatewayError) else None
     extra = exc.extra if isinstance(exc, GatewayError) else {}
     if isinstance(exc, GatewayError) and exc.body is not None:
-        return JSONResponse(exc.body, status_code=exc.status, headers=headers)
+        return JSONResponse(exc.body, status_code=exc.status,
+                            headers=_with_payment(request, headers))
     return render_error(request, ErrorInfo(exc.status, exc.code, exc.message, exc.param,
                                            extra), headers)
 
@@ -114,9 +134,10 @@ async def _handle_validation(request: Request, exc: Exception) -> Response:
 
 async def _handle_http(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
-    code = "not_found" if exc.status_code == 404 else "http_error"
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
     message = ("no such route" if exc.status_code == 404 else str(exc.detail))
-    return render_error(request, ErrorInfo(exc.status_code, code, message))
+    return render_error(request, ErrorInfo(exc.status_code, code, message),
+                        dict(exc.headers or {}))
 
 
 def info_router() -> APIRouter:
@@ -127,12 +148,22 @@ def info_router() -> APIRouter:
     async def list_models(request: Request) -> dict[str, Any]:
         gw: Gateway = request.app.state.gateway
         asset = gw.asset
-        return {"object": "list", "data": [
-            {"id": m.name, "object": "model", "created": 0, "owned_by": m.upstream,
-             "tollstream": {"dialect": m.dialect.name, "asset": asset.symbol,
-                            "input_per_mtok": asset.format(m.rate.input_per_mtok),
-                            "output_per_mtok": asset.format(m.rate.output_per_mtok)}}
-            for m in gw.models.values()]}
+        data = []
+        for m, pattern in gw.router.listing():
+            rate = m.rate
+            info: dict[str, Any] = {
+                "dialect": m.dialect.name, "asset": asset.symbol,
+                "input_per_mtok": asset.format(rate.input_per_mtok),
+                "output_per_mtok": asset.format(rate.output_per_mtok)}
+            for key in ("cache_read_per_mtok", "cache_write_per_mtok"):
+                value = getattr(rate, key)
+                if value is not None:
+                    info[key] = asset.format(value)
+            if pattern is not None:
+                info["route"] = pattern
+            data.append({"id": m.name, "object": "model", "created": 0,
+                         "owned_by": m.upstream, "tollstream": info})
+        return {"object": "list", "data": data}
 
     @router.get("/v1/balance")
     async def balance(request: Request) -> dict[str, Any]:

@@ -32,7 +32,7 @@ from gateway.settings import Settings
 from gateway.simulator import SimConfig
 from gateway.simulator import create_app as create_sim
 
-MODEL = "gpt-4o-mini"
+MODEL = "gpt-6.1-sol"
 PAY_TO = "0x000000000000000000000000000000000000dEaD"
 
 

@@ -11,6 +11,8 @@ Hierarchy::
     ├── NotFound                  404 unknown model, account, route
     ├── Conflict                  409 idempotency conflicts
     ├── PayloadTooLarge           413 request body over the configured limit
+    ├── TooManyRequests           429 this client failed authentication or asked for 402s
+    │                                 too often (``Retry-After``)
     ├── RateLimited               429 the model API is rate limiting (passed through)
     ├── UpstreamError             502 the model API failed or answered garbage
     └── ServiceUnavailable        503 the ledger (Redis) or a chain RPC is unreachable
@@ -82,6 +84,11 @@ class Conflict(GatewayError):
 class PayloadTooLarge(GatewayError):
     status = 413
     code = "request_too_large"
+
+
+class TooManyRequests(GatewayError):
+    status = 429
+    code = "rate_limited"
 
 
 class RateLimited(GatewayError):

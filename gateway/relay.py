@@ -1,10 +1,15 @@
 """The metered relay: upstream events in, paid events out.
 
-For each upstream event the dialect names the generated text in it; the tokenizer counts its
-tokens; the meter grants them from the stream's lease (no I/O) or renews the lease (one Redis
-call). A fully granted event is forwarded byte for byte. A partly granted one is truncated at
-the last paid token, followed by the dialect's clean terminal events, and the upstream
-connection is closed so the model stops generating. Whatever way the stream ends, the
+For each upstream event the dialect names the generated text in it; the stream's token counter
+measures it; the meter grants the tokens from the stream's lease (no I/O) or renews the lease
+(one Redis call). A fully granted event is forwarded byte for byte. A partly granted one is
+truncated at the last paid token, followed by the dialect's clean terminal events, and the
+upstream connection is closed so the model stops generating.
+
+The bill is settled *before* the client sees the end of the stream: before the protocol's last
+event of a completed stream, and before the closing events of a cut (which then carry the
+balance after the final charge). A client that saw the stream end therefore sees a settled
+ledger. Whatever other way the stream ends (disconnect, upstream failure, ledger failure), the
 ``finally`` block charges exactly what the billing rule says, shielded from cancellation.
 """
 
@@ -44,15 +49,50 @@ class RelayContext:
     keeper: Keeper
     metrics: Metrics
     #: Builds the machine-readable reason of a cut (balance, how to top up) from the meter
-    #: and the number of tokens delivered once the cut is sent.
-    cut_reason: Callable[[StreamMeter, int], Awaitable[Mapping[str, Any]]]
+    #: and the final bill (``None`` when the final charge had to be deferred).
+    cut_reason: Callable[[StreamMeter, Bill | None], Awaitable[Mapping[str, Any]]]
     #: Events that ask the client for more money before a pause (PAUSE policy only).
     pause_events: Callable[[StreamMeter], Awaitable[list[bytes]]] | None = None
 
 
+class _Settlement:
+    """The one final charge of a stream, made at most once, wherever the stream ends."""
+
+    def __init__(self, ctx: RelayContext) -> None:
+        self.ctx = ctx
+        self.done = False
+        self.bill: Bill | None = None
+
+    async def __call__(self, outcome: Outcome, usage: Usage) -> Bill | None:
+        """Charge the billing rule's total (shielded); None if it was deferred to the keeper
+        because the ledger could not be reached."""
+        if self.done:
+            return self.bill
+        self.done = True
+        ctx, meter = self.ctx, self.ctx.meter
+        with anyio.CancelScope(shield=True):
+            try:
+                with anyio.fail_after(SETTLE_TIMEOUT):
+                    bill = await meter.close(outcome, reported_input=usage.prompt,
+                                             reported_output=usage.output_tokens)
+            except (LedgerUnavailable, TimeoutError):
+                # The charge may or may not have run: settle.lua is idempotent, so the keeper
+                # retries it until Redis answers.
+                _, _, total = meter.final_charge(outcome, reported_input=usage.prompt,
+                                                 reported_output=usage.output_tokens)
+                ctx.keeper.defer(meter.account_id, meter.rid, total)
+                log.error("final charge deferred: ledger unreachable")
+                return None
+        self.bill = bill
+        ctx.metrics.record(ctx.model, bill)
+        return bill
+
+
 async def relay(ctx: RelayContext, response: UpstreamResponse) -> AsyncIterator[bytes]:
     """Yield the client's SSE bytes for one upstream streaming response."""
-    meter, stream, tokenizer = ctx.meter, ctx.stream, ctx.tokenizer
+    meter, stream = ctx.meter, ctx.stream
+    counter = ctx.tokenizer.counter()
+    settle = _Settlement(ctx)
     outcome = Outcome.DISCONNECTED  # unless the loop below says otherwise
     usage = Usage()
     ctx.metrics.active_streams.inc()
@@ -67,15 +107,17 @@ async def relay(ctx: RelayContext, response: UpstreamResponse) -> AsyncIterator[
                     info = stream.inspect(event)
                     if info.usage is not None:
                         usage = info.usage
+                        if usage.prompt is not None and not meter.granted:
+                            # The upstream counted the prompt before any output: meter it at
+                            # that count, not the gateway's estimate (re-prices the hold).
+                            meter.reprice_input(usage.prompt)
                     if info.error is not None:
                         outcome = Outcome.UPSTREAM_ERROR
                         out.append(event.raw)
                         stop = True
                         break
                     if info.texts:
-                        n = 0
-                        for text in info.texts:
-                            n += tokenizer.count(text)
+                        n = counter.measure(info.texts)
                         granted = meter.take(n)
                         if granted < n:
                             granted += await meter.acquire(n - granted)
@@ -87,17 +129,34 @@ async def relay(ctx: RelayContext, response: UpstreamResponse) -> AsyncIterator[
                             granted += await meter.wait_for(n - granted)
                         if granted < n:
                             outcome = Outcome.CUT
-                            partial = stream.truncate(granted, tokenizer) if granted else None
+                            partial = stream.truncate(granted, counter) if granted else None
                             if partial is not None:
-                                out.append(partial)
-                                pending += granted
-                            delivered = meter.delivered + pending
-                            reason = await ctx.cut_reason(meter, delivered)
-                            out += stream.cut(reason, Usage(meter.input_tokens, delivered))
+                                out.append(partial[0])
+                                pending += partial[1]  # only what the cut kept is billed
+                            if out:
+                                yield b"".join(out)
+                                meter.delivered_tokens(pending)
+                                out, pending = [], 0
+                            bill = await settle(outcome, usage)
+                            reason = await ctx.cut_reason(meter, bill)
+                            out += stream.cut(reason, Usage(meter.input_tokens,
+                                                            meter.delivered))
                             stop = True
                             break
+                        counter.commit(info.texts)
                         out.append(event.raw)
                         pending += n
+                    elif info.terminal:
+                        # Everything before it reaches the client, then the bill is settled,
+                        # then the client learns the stream is over.
+                        outcome = Outcome.COMPLETED
+                        if out:
+                            yield b"".join(out)
+                            meter.delivered_tokens(pending)
+                            out, pending = [], 0
+                        await settle(outcome, usage)
+                        out.append(event.raw)
+                        continue
                     elif info.forward:
                         out.append(event.raw)
                     if info.final:
@@ -132,25 +191,9 @@ async def relay(ctx: RelayContext, response: UpstreamResponse) -> AsyncIterator[
                 yield chunk
     finally:
         with anyio.CancelScope(shield=True):
-            await _finish(ctx, response, outcome, usage)
-
-
-async def _finish(ctx: RelayContext, response: UpstreamResponse, outcome: Outcome,
-                  usage: Usage) -> None:
-    ctx.metrics.active_streams.dec()
-    response.close()
-    meter = ctx.meter
-    try:
-        with anyio.fail_after(SETTLE_TIMEOUT):
-            bill = await meter.close(outcome, reported_input=usage.input_tokens,
-                                     reported_output=usage.output_tokens)
-    except (LedgerUnavailable, TimeoutError):
-        _, _, total = meter.final_charge(outcome, reported_input=usage.input_tokens,
-                                         reported_output=usage.output_tokens)
-        ctx.keeper.defer(meter.account_id, meter.rid, total)
-        log.error("final charge deferred: ledger unreachable")
-        return
-    ctx.metrics.record(ctx.model, bill)
+            ctx.metrics.active_streams.dec()
+            response.close()
+            await settle(outcome, usage)
 
 
 __all__ = ["Bill", "RelayContext", "relay"]

@@ -6,17 +6,19 @@ from typing import Any
 
 import anyio
 import orjson
-from fastapi import APIRouter, Request
-from fastapi.responses import Response
+from fastapi import APIRouter, Request, WebSocket
+from fastapi.responses import JSONResponse, Response
 
-from gateway.dialects import Dialect, get_dialect
-from gateway.errors import BadRequest, NotFound, PayloadTooLarge, UpstreamError
+from gateway.body import read_json
+from gateway.dialects import Dialect, ErrorInfo, ParsedRequest, get_dialect
+from gateway.dialects.anthropic_messages import AnthropicMessages
+from gateway.errors import PaymentRequired, UpstreamError
 from gateway.relay import RelayContext, relay
 from gateway.sse import EventStreamResponse
 from gateway.state import Gateway, Model
 from gateway.upstream import UpstreamResponse, UpstreamStreamError
 from meters.errors import InsufficientFunds
-from meters.meter import Outcome, Policy, StreamMeter
+from meters.meter import Bill, Outcome, Policy, StreamMeter
 
 router = APIRouter()
 
@@ -24,39 +26,20 @@ router = APIRouter()
 MAX_RESPONSE_BYTES = 16 * 1024 * 1024
 
 
-async def read_json(request: Request, limit: int) -> Any:
-    """The request body as JSON; 413 over ``limit`` bytes, 400 if it is not JSON."""
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > limit:
-        raise PayloadTooLarge(f"the request body is over the limit of {limit} bytes",
-                              param="body")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise PayloadTooLarge(f"the request body is over the limit of {limit} bytes",
-                                  param="body")
-    if not body:
-        raise BadRequest("the request body is empty; send a JSON object", code="invalid_json",
-                         param="body")
-    try:
-        return orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise BadRequest(f"the request body is not valid JSON: {exc.args[0][:120]}",
-                         code="invalid_json", param="body") from exc
-
-
 def find_model(gw: Gateway, name: str, dialect: Dialect) -> Model:
-    model = gw.models.get(name)
-    if model is None:
-        raise NotFound(f"the model {name!r} does not exist on this gateway; "
-                       "GET /v1/models lists the models you can use",
-                       code="model_not_found", param="model")
-    if model.dialect.name != dialect.name:
-        raise BadRequest(f"the model {name!r} speaks {model.dialect.name}, "
-                         f"not {dialect.name}: use its own endpoint",
-                         code="wrong_endpoint", param="model")
-    return model
+    """The model asked for (see :mod:`gateway.routing`); 404 or 400 naming ``model``."""
+    return gw.router.resolve(name, dialect)
+
+
+def rough_prompt_tokens(parsed: ParsedRequest) -> int:
+    """A prompt size known without running a tokenizer: one token per 3 characters.
+
+    It prices the payment a request is asked for before the caller has proved anything (402
+    challenges and the payment that answers them must agree on it), so an anonymous client
+    cannot make the gateway tokenize megabytes. English runs ~4 characters per token: this
+    asks a little more than the exact count, and the hold is then made on the exact count.
+    """
+    return -(-len(parsed.prompt_text) // 3) + parsed.prompt_overhead
 
 
 async def handle(request: Request, dialect: Dialect) -> Response:
@@ -64,14 +47,22 @@ async def handle(request: Request, dialect: Dialect) -> Response:
     gw: Gateway = request.app.state.gateway
     parsed = dialect.parse_request(await read_json(request, gw.settings.max_body_bytes))
     model = find_model(gw, parsed.model, dialect)
-    input_tokens = model.tokenizer.count(parsed.prompt_text) + parsed.prompt_overhead
-    needed = model.rate.charge(input_tokens, gw.rail.min_output_tokens)
-    paid = await gw.rail.authenticate(request, needed=needed)
-    extra_headers: dict[str, str] = {}
+    needed = model.rate.charge(rough_prompt_tokens(parsed), gw.rail.min_output_tokens)
+    try:
+        paid = await gw.rail.authenticate(request, needed=needed)
+    except PaymentRequired:
+        await gw.challenged(request)  # a rejected payment is one more challenge
+        raise
     if paid is not None:
-        account_id, extra_headers = paid
+        account_id, payment_headers = paid
+        # From here on every answer, errors included, carries the settlement and the key:
+        # the payment was taken, the payer must be able to use it (see app.py).
+        request.state.payment_headers = payment_headers
     else:
+        payment_headers = {}
         account_id = await gw.authenticate(request, needed=needed)
+    # Only an authenticated (or paying) caller gets the tokenizer's time.
+    input_tokens = model.tokenizer.count(parsed.prompt_text) + parsed.prompt_overhead
     cap = parsed.max_output or model.max_output_tokens
     # A stream meters lease by lease; a non-streaming answer cannot be cut, so it holds its
     # whole (affordable) output up front and the upstream is told not to exceed it.
@@ -83,28 +74,39 @@ async def handle(request: Request, dialect: Dialect) -> Response:
     try:
         await meter.open(input_tokens)
     except InsufficientFunds as exc:
-        raise gw.insufficient(request, exc, needed=needed) from exc
+        await gw.challenged(request)
+        raise gw.insufficient(request, exc, needed=model.rate.charge(
+            input_tokens, gw.rail.min_output_tokens)) from exc
     try:
         upstream_max = None if parsed.stream else min(meter.covered, cap)
         body = dialect.upstream_body(parsed, model=model.upstream_model, max_output=upstream_max)
         headers = {**gw.upstreams.forwarded(model.upstream, request.headers),
                    **dialect.upstream_headers(request.headers,
                                               gw.settings.upstreams[model.upstream].key())}
-        response = await gw.upstreams.open(model.upstream, dialect.path, body, headers)
+        response = await gw.upstreams.open(model.upstream, dialect.path, body, headers,
+                                           query=request.url.query)
     except BaseException:
         with anyio.CancelScope(shield=True):
             await meter.refund_all()
         raise
     if not parsed.stream:
-        return await _complete(gw, model, meter, dialect, response, extra_headers)
+        return await _complete(gw, model, meter, dialect, response, payment_headers)
 
-    async def cut_reason(m: StreamMeter, delivered: int) -> dict[str, Any]:
-        return {"type": "allowance_exhausted", "code": "insufficient_funds",
-                "message": "the allowance ran out: the stream was stopped at the last paid "
-                           "token",
-                "balance": str(m.balance_seen), "asset": gw.asset.symbol,
-                "decimals": gw.asset.decimals, "delivered_tokens": delivered,
-                "top_up": dict(await gw.rail.top_up_hint(account_id, request))}
+    async def cut_reason(m: StreamMeter, bill: Bill | None) -> dict[str, Any]:
+        reason: dict[str, Any] = {
+            "type": "allowance_exhausted", "code": "insufficient_funds",
+            "message": "the allowance ran out: the stream was stopped at the last paid token",
+            "balance": str(bill.balance if bill is not None else m.balance_seen),
+            "asset": gw.asset.symbol, "decimals": gw.asset.decimals,
+            "delivered_tokens": m.delivered,
+            "top_up": dict(await gw.rail.top_up_hint(account_id, request))}
+        if bill is not None:
+            reason["charged"] = str(bill.charged)
+        else:
+            # The final charge could not be made yet (the ledger is unreachable; the keeper
+            # retries it): the balance is the one seen before it.
+            reason["balance_provisional"] = True
+        return reason
 
     async def pause_events(m: StreamMeter) -> list[bytes]:
         # An SSE comment: every SDK ignores it, an agent watching the raw stream (or a
@@ -117,7 +119,7 @@ async def handle(request: Request, dialect: Dialect) -> Response:
     ctx = RelayContext(model=model.name, stream=dialect.open_stream(parsed), meter=meter,
                        tokenizer=model.tokenizer, keeper=gw.keeper, metrics=gw.metrics,
                        cut_reason=cut_reason, pause_events=pause_events)
-    return EventStreamResponse(relay(ctx, response), ping=15, headers=extra_headers)
+    return EventStreamResponse(relay(ctx, response), ping=15, headers=payment_headers)
 
 
 async def _complete(gw: Gateway, model: Model, meter: StreamMeter, dialect: Dialect,
@@ -126,7 +128,7 @@ async def _complete(gw: Gateway, model: Model, meter: StreamMeter, dialect: Dial
     try:
         raw = await response.read(MAX_RESPONSE_BYTES)
         usage, text = dialect.response_usage(orjson.loads(raw))
-    except (UpstreamStreamError, orjson.JSONDecodeError, AttributeError) as exc:
+    except (UpstreamStreamError, orjson.JSONDecodeError) as exc:
         with anyio.CancelScope(shield=True):
             await meter.refund_all()
         raise UpstreamError("the model API returned an unreadable answer") from exc
@@ -135,7 +137,7 @@ async def _complete(gw: Gateway, model: Model, meter: StreamMeter, dialect: Dial
     meter.delivered_tokens(usage.output_tokens if usage.output_tokens is not None
                            else model.tokenizer.count(text))
     with anyio.CancelScope(shield=True):
-        bill = await meter.close(Outcome.COMPLETED, reported_input=usage.input_tokens,
+        bill = await meter.close(Outcome.COMPLETED, reported_input=usage.prompt,
                                  reported_output=usage.output_tokens)
     gw.metrics.record(model.name, bill)
     return Response(raw, media_type="application/json", headers=headers)
@@ -156,16 +158,31 @@ async def responses(request: Request) -> Response:
     return await handle(request, get_dialect("openai_responses"))
 
 
+@router.websocket("/v1/responses")
+async def responses_websocket(websocket: WebSocket) -> None:
+    """Refuse the Responses WebSocket transport with 426 Upgrade Required.
+
+    Codex opens ``GET /v1/responses`` as a WebSocket first when its provider claims WebSocket
+    support (the built-in OpenAI provider does). tollstream meters the HTTP stream; on a 426
+    Codex falls back to HTTP within the same turn, while any other refusal (403, 404, 501)
+    costs it ~7 s of retries and a 400 fails the turn (measured with Codex CLI 0.169; Codex's
+    own test servers answer 426 to force HTTP).
+    """
+    body = get_dialect("openai_responses").error_body(ErrorInfo(
+        426, "websocket_unsupported", "tollstream serves the Responses API over HTTP "
+        "streaming only: POST /v1/responses"))
+    await websocket.send_denial_response(JSONResponse(body, status_code=426))
+
+
 @router.post("/v1/messages/count_tokens")
 async def count_tokens(request: Request) -> Response:
-    """Free and unmetered, but authenticated: the upstream's count when it has the endpoint,
-    else the model tokenizer's (for Claude, the conservative estimate)."""
+    """Free and unmetered, but authenticated first: the upstream's count when it has the
+    endpoint, else the model tokenizer's (for Claude, the conservative estimate)."""
     gw: Gateway = request.app.state.gateway
     dialect = get_dialect("anthropic_messages")
-    body = await read_json(request, gw.settings.max_body_bytes)
-    if isinstance(body, dict):
-        body.setdefault("max_tokens", 1)  # count_tokens does not take max_tokens
-    parsed = dialect.parse_request(body)
+    assert isinstance(dialect, AnthropicMessages)
+    parsed = dialect.parse_request(await read_json(request, gw.settings.max_body_bytes),
+                                   count_only=True)
     model = find_model(gw, parsed.model, dialect)
     await gw.authenticate(request)
     upstream_body = {k: v for k, v in parsed.body.items() if k not in ("max_tokens", "stream")}
@@ -174,7 +191,7 @@ async def count_tokens(request: Request) -> Response:
                                        gw.settings.upstreams[model.upstream].key())
     try:
         response = await gw.upstreams.open(model.upstream, "/messages/count_tokens",
-                                           upstream_body, headers)
+                                           upstream_body, headers, query=request.url.query)
     except UpstreamError:
         count = model.tokenizer.count(parsed.prompt_text) + parsed.prompt_overhead
         return Response(orjson.dumps({"input_tokens": count}), media_type="application/json")

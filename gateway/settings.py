@@ -19,7 +19,15 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from meters.errors import ConfigError, InvalidAmount
 from meters.money import Asset
@@ -27,6 +35,8 @@ from meters.rates import Rate
 from meters.tokens import ENCODINGS
 
 ENV_PREFIX = "TOLLSTREAM_"
+#: Shortest admin token accepted at start-up.
+MIN_ADMIN_TOKEN = 16
 
 DialectName = Literal["openai_chat", "anthropic_messages", "openai_responses"]
 
@@ -60,16 +70,65 @@ class UpstreamSettings(_Frozen):
         return None
 
 
-class ModelSettings(_Frozen):
-    """A model clients may ask for: where it goes, how it is spoken to, what it costs."""
+class PriceSettings(_Frozen):
+    """What a model costs, in asset units per million tokens (decimal strings)."""
+
+    input_per_mtok: str = "0"
+    output_per_mtok: str
+    #: Prompt tokens read from / written to the upstream's cache (unset: the input price).
+    cache_read_per_mtok: str | None = None
+    cache_write_per_mtok: str | None = None
+
+    def rate(self, asset: Asset, where: str) -> Rate:
+        """The parsed rate; ``ValueError`` naming ``where`` on a bad price."""
+        try:
+            return Rate.parse(asset, input_per_mtok=self.input_per_mtok,
+                              output_per_mtok=self.output_per_mtok,
+                              cache_read_per_mtok=self.cache_read_per_mtok,
+                              cache_write_per_mtok=self.cache_write_per_mtok, where=where)
+        except ConfigError as exc:
+            raise ValueError(exc.message) from exc
+
+
+class ModelSettings(PriceSettings):
+    """A model clients may ask for by its exact name: where it goes, how it is spoken to,
+    what it costs."""
 
     upstream: str
     dialect: DialectName = "openai_chat"
-    input_per_mtok: str = "0"
-    output_per_mtok: str
     tokenizer: str = "o200k_base"
     upstream_model: str | None = None
     max_output_tokens: int = Field(default=4096, ge=1)
+
+
+class RouteSettings(_Frozen):
+    """Model names matching a pattern (``claude-*``, ``*``), for one endpoint's dialect.
+
+    Without prices of its own a route bills each model at its price table entry
+    (``gateway/prices.toml`` plus ``[prices]``), and a name the table lacks is refused: nothing
+    is ever served unpriced.
+    """
+
+    match: str = Field(min_length=1)
+    upstream: str
+    dialect: DialectName = "openai_chat"
+    tokenizer: str = "o200k_base"
+    #: Sent upstream instead of the requested name (unset: the requested name).
+    upstream_model: str | None = None
+    max_output_tokens: int = Field(default=4096, ge=1)
+    input_per_mtok: str | None = None
+    output_per_mtok: str | None = None
+    cache_read_per_mtok: str | None = None
+    cache_write_per_mtok: str | None = None
+
+    def price(self) -> PriceSettings | None:
+        """The route's own price, if it sets one."""
+        if self.output_per_mtok is None:
+            return None
+        return PriceSettings(input_per_mtok=self.input_per_mtok or "0",
+                             output_per_mtok=self.output_per_mtok,
+                             cache_read_per_mtok=self.cache_read_per_mtok,
+                             cache_write_per_mtok=self.cache_write_per_mtok)
 
 
 #: Known x402 networks: USDC on Base and Base Sepolia (EIP-712 domain name and version of each
@@ -154,6 +213,19 @@ class X402Settings(_Frozen):
         return self
 
 
+class RateLimitSettings(_Frozen):
+    """Per-client limits on failed authentication and on 402 challenges (token buckets)."""
+
+    enabled: bool = True
+    auth_failures_burst: int = Field(default=30, ge=1)
+    auth_failures_per_second: float = Field(default=0.5, gt=0)
+    challenges_burst: int = Field(default=120, ge=1)
+    challenges_per_second: float = Field(default=2.0, gt=0)
+    #: Behind a reverse proxy, the header it sets to the client's address
+    #: (e.g. "x-forwarded-for"; its first address is used). Unset: the peer address.
+    client_header: str | None = None
+
+
 class AssetSettings(_Frozen):
     symbol: str = "USDC"
     decimals: int = Field(default=6, ge=0, le=18)
@@ -167,6 +239,8 @@ class Settings(_Frozen):
     redis_url: str | None = None
     data_dir: Path = Path(".tollstream")
     key_prefix: str = "ts:"
+    #: Bearer token of the admin API (off when unset). At least MIN_ADMIN_TOKEN characters:
+    #: an empty or short token would open the operator API to anyone who guesses it.
     admin_token: SecretStr | None = None
     lease_tokens: int = Field(default=64, ge=1, le=100_000)
     reservation_ttl_seconds: float = Field(default=15.0, gt=0.5)
@@ -181,17 +255,49 @@ class Settings(_Frozen):
     asset: AssetSettings = AssetSettings()
     upstreams: dict[str, UpstreamSettings] = {}
     models: dict[str, ModelSettings] = {}
+    #: Pattern routes, tried in order after the exact models (a last ``match = "*"`` is the
+    #: default route; without one, unknown names are 404).
+    routes: list[RouteSettings] = []
+    #: Entries added to (or replacing) the shipped price table, by model name.
+    prices: dict[str, PriceSettings] = {}
+    rate_limit: RateLimitSettings = RateLimitSettings()
     x402: X402Settings = X402Settings()
+
+    @field_validator("admin_token")
+    @classmethod
+    def _check_admin_token(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return None
+        token = value.get_secret_value()
+        if token.strip() != token or len(token) < MIN_ADMIN_TOKEN:
+            raise ValueError(f"admin_token (TOLLSTREAM_ADMIN_TOKEN) must be at least "
+                             f"{MIN_ADMIN_TOKEN} characters without surrounding blanks; "
+                             "generate one with `python3 -c 'import secrets; "
+                             "print(secrets.token_urlsafe(24))'`, or leave it unset to keep "
+                             "the admin API off")
+        return value
 
     @model_validator(mode="after")
     def _check_models(self) -> Settings:
+        entries: list[tuple[str, ModelSettings | RouteSettings]] = [
+            *((f"models.{name}", model) for name, model in self.models.items()),
+            *((f"routes.{i}", route) for i, route in enumerate(self.routes))]
+        for where, entry in entries:
+            if entry.upstream not in self.upstreams:
+                raise ValueError(f"{where}.upstream names unknown upstream "
+                                 f"{entry.upstream!r}")
+            if entry.tokenizer not in ENCODINGS:
+                raise ValueError(f"{where}.tokenizer must be one of {ENCODINGS}")
         for name, model in self.models.items():
-            if model.upstream not in self.upstreams:
-                raise ValueError(f"models.{name}.upstream names unknown upstream "
-                                 f"{model.upstream!r}")
-            if model.tokenizer not in ENCODINGS:
-                raise ValueError(f"models.{name}.tokenizer must be one of {ENCODINGS}")
-            self.rate(name)  # parse now: a bad price refuses start-up
+            model.rate(self.asset_obj(), f"models.{name}")  # a bad price refuses start-up
+        for i, route in enumerate(self.routes):
+            if route.input_per_mtok is not None and route.output_per_mtok is None:
+                raise ValueError(f"routes.{i}.output_per_mtok is required with input_per_mtok")
+            price = route.price()
+            if price is not None:
+                price.rate(self.asset_obj(), f"routes.{i}")
+        for name, price in self.prices.items():
+            price.rate(self.asset_obj(), f"prices.{name}")
         if self.x402.enabled:
             try:
                 self.asset_obj().parse(self.x402.deposit, field="x402.deposit")
@@ -203,12 +309,8 @@ class Settings(_Frozen):
         return Asset(symbol=self.asset.symbol, decimals=self.asset.decimals)
 
     def rate(self, model: str) -> Rate:
-        cfg = self.models[model]
-        try:
-            return Rate.parse(self.asset_obj(), input_per_mtok=cfg.input_per_mtok,
-                              output_per_mtok=cfg.output_per_mtok, where=f"models.{model}")
-        except ConfigError as exc:
-            raise ValueError(exc.message) from exc
+        """The rate of the exactly named model ``model``."""
+        return self.models[model].rate(self.asset_obj(), f"models.{model}")
 
     @classmethod
     def load(cls, path: str | Path | None = None,

@@ -8,38 +8,19 @@ from dataclasses import dataclass, field
 import redis.asyncio as aioredis
 from starlette.requests import Request
 
-from gateway.dialects import Dialect, get_dialect
 from gateway.errors import GatewayError, Unauthorized
 from gateway.metrics import Metrics
 from gateway.rails import PaymentRail
-from gateway.settings import ModelSettings, Settings
+from gateway.ratelimit import RateLimiter
+from gateway.routing import Model, ModelRouter
+from gateway.settings import Settings
 from gateway.upstream import Upstreams
 from meters.errors import InsufficientFunds
 from meters.keeper import Keeper
 from meters.ledger import Ledger
 from meters.money import Asset
-from meters.rates import Rate
-from meters.tokens import Tokenizer, get_tokenizer
 
-
-@dataclass(frozen=True, slots=True)
-class Model:
-    """A configured model, resolved: its rate, tokenizer and dialect objects."""
-
-    name: str
-    upstream: str
-    upstream_model: str
-    dialect: Dialect
-    rate: Rate
-    tokenizer: Tokenizer
-    max_output_tokens: int
-
-    @classmethod
-    def build(cls, name: str, cfg: ModelSettings, rate: Rate) -> Model:
-        return cls(name=name, upstream=cfg.upstream, upstream_model=cfg.upstream_model or name,
-                   dialect=get_dialect(cfg.dialect), rate=rate,
-                   tokenizer=get_tokenizer(cfg.tokenizer),
-                   max_output_tokens=cfg.max_output_tokens)
+__all__ = ["Gateway", "Model", "bearer"]
 
 
 @dataclass(slots=True)
@@ -52,20 +33,24 @@ class Gateway:
     keeper: Keeper
     upstreams: Upstreams
     metrics: Metrics
-    models: dict[str, Model]
+    router: ModelRouter
+    limiter: RateLimiter
     rail: PaymentRail = field(default_factory=PaymentRail)
 
     @property
     def asset(self) -> Asset:
         return self.settings.asset_obj()
 
-    def check_admin(self, request: Request) -> None:
+    async def check_admin(self, request: Request) -> None:
+        """Admit the operator's bearer token; wrong tokens count as failed authentication."""
         token = self.settings.admin_token
         if token is None:
             raise Unauthorized("the admin API is disabled: set TOLLSTREAM_ADMIN_TOKEN",
                                code="admin_disabled")
+        self.limiter.check(request, "auth")
         given = bearer(request) or ""
         if not hmac.compare_digest(given.encode(), token.get_secret_value().encode()):
+            await self.limiter.spend(request, "auth")
             raise Unauthorized("missing or wrong admin token in Authorization: Bearer",
                                code="invalid_admin_token", param="authorization")
 
@@ -74,19 +59,30 @@ class Gateway:
 
         Without a payment rail a missing or unknown key is a 401. With one, it is the rail's
         402 challenge: an agent with a wallet and no key yet is meant to pay, not to fail.
+        Failures are rate limited per client (:mod:`gateway.ratelimit`), checked before the
+        key is looked at.
         """
         key = bearer(request) or request.headers.get("x-api-key")
-        account_id = await self.ledger.authenticate(key) if key else None
-        if account_id is not None:
-            return account_id
         if key:
+            self.limiter.check(request, "auth")
+            account_id = await self.ledger.authenticate(key)
+            if account_id is not None:
+                return account_id
+            await self.limiter.spend(request, "auth")
             code, message = "invalid_api_key", "the API key is not valid"
         else:
             code = "missing_api_key"
             message = "no API key: send Authorization: Bearer <key> (or x-api-key)"
         if self.rail.name == "none":
             raise Unauthorized(message, code=code, param="authorization")
+        if not key:
+            await self.challenged(request)
         raise self.rail.challenge(request, needed=needed, reason=message, code=code)
+
+    async def challenged(self, request: Request) -> None:
+        """Count one 402 challenge against this client (429 past its limit)."""
+        self.limiter.check(request, "challenge")
+        await self.limiter.spend(request, "challenge")
 
     def insufficient(self, request: Request, exc: InsufficientFunds, *, needed: int
                      ) -> GatewayError:

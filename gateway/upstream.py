@@ -93,17 +93,19 @@ class Upstreams:
         return self.settings.upstreams[upstream].base_url.rstrip("/") + path
 
     async def open(self, upstream: str, path: str, body: Mapping[str, Any],
-                   headers: Mapping[str, str]) -> UpstreamResponse:
+                   headers: Mapping[str, str], *, query: str = "") -> UpstreamResponse:
         """Send a request; return the response with its body not yet read (the caller closes
-        it). Errors become :class:`UpstreamError` (502), :class:`BadRequest` (the upstream
-        rejected a parameter) or :class:`RateLimited` (429)."""
+        it). ``query`` is the client's query string, passed on as sent (Claude Code's
+        ``?beta=true``). Errors become :class:`UpstreamError` (502), :class:`BadRequest` (the
+        upstream rejected a parameter) or :class:`RateLimited` (429)."""
         cfg = self.settings.upstreams[upstream]
         timeout = aiohttp.ClientTimeout(total=None, connect=cfg.connect_timeout,
                                         sock_read=cfg.read_timeout)
         try:
+            url = self.url(upstream, path)
             response = await self.session().post(
-                self.url(upstream, path), data=orjson.dumps(body), headers=dict(headers),
-                timeout=timeout)
+                f"{url}?{query}" if query else url, data=orjson.dumps(body),
+                headers=dict(headers), timeout=timeout)
         except TimeoutError as exc:
             raise UpstreamError(f"upstream {upstream!r} timed out",
                                 code="upstream_timeout") from exc

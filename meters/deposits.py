@@ -114,7 +114,8 @@ class Deposits:
         deposit = record.deposit
         await self.ledger.ensure_account(deposit.account_id, label=label)
         credited, _ = await self.ledger.credit(deposit.account_id, deposit.amount,
-                                               idempotency_key=f"deposit:{deposit.key}")
+                                               idempotency_key=deposit.key,
+                                               purpose="deposit")
         await self._update(deposit.key, status=CREDITED)
         await self._close(deposit.key)
         return credited

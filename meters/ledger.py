@@ -83,9 +83,15 @@ class LeaseResult:
 
 @dataclass(frozen=True, slots=True)
 class SettleResult:
+    """A final charge: ``charged`` is the reservation's total, ``balance`` the account's
+    spendable balance right after it; ``replayed`` when the reservation was already settled
+    (nothing moved)."""
+
     charged: int
     returned: int
     shortfall: int
+    balance: int = 0
+    replayed: bool = False
 
 
 class Ledger:
@@ -103,6 +109,9 @@ class Ledger:
         self.owner_ttl_ms = int(owner_ttl_seconds * 1000)
         #: Monotonic time until which this process' holds are provably alive in Redis.
         self.alive_until = 0.0
+        #: Bumped whenever liveness is proved again after it had lapsed: holds leased in an
+        #: earlier epoch may have been swept meanwhile and must be re-checked before use.
+        self.epoch = 0
         self._lease: AsyncScript = client.register_script(script("lease.lua"))
         self._settle: AsyncScript = client.register_script(script("settle.lua"))
         self._sweep: AsyncScript = client.register_script(script("sweep.lua"))
@@ -122,8 +131,11 @@ class Ledger:
     async def heartbeat(self) -> None:
         """Prove this process alive; holds of a process that stops doing this get swept."""
         started = time.monotonic()
+        lapsed = started >= self.alive_until
         with redis_errors():
             await self.redis.set(f"{self.prefix}alive:{self.owner}", "1", px=self.owner_ttl_ms)
+        if lapsed:
+            self.epoch += 1
         # Leave a margin of a third of the TTL: the sweeper of another process must never see
         # this owner dead while it still hands out tokens from its holds.
         self.alive_until = started + self.owner_ttl_ms / 1000 * 2 / 3
@@ -233,16 +245,20 @@ class Ledger:
                        shortfall=int(data.get("shortfall", 0)), label=data.get("label", ""))
 
     async def credit(self, account_id: str, amount: int, *,
-                     idempotency_key: str | None = None,
+                     idempotency_key: str | None = None, purpose: str = "credit",
                      idempotency_ttl_seconds: int = 30 * 86400) -> tuple[bool, int]:
         """Add ``amount`` to the balance, once per idempotency key.
 
-        Returns (credited_now, balance). Raises :class:`DuplicateCredit` if the key was used
-        for a different amount.
+        Keys are scoped to the account and the ``purpose`` (an operator's credit, a deposit,
+        ...): the same key used on another account, or for another purpose, is another credit.
+        Returns (credited_now, balance). Raises :class:`DuplicateCredit` (409) if the key was
+        used on this account for a different amount.
         """
         _check_amount(amount, "amount")
-        idem = (f"{self.prefix}idem:{idempotency_key}" if idempotency_key
-                else f"{self.prefix}idem:none")
+        if ":" in purpose:
+            raise ValueError("purpose must not contain ':'")
+        idem = (f"{self.prefix}idem:{purpose}:{account_id}:{idempotency_key}"
+                if idempotency_key else f"{self.prefix}idem:none")
         with redis_errors():
             status, balance = await self._credit(
                 keys=[self._acct(account_id), idem],
@@ -250,8 +266,9 @@ class Ledger:
         if status == -1:
             raise AccountNotFound(f"no account {account_id}", param="account_id")
         if status == -2:
-            raise DuplicateCredit(f"idempotency key {idempotency_key!r} was already used for "
-                                  "a different amount", param="idempotency_key")
+            raise DuplicateCredit(f"idempotency key {idempotency_key!r} was already used on "
+                                  "this account for a different amount",
+                                  param="idempotency_key")
         return status == 1, int(balance)
 
     # -- reservations (the hot path: one call per lease) -----------------------------------
@@ -275,10 +292,13 @@ class Ledger:
     async def settle(self, account_id: str, rid: str, *, charged_target: int) -> SettleResult:
         """Charge the reservation's final total and return the rest of its hold."""
         with redis_errors():
-            charged, returned, shortfall = await self._settle(
+            status, charged, returned, shortfall, balance = await self._settle(
                 keys=[self._acct(account_id), self._res(rid), self._owner_set()],
                 args=[rid, charged_target])
-        return SettleResult(int(charged), int(returned), int(shortfall))
+        if status == -1:
+            raise AccountNotFound(f"no account {account_id}", param="account_id")
+        return SettleResult(int(charged), int(returned), int(shortfall), int(balance),
+                            replayed=status == 0)
 
 
 def _new_key() -> tuple[str, str]:

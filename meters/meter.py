@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from meters.errors import InsufficientFunds, LedgerUnavailable
 from meters.ledger import Ledger
-from meters.rates import Rate
+from meters.rates import Prompt, Rate
 
 
 class Policy(enum.Enum):
@@ -46,7 +46,10 @@ class Outcome(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class Bill:
-    """What one request was charged, in tokens and atomic units."""
+    """What one request was charged, in tokens and atomic units.
+
+    ``balance`` is the account's spendable balance right after the final charge.
+    """
 
     input_tokens: int
     output_tokens: int
@@ -54,6 +57,7 @@ class Bill:
     charged: int
     shortfall: int
     outcome: Outcome
+    balance: int = 0
 
 
 class StreamMeter:
@@ -71,21 +75,28 @@ class StreamMeter:
         self.max_output = max_output
         self.poll_interval = poll_interval
         self.rid = secrets.token_hex(10)
-        self.input_tokens = 0
+        self.prompt = Prompt()
         self.granted = 0          # output tokens set aside for delivery
         self.delivered = 0        # output tokens handed to the client
         self.covered = 0          # output tokens the hold pays for
         self.held_total = 0       # atomic units held for this request so far (cumulative)
         self.committed = 0        # atomic units charged so far (cumulative)
         self.balance_seen = 0     # the account's spendable balance after the last Redis call
+        self.epoch = -1           # the ledger's liveness epoch when the hold was last confirmed
         self.opened = False
 
     # -- opening ------------------------------------------------------------------------------
+    @property
+    def input_tokens(self) -> int:
+        """Prompt tokens metered, all price classes."""
+        return self.prompt.total
+
     async def open(self, input_tokens: int) -> None:
         """Hold the prompt's price plus the first lease; 402 if not even one token is payable."""
-        self.input_tokens = input_tokens
-        want = self.rate.charge(input_tokens, self._lease_size())
-        minimum = self.rate.charge(input_tokens, 1)
+        self.prompt = Prompt(input_tokens)
+        epoch = self.ledger.epoch
+        want = self.rate.charge(self.prompt, self._lease_size())
+        minimum = self.rate.charge(self.prompt, 1)
         result = await self.ledger.lease(self.account_id, self.rid, charged_target=0,
                                          want=want, minimum=minimum)
         self.balance_seen = result.balance
@@ -95,6 +106,7 @@ class StreamMeter:
                 f"({input_tokens} tokens) and one output token ({minimum} atomic units)",
                 needed=minimum, available=result.balance)
         self.opened = True
+        self.epoch = epoch
         self._add_hold(result.taken)
 
     def _lease_size(self) -> int:
@@ -104,8 +116,21 @@ class StreamMeter:
 
     def _add_hold(self, taken: int) -> None:
         self.held_total += taken
-        base = self.rate.charge(self.input_tokens, 0)
-        self.covered = self.rate.affordable_output(self.input_tokens, 0, self.held_total - base)
+        base = self.rate.charge(self.prompt, 0)
+        self.covered = self.rate.affordable_output(self.prompt, 0, self.held_total - base)
+
+    def reprice_input(self, prompt: Prompt) -> bool:
+        """Meter the prompt as ``prompt`` (the upstream's own count) from now on.
+
+        Only before any output token was granted: the hold then pays for the reported prompt
+        first, and how many output tokens it covers is recomputed, up or down; the next grant
+        renews the lease if it no longer covers one. Returns whether anything changed.
+        """
+        if not self.opened or self.granted or prompt == self.prompt:
+            return False
+        self.prompt = prompt
+        self._add_hold(0)
+        return True
 
     # -- the hot path -------------------------------------------------------------------------
     def take(self, n: int) -> int:
@@ -114,8 +139,10 @@ class StreamMeter:
         Granted tokens are set aside for delivery; they are billed only once the relay reports
         them delivered (:meth:`delivered_tokens`).
         """
-        if not self.ledger.is_alive():
-            return 0  # our holds may have been swept: hand out nothing we cannot prove is paid
+        if not self.ledger.is_alive() or self.ledger.epoch != self.epoch:
+            # Our holds may have been swept (liveness lapsed since the hold was confirmed):
+            # hand out nothing before a lease call proves the reservation still stands.
+            return 0
         granted = max(min(n, self.covered - self.granted), 0)
         self.granted += granted
         return granted
@@ -153,44 +180,50 @@ class StreamMeter:
         if not self.ledger.is_alive():
             # The heartbeat is late: prove liveness before any new grant.
             await self.ledger.heartbeat()
-        target = self.rate.charge(self.input_tokens, self.delivered)
+        epoch = self.ledger.epoch
+        target = self.rate.charge(self.prompt, self.delivered)
         lease = max(self._lease_size(), need)
-        want = self.rate.charge(self.input_tokens, self.covered + lease) - self.held_total
-        minimum = self.rate.charge(self.input_tokens, self.covered + 1) - self.held_total
+        want = self.rate.charge(self.prompt, self.covered + lease) - self.held_total
+        minimum = self.rate.charge(self.prompt, self.covered + 1) - self.held_total
         result = await self.ledger.lease(self.account_id, self.rid, charged_target=target,
                                          want=max(want, 0), minimum=max(minimum, 0))
         self.committed = result.charged
         self.balance_seen = result.balance
+        # The lease call found the reservation standing (a swept one raises): confirmed.
+        self.epoch = epoch
         if result.ok:
             self._add_hold(result.taken)
 
     # -- closing ------------------------------------------------------------------------------
-    def final_charge(self, outcome: Outcome, *, reported_input: int | None,
+    def final_charge(self, outcome: Outcome, *, reported_input: Prompt | int | None,
                      reported_output: int | None) -> tuple[int, int, int]:
         """(input tokens, output tokens, atomic units) billed for ``outcome``.
 
         Only a completed stream is billed from the upstream's reported usage; any other ending
         bills the tokens actually delivered (plus the prompt as reported, else as counted).
         """
-        billed_in = reported_input if reported_input is not None else self.input_tokens
+        if isinstance(reported_input, int):
+            reported_input = Prompt(reported_input)
+        prompt = reported_input if reported_input is not None else self.prompt
         if outcome is Outcome.COMPLETED and reported_output is not None:
             billed_out = reported_output
         else:
             billed_out = self.delivered
-        return billed_in, billed_out, self.rate.charge(billed_in, billed_out)
+        return prompt.total, billed_out, self.rate.charge(prompt, billed_out)
 
-    async def close(self, outcome: Outcome, *, reported_input: int | None = None,
+    async def close(self, outcome: Outcome, *, reported_input: Prompt | int | None = None,
                     reported_output: int | None = None) -> Bill:
         """Charge the final total and release the rest of the hold."""
         billed_in, billed_out, total = self.final_charge(
             outcome, reported_input=reported_input, reported_output=reported_output)
         if not self.opened:
-            return Bill(billed_in, 0, 0, 0, 0, outcome)
+            return Bill(billed_in, 0, 0, 0, 0, outcome, self.balance_seen)
         result = await self.ledger.settle(self.account_id, self.rid, charged_target=total)
         self.opened = False
+        self.balance_seen = result.balance
         return Bill(input_tokens=billed_in, output_tokens=billed_out,
                     delivered_tokens=self.delivered, charged=result.charged,
-                    shortfall=result.shortfall, outcome=outcome)
+                    shortfall=result.shortfall, outcome=outcome, balance=result.balance)
 
     async def refund_all(self) -> None:
         """Return the whole hold: the request failed before anything was delivered."""

@@ -3,9 +3,12 @@
 Operators write prices the way vendors publish them: a decimal string of asset units per million
 tokens (``output_per_mtok = "0.60"``). They are converted once, exactly, to integer atomic units
 per million tokens; a price finer than one atomic unit per million tokens is refused rather than
-rounded. The cost of a request is then::
+rounded. Prompt tokens come in three price classes: uncached input, cache reads and cache writes
+(vendors discount the first and surcharge the second; both default to the input price). The cost
+of a request is then::
 
-    charge(input, output) = round_up(input * input_per_mtok + output * output_per_mtok, 1_000_000)
+    charge = round_up(input * input_per_mtok + cache_read * cache_read_per_mtok
+                      + cache_write * cache_write_per_mtok + output * output_per_mtok, 1_000_000)
 
 computed on the request's running totals, so the increments the meter debits while streaming
 always add up to exactly the rounded total (see :func:`meters.money.round_up`).
@@ -22,36 +25,68 @@ MTOK = 1_000_000
 
 
 @dataclass(frozen=True, slots=True)
+class Prompt:
+    """A prompt's tokens by price class: uncached ``input``, ``cache_read``, ``cache_write``."""
+
+    input: int = 0
+    cache_read: int = 0
+    cache_write: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.input + self.cache_read + self.cache_write
+
+
+@dataclass(frozen=True, slots=True)
 class Rate:
-    """Prices of one model in atomic units per million tokens."""
+    """Prices of one model in atomic units per million tokens (cache prices: None = input's)."""
 
     input_per_mtok: int
     output_per_mtok: int
+    cache_read_per_mtok: int | None = None
+    cache_write_per_mtok: int | None = None
 
     @classmethod
     def parse(cls, asset: Asset, *, input_per_mtok: str, output_per_mtok: str,
+              cache_read_per_mtok: str | None = None, cache_write_per_mtok: str | None = None,
               where: str = "rate") -> Rate:
         """Build a rate from decimal strings; ``where`` names the config key in errors."""
         try:
             rin = asset.parse(input_per_mtok, field=f"{where}.input_per_mtok")
             rout = asset.parse(output_per_mtok, field=f"{where}.output_per_mtok")
+            read = (None if cache_read_per_mtok is None else
+                    asset.parse(cache_read_per_mtok, field=f"{where}.cache_read_per_mtok"))
+            write = (None if cache_write_per_mtok is None else
+                     asset.parse(cache_write_per_mtok, field=f"{where}.cache_write_per_mtok"))
         except InvalidAmount as exc:
             raise ConfigError(exc.message, param=exc.param) from exc
-        return cls(input_per_mtok=rin, output_per_mtok=rout)
+        return cls(input_per_mtok=rin, output_per_mtok=rout, cache_read_per_mtok=read,
+                   cache_write_per_mtok=write)
 
-    def charge(self, input_tokens: int, output_tokens: int) -> int:
-        """What a request with these token counts costs, in atomic units (rounded up once)."""
-        return round_up(input_tokens * self.input_per_mtok
-                        + output_tokens * self.output_per_mtok, MTOK)
+    def prompt_cost(self, prompt: Prompt | int) -> int:
+        """The prompt's exact cost, in atomic units times one million (not yet rounded)."""
+        if isinstance(prompt, int):
+            return prompt * self.input_per_mtok
+        read = self.input_per_mtok if self.cache_read_per_mtok is None \
+            else self.cache_read_per_mtok
+        write = self.input_per_mtok if self.cache_write_per_mtok is None \
+            else self.cache_write_per_mtok
+        return (prompt.input * self.input_per_mtok + prompt.cache_read * read
+                + prompt.cache_write * write)
 
-    def affordable_output(self, input_tokens: int, output_tokens: int, budget: int) -> int:
+    def charge(self, prompt: Prompt | int, output_tokens: int) -> int:
+        """What a request with this prompt and output costs, in atomic units (rounded up
+        once). ``prompt`` may be a plain count of uncached input tokens."""
+        return round_up(self.prompt_cost(prompt) + output_tokens * self.output_per_mtok, MTOK)
+
+    def affordable_output(self, prompt: Prompt | int, output_tokens: int, budget: int) -> int:
         """How many more output tokens fit in ``budget`` atomic units on top of what is charged
-        for ``(input_tokens, output_tokens)`` already."""
+        for ``(prompt, output_tokens)`` already."""
         if self.output_per_mtok == 0:
             return 1 << 62  # free output: unbounded
-        base = self.charge(input_tokens, output_tokens)
-        # Largest n with charge(in, out + n) <= base + budget:
-        #   in*ri + (out+n)*ro <= (base+budget) * MTOK
-        limit = (base + budget) * MTOK - input_tokens * self.input_per_mtok
+        base = self.charge(prompt, output_tokens)
+        # Largest n with charge(prompt, out + n) <= base + budget:
+        #   prompt_cost + (out+n)*ro <= (base+budget) * MTOK
+        limit = (base + budget) * MTOK - self.prompt_cost(prompt)
         n = limit // self.output_per_mtok - output_tokens
         return max(n, 0)

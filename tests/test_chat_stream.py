@@ -78,7 +78,7 @@ def test_completed_stream_billed_from_reported_usage(gw: RunningGateway) -> None
                             extra_headers={"x-sim-reasoning-tokens": "7"})
     usage = chunks[-1].usage
     assert usage.completion_tokens == 32  # 25 streamed + 7 hidden reasoning tokens
-    rate = gw.gateway.models["priced"].rate
+    rate = gw.gateway.router.exact["priced"].rate
     expected = rate.charge(usage.prompt_tokens, usage.completion_tokens)
     state = gw.balance(account)
     assert int(state["spent"]) == expected

@@ -49,6 +49,7 @@ def test_three_dialects_concurrently_on_one_account(gw: RunningGateway) -> None:
         return O200K.count(text)
 
     async def messages(client: anthropic.AsyncAnthropic) -> int:
+        counter = ESTIMATE.counter()
         counted = 0
         try:
             async with client.messages.stream(model="claude-exact", max_tokens=100_000,
@@ -56,20 +57,29 @@ def test_three_dialects_concurrently_on_one_account(gw: RunningGateway) -> None:
                                               extra_headers=LONG) as stream:
                 async for event in stream:
                     if event.type == "content_block_delta" and event.delta.type == "text_delta":
-                        counted += ESTIMATE.count(event.delta.text)  # metered per delta
+                        # Metered on the stream's running totals, delta by delta.
+                        counted += counter.measure([event.delta.text])
+                        counter.commit([event.delta.text])
         except anthropic.APIStatusError as exc:
             assert exc.status_code == 402
         return counted
 
     async def main() -> list[int]:
-        oai = openai.AsyncOpenAI(base_url=f"{gw.url}/v1", api_key=key, max_retries=0)
-        ant = anthropic.AsyncAnthropic(base_url=gw.url, api_key=key, max_retries=0)
+        oai = openai.AsyncOpenAI(base_url=f"{gw.url}/v1", api_key=key, max_retries=0,
+                                 timeout=30)
+        ant = anthropic.AsyncAnthropic(base_url=gw.url, api_key=key, max_retries=0,
+                                       timeout=30)
         jobs: list[Any] = []
         for _ in range(6):
             jobs += [chat(oai), responses(oai), messages(ant)]
         return list(await asyncio.gather(*jobs))
 
     delivered = asyncio.run(main())
-    assert sum(delivered) == total
     state = gw.balance(account)
-    assert (state["balance"], state["held"], state["spent"]) == ("0", "0", str(total))
+    # Billed exactly what was delivered, and all of the balance but what the Claude streams
+    # could not use: a cut falls on a token boundary, and a simulator word costs up to 3
+    # estimate tokens, so each of the 6 Claude streams can end with up to 2 units it held
+    # but could not spend (returned to the balance once the other streams were already cut).
+    assert state["held"] == "0" and state["spent"] == str(sum(delivered))
+    assert 0 <= total - sum(delivered) <= 6 * 2
+    assert int(state["balance"]) + int(state["spent"]) == total

@@ -106,12 +106,13 @@ def _account_of(gw: RunningGateway, key: str) -> str:
 
 
 def test_sdk_raises_its_usual_errors_with_our_message(gw: RunningGateway) -> None:
-    client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key="tsk_wrong", max_retries=0)
+    client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key="tsk_wrong", max_retries=0,
+                           timeout=20)
     with pytest.raises(openai.AuthenticationError) as info:
         client.chat.completions.create(model="exact", messages=MESSAGES)
     assert "API key" in str(info.value)
     _, key = gw.create_account(1)
-    client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=key, max_retries=0)
+    client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=key, max_retries=0, timeout=20)
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="missing", messages=MESSAGES)
 
@@ -173,7 +174,8 @@ def test_redis_dies_mid_stream_stops_within_the_lease(sim: str) -> None:
         with serve(app) as url:
             admin = httpx.Client(base_url=url, headers=ADMIN, timeout=10)
             key = admin.post("/admin/accounts", json={"balance": "1000"}).json()["api_key"]
-            client = openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0)
+            client = openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0,
+                                   timeout=20)
             received = ""
             with pytest.raises(openai.APIError) as info:
                 for chunk in client.chat.completions.create(

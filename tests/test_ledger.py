@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 import redis.asyncio as aioredis
@@ -84,8 +85,11 @@ async def test_sweeper_returns_holds_of_dead_owner(redis_url: str) -> None:
     alive = make_ledger(redis_url, prefix)
     await alive.heartbeat()
     assert await alive.sweep() == (0, 0)
-    await asyncio.sleep(0.8)
-    count, amount = await alive.sweep()
+    # Poll until the dead owner's heartbeat (TTL 0.6 s) has expired and its hold is swept.
+    deadline = time.monotonic() + 5
+    while (swept := await alive.sweep()) == (0, 0) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    count, amount = swept
     assert count == 1 and amount == state.held
     after = await alive.get_account(account.id)
     assert (after.balance, after.held, after.spent) == (90, 0, 10)
@@ -163,11 +167,44 @@ async def test_key_cache_bounds_revocation_delay(redis_url: str) -> None:
     account, key = await here.create_account(1)
     assert await here.authenticate(key) == account.id      # looked up, now cached
     await there.rotate_key(account.id)                      # revoked by another process
+    cached_at = time.monotonic()
     assert await here.authenticate(key) == account.id      # trusted until the cache expires
-    await asyncio.sleep(0.5)
+    deadline = cached_at + 5
+    while await here.authenticate(key) is not None and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
     assert await here.authenticate(key) is None
+    assert time.monotonic() - cached_at >= 0.3  # it was trusted for (about) the cache time
     new_key = await here.rotate_key(account.id)             # revoked here: at once
     assert await here.authenticate(new_key) == account.id
     assert await here.rotate_key(account.id) and await here.authenticate(new_key) is None
     await here.redis.aclose()
     await there.redis.aclose()
+
+
+async def test_a_lapsed_heartbeat_makes_meters_recheck_their_hold(redis_url: str) -> None:
+    """A process whose heartbeat lapsed may have had its holds swept; once it beats again,
+    its meters grant nothing from a lease before a Redis call shows the hold still stands."""
+    prefix = new_prefix()
+    slow = make_ledger(redis_url, prefix, ttl=0.6)
+    await slow.heartbeat()
+    account, _ = await slow.create_account(100)
+    meter = StreamMeter(slow, account.id, ONE_PER_TOKEN, lease_tokens=40)
+    await meter.open(0)
+    meter.delivered_tokens(meter.take(5))
+    # The process stalls past its TTL; another process sweeps its hold.
+    sweeper = make_ledger(redis_url, prefix)
+    await sweeper.heartbeat()
+    deadline = time.monotonic() + 5
+    while (swept := await sweeper.sweep()) == (0, 0) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert swept[0] == 1
+    # The stalled process wakes up and proves liveness again: the lease it still remembers
+    # (35 tokens) must not be handed out.
+    await slow.heartbeat()
+    assert slow.is_alive() and meter.take(5) == 0
+    with pytest.raises(LedgerUnavailable):
+        await meter.acquire(5)
+    state = await sweeper.get_account(account.id)
+    assert (state.balance, state.held, state.spent) == (100, 0, 0)
+    await slow.redis.aclose()
+    await sweeper.redis.aclose()

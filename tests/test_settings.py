@@ -15,14 +15,17 @@ BASE = {"upstreams": {"u": {"base_url": "http://127.0.0.1:1/v1"}},
 
 
 def test_defaults_load_and_secrets_are_masked() -> None:
-    settings = Settings.load(None, env={"TOLLSTREAM_ADMIN_TOKEN": "s3cret",
+    token = "s3cret-admin-token-42"
+    settings = Settings.load(None, env={"TOLLSTREAM_ADMIN_TOKEN": token,
                                         "TOLLSTREAM_UPSTREAMS__SIM__API_KEY": "upkey"})
     assert settings.admin_token is not None
-    assert settings.admin_token.get_secret_value() == "s3cret"
-    assert "s3cret" not in repr(settings) and "upkey" not in repr(settings)
+    assert settings.admin_token.get_secret_value() == token
+    assert token not in repr(settings) and "upkey" not in repr(settings)
     assert settings.upstreams["sim"].key() == "upkey"
-    assert set(settings.models) == {"gpt-4o-mini", "claude-sonnet-4-5", "gpt-5-codex"}
-    assert settings.rate("gpt-4o-mini").output_per_mtok == 600_000
+    # Current model names route to the simulator, priced from the shipped table.
+    assert [(r.match, r.dialect) for r in settings.routes] == [
+        ("claude-*", "anthropic_messages"), ("gpt-*", "openai_responses"),
+        ("gpt-*", "openai_chat")]
 
 
 def test_env_overrides_toml(tmp_path: Path) -> None:
@@ -43,6 +46,15 @@ def test_env_overrides_toml(tmp_path: Path) -> None:
     ({"lease_tokens": 0}, "lease_tokens"),
     ({"surprise": 1}, "surprise"),
     ({"x402": {"enabled": True, "pay_to": "0x1"}}, "pay_to"),
+    ({"routes": [{"match": "x*", "upstream": "nope"}]}, "routes.0.upstream"),
+    ({"routes": [{"match": "x*", "upstream": "u", "input_per_mtok": "1"}]},
+     "routes.0.output_per_mtok"),
+    ({"routes": [{"match": "x*", "upstream": "u", "output_per_mtok": "0.0000001"}]},
+     "routes.0.output_per_mtok"),
+    ({"prices": {"m2": {"output_per_mtok": "abc"}}}, "prices.m2.output_per_mtok"),
+    ({"admin_token": ""}, "admin_token"),
+    ({"admin_token": "short"}, "admin_token"),
+    ({"admin_token": "   padded-with-blanks-0123   "}, "admin_token"),
 ])
 def test_bad_config_is_refused_naming_the_key(patch: dict[str, object], key: str) -> None:
     with pytest.raises(SettingsError) as info:
@@ -58,3 +70,15 @@ def test_serve_refuses_to_start_on_bad_config(tmp_path: Path) -> None:
                              str(config)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert "models.m.output_per_mtok" in result.stderr
+
+
+@pytest.mark.parametrize("token", ["", "123456789012345"])
+def test_serve_refuses_an_empty_or_short_admin_token(tmp_path: Path, token: str) -> None:
+    """An empty TOLLSTREAM_ADMIN_TOKEN used to open the admin API to anyone."""
+    import os
+    result = subprocess.run([sys.executable, "-m", "gateway.cli", "serve"],
+                            capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "TOLLSTREAM_ADMIN_TOKEN": token})
+    assert result.returncode == 2
+    assert "TOLLSTREAM_ADMIN_TOKEN" in result.stderr and "admin_token" in result.stderr
+    assert token == "" or token not in result.stderr  # the secret is never echoed

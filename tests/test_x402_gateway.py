@@ -129,7 +129,7 @@ async def test_official_x402_client_pays_then_openai_streams(
     assert await settler.balance_of(wallet.address, evm_network) == payer_before - DEPOSIT
     assert await settler.balance_of(PAY_TO, evm_network) == merchant_before + DEPOSIT
     # The agent continues with the stock openai SDK and the issued key, paying nothing more.
-    stream = openai.OpenAI(base_url=f"{xgw.url}/v1", api_key=key, max_retries=0)
+    stream = openai.OpenAI(base_url=f"{xgw.url}/v1", api_key=key, max_retries=0, timeout=20)
     text = "".join(c.choices[0].delta.content or "" for c in stream.chat.completions.create(
         model="exact", messages=MESSAGES, stream=True, max_tokens=30) if c.choices)
     assert O200K.count(text) == 30

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from gateway.sse import SSEEvent
-from meters.tokens import Tokenizer
+from meters.rates import Prompt
+from meters.tokens import TokenCounter
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,10 +34,26 @@ class ParsedRequest:
 
 @dataclass(frozen=True, slots=True)
 class Usage:
-    """Token usage as the upstream reported it (``None``: not reported)."""
+    """Token usage as the upstream reported it (``None``: not reported).
+
+    ``input_tokens`` counts every prompt token; ``cache_read_tokens`` and
+    ``cache_write_tokens`` are the parts of it the upstream read from or wrote to its prompt
+    cache (priced apart when the model's rate says so).
+    """
 
     input_tokens: int | None = None
     output_tokens: int | None = None
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
+
+    @property
+    def prompt(self) -> Prompt | None:
+        """The reported prompt by price class, None if the prompt was not reported."""
+        if self.input_tokens is None:
+            return None
+        cached = self.cache_read_tokens + self.cache_write_tokens
+        return Prompt(max(self.input_tokens - cached, 0), self.cache_read_tokens,
+                      self.cache_write_tokens)
 
 
 @dataclass(slots=True)
@@ -45,12 +62,16 @@ class EventInfo:
 
     ``texts``: the generated text in it (content, tool-call arguments, reasoning) to meter;
     ``usage``: usage it reports; ``final``: the upstream declares the response complete;
-    ``error``: the upstream reports a failure (message); ``forward``: False to hide it.
+    ``terminal``: the protocol's last event (``[DONE]``, ``message_stop``,
+    ``response.completed``): the relay settles the bill before sending it, so a client that
+    saw the end of the stream sees a settled ledger; ``error``: the upstream reports a failure
+    (message); ``forward``: False to hide it.
     """
 
     texts: list[str] = field(default_factory=list)
     usage: Usage | None = None
     final: bool = False
+    terminal: bool = False
     error: str | None = None
     forward: bool = True
 
@@ -73,8 +94,10 @@ class DialectStream(Protocol):
         """Read one upstream event."""
         ...
 
-    def truncate(self, keep_tokens: int, tokenizer: Tokenizer) -> bytes | None:
-        """Re-encode the last inspected event keeping only its first ``keep_tokens`` tokens."""
+    def truncate(self, keep_tokens: int, counter: TokenCounter) -> tuple[bytes, int] | None:
+        """Re-encode the last inspected event keeping at most its first ``keep_tokens``
+        tokens (as ``counter``, which measured it, counts them); returns the event and the
+        tokens it kept (a cut on a token boundary may keep fewer), None if nothing is kept."""
         ...
 
     def cut(self, reason: Mapping[str, Any], usage: Usage) -> list[bytes]:

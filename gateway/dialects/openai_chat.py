@@ -16,33 +16,68 @@ from collections.abc import Mapping
 from typing import Any
 
 import orjson
+from pydantic import StrictBool
 
+from gateway.body import parse
 from gateway.dialects import ErrorInfo, EventInfo, ParsedRequest, Usage
 from gateway.dialects.common import (
-    Field,
+    FieldRef,
+    NonEmptyStr,
+    PositiveInt,
+    PromptEstimate,
+    Wire,
+    as_dict,
+    as_list,
     bad,
     bearer_headers,
-    optional_bool,
-    optional_positive_int,
-    require_object,
-    require_string,
     split_fields,
+    text_of,
 )
 from gateway.sse import SSEEvent, encode
-from meters.tokens import Tokenizer
+from meters.tokens import TokenCounter
 
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
                 402: "payment_required", 404: "invalid_request_error",
-                409: "invalid_request_error", 413: "invalid_request_error"}
+                409: "invalid_request_error", 413: "invalid_request_error",
+                429: "rate_limit_error"}
 
 
-def _content_text(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(part.get("text", "") for part in content
-                       if isinstance(part, dict) and isinstance(part.get("text"), str))
-    return ""
+# -- the request, as far as the gateway reads it (everything else is forwarded as sent) --------
+
+class ContentPart(Wire):
+    type: NonEmptyStr
+    text: str | None = None
+
+
+class FunctionCall(Wire):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCall(Wire):
+    function: FunctionCall | None = None
+
+
+class Message(Wire):
+    # Any role: system, developer, user, assistant, tool, function, and whatever comes next.
+    role: NonEmptyStr
+    content: str | list[ContentPart] | None = None
+    tool_calls: list[ToolCall] | None = None
+
+
+class StreamOptions(Wire):
+    include_usage: StrictBool | None = None
+
+
+class ChatRequest(Wire):
+    model: NonEmptyStr
+    messages: list[Message]
+    stream: StrictBool | None = None
+    stream_options: StreamOptions | None = None
+    n: PositiveInt | None = None
+    max_tokens: PositiveInt | None = None
+    max_completion_tokens: PositiveInt | None = None
+    tools: list[dict[str, Any]] | None = None
 
 
 class OpenAIChat:
@@ -52,35 +87,23 @@ class OpenAIChat:
     path = "/chat/completions"
 
     def parse_request(self, body: Any) -> ParsedRequest:
-        body = require_object(body)
-        model = require_string(body, "model")
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            bad("messages", "messages must be a non-empty array of message objects")
-        texts: list[str] = []
-        for i, message in enumerate(messages):
-            if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-                bad(f"messages[{i}]", f"messages[{i}] must be an object with a role")
-            texts.append(_content_text(message.get("content")))
-            for call in message.get("tool_calls") or []:
-                if isinstance(call, dict) and isinstance(call.get("function"), dict):
-                    texts.append(str(call["function"].get("arguments", "")))
-        if body.get("tools") is not None:
-            texts.append(orjson.dumps(body["tools"]).decode())
-        stream = optional_bool(body, "stream")
-        n = body.get("n")
-        if n is not None and n != 1:
-            bad("n", "n must be 1: tollstream meters one choice per request")
-        max_tokens = optional_positive_int(body, "max_completion_tokens")
-        if max_tokens is None:
-            max_tokens = optional_positive_int(body, "max_tokens")
-        options = body.get("stream_options")
-        if options is not None and not isinstance(options, dict):
-            bad("stream_options", "stream_options must be an object")
-        wants_usage = bool(options and options.get("include_usage") is True)
-        return ParsedRequest(model=model, stream=stream, max_output=max_tokens,
-                             wants_usage=wants_usage, prompt_text="\n".join(texts),
-                             prompt_overhead=3 + 3 * len(messages), body=body)
+        if not isinstance(body, dict):
+            raise bad("body", "the request body must be a JSON object")
+        request = parse(ChatRequest, body)
+        if not request.messages:
+            raise bad("messages", "messages must be a non-empty array of message objects")
+        if request.n is not None and request.n != 1:
+            raise bad("n", "n must be 1: tollstream meters one choice per request")
+        prompt = PromptEstimate()
+        prompt.add(body["messages"])
+        prompt.add(body.get("tools"))
+        options = request.stream_options
+        return ParsedRequest(
+            model=request.model, stream=bool(request.stream),
+            max_output=request.max_completion_tokens or request.max_tokens,
+            wants_usage=bool(options and options.include_usage),
+            prompt_text=prompt.text,
+            prompt_overhead=3 + 3 * len(request.messages) + prompt.media_tokens, body=body)
 
     def upstream_body(self, request: ParsedRequest, *, model: str,
                       max_output: int | None) -> dict[str, Any]:
@@ -103,12 +126,12 @@ class OpenAIChat:
 
     def response_usage(self, body: Any) -> tuple[Usage, str]:
         texts: list[str] = []
-        for choice in body.get("choices") or []:
-            message = choice.get("message") or {}
-            texts.append(_content_text(message.get("content")))
-            for call in message.get("tool_calls") or []:
-                texts.append((call.get("function") or {}).get("arguments") or "")
-        return _usage(body.get("usage")), "".join(texts)
+        for choice in as_list(as_dict(body).get("choices")):
+            message = as_dict(as_dict(choice).get("message"))
+            texts += text_of(message.get("content"))
+            for call in as_list(message.get("tool_calls")):
+                texts += text_of(as_dict(as_dict(call).get("function")).get("arguments"))
+        return _usage(as_dict(body).get("usage")), "".join(texts)
 
     def error_body(self, info: ErrorInfo) -> dict[str, Any]:
         return {"error": {"message": info.message,
@@ -116,12 +139,22 @@ class OpenAIChat:
                           "param": info.param, "code": info.code, **info.extra}}
 
 
-def _usage(raw: Any) -> Usage:
+def openai_usage(raw: Any, prompt_key: str, output_key: str) -> Usage:
+    """OpenAI's usage: the prompt count includes its cached part
+    (``*_tokens_details.cached_tokens``)."""
     if not isinstance(raw, dict):
         return Usage()
-    prompt, completion = raw.get("prompt_tokens"), raw.get("completion_tokens")
-    return Usage(input_tokens=prompt if isinstance(prompt, int) else None,
-                 output_tokens=completion if isinstance(completion, int) else None)
+    prompt, completion = raw.get(prompt_key), raw.get(output_key)
+    prompt = prompt if isinstance(prompt, int) and not isinstance(prompt, bool) else None
+    cached = as_dict(raw.get(f"{prompt_key}_details")).get("cached_tokens")
+    cached = cached if isinstance(cached, int) and 0 < cached <= (prompt or 0) else 0
+    return Usage(input_tokens=prompt,
+                 output_tokens=completion if isinstance(completion, int) else None,
+                 cache_read_tokens=cached)
+
+
+def _usage(raw: Any) -> Usage:
+    return openai_usage(raw, "prompt_tokens", "completion_tokens")
 
 
 class ChatStream:
@@ -133,11 +166,11 @@ class ChatStream:
         self.model = request.model
         self.created = int(time.time())
         self._last: dict[str, Any] | None = None
-        self._fields: list[Field] = []
+        self._fields: list[FieldRef] = []
 
     def inspect(self, event: SSEEvent) -> EventInfo:
         if event.data == "[DONE]":
-            return EventInfo(final=True)
+            return EventInfo(final=True, terminal=True)
         obj = orjson.loads(event.data)
         if not isinstance(obj, dict):
             return EventInfo()
@@ -150,15 +183,16 @@ class ChatStream:
         self.model = obj.get("model", self.model)
         self.created = obj.get("created", self.created)
         info = EventInfo()
-        fields: list[Field] = []
-        choices = obj.get("choices") or []
+        fields: list[FieldRef] = []
+        choices = as_list(obj.get("choices"))
         for choice in choices:
-            delta = choice.get("delta") or {}
+            choice = as_dict(choice)
+            delta = as_dict(choice.get("delta"))
             for key in ("content", "refusal", "reasoning_content"):
                 if isinstance(delta.get(key), str) and delta[key]:
                     fields.append((delta, key))
-            for call in delta.get("tool_calls") or []:
-                function = call.get("function") or {}
+            for call in as_list(delta.get("tool_calls")):
+                function = as_dict(as_dict(call).get("function"))
                 if isinstance(function.get("arguments"), str) and function["arguments"]:
                     fields.append((function, "arguments"))
             if choice.get("finish_reason"):
@@ -171,11 +205,12 @@ class ChatStream:
             info.forward = bool(choices) or self.request.wants_usage
         return info
 
-    def truncate(self, keep_tokens: int, tokenizer: Tokenizer) -> bytes | None:
+    def truncate(self, keep_tokens: int, counter: TokenCounter
+                 ) -> tuple[bytes, int] | None:
         if self._last is None or keep_tokens <= 0:
             return None
-        split_fields(self._fields, keep_tokens, tokenizer)
-        return encode(orjson.dumps(self._last))
+        kept = split_fields(self._fields, keep_tokens, counter)
+        return encode(orjson.dumps(self._last)), kept
 
     def _chunk(self, choices: list[dict[str, Any]], **extra: Any) -> bytes:
         obj: dict[str, Any] = {"id": self.id, "object": "chat.completion.chunk",

@@ -20,38 +20,51 @@ from collections.abc import Mapping
 from typing import Any
 
 import orjson
+from pydantic import StrictBool
 
+from gateway.body import parse
 from gateway.dialects import ErrorInfo, EventInfo, ParsedRequest, Usage
 from gateway.dialects.common import (
-    Field,
+    FieldRef,
+    NonEmptyStr,
+    PositiveInt,
+    PromptEstimate,
+    Wire,
+    as_dict,
+    as_list,
     bad,
     bearer_headers,
-    optional_bool,
-    optional_positive_int,
-    require_object,
-    require_string,
     split_fields,
+    text_of,
 )
-from gateway.dialects.openai_chat import OpenAIChat
+from gateway.dialects.openai_chat import OpenAIChat, openai_usage
 from gateway.sse import SSEEvent, encode
-from meters.tokens import Tokenizer
+from meters.tokens import TokenCounter
 
 _METERED = {"response.output_text.delta", "response.function_call_arguments.delta",
             "response.refusal.delta", "response.reasoning_text.delta",
-            "response.reasoning_summary_text.delta"}
+            "response.reasoning_summary_text.delta", "response.custom_tool_call_input.delta"}
 
 
-def _input_text(value: Any) -> str:
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list):
-        return "\n".join(_input_text(item) for item in value)
-    if isinstance(value, dict):
-        parts = [value.get(k) for k in ("text", "arguments", "output")]
-        texts = [p for p in parts if isinstance(p, str)]
-        texts.append(_input_text(value.get("content")))
-        return "\n".join(t for t in texts if t)
-    return ""
+# -- the request, as far as the gateway reads it (everything else is forwarded as sent) --------
+
+class InputItem(Wire):
+    """An input item of any type (message with any role, function_call(_output), reasoning,
+    custom tool calls, item references, ...): only its own declared fields are checked."""
+
+    type: str | None = None
+    role: str | None = None
+    content: str | list[dict[str, Any]] | None = None
+
+
+class ResponsesRequest(Wire):
+    model: NonEmptyStr
+    input: str | list[InputItem] | None = None
+    instructions: str | None = None
+    stream: StrictBool | None = None
+    max_output_tokens: PositiveInt | None = None
+    tools: list[dict[str, Any]] | None = None
+    previous_response_id: str | None = None
 
 
 class OpenAIResponses:
@@ -61,19 +74,24 @@ class OpenAIResponses:
     path = "/responses"
 
     def parse_request(self, body: Any) -> ParsedRequest:
-        body = require_object(body)
-        model = require_string(body, "model")
-        given = body.get("input")
-        if not (isinstance(given, str) and given) and not (isinstance(given, list) and given):
-            bad("input", "input is required: a string or a non-empty array of input items")
-        texts = [_input_text(body.get("instructions")), _input_text(given)]
-        if body.get("tools") is not None:
-            texts.append(orjson.dumps(body["tools"]).decode())
-        items = len(given) if isinstance(given, list) else 1
-        return ParsedRequest(model=model, stream=optional_bool(body, "stream"),
-                             max_output=optional_positive_int(body, "max_output_tokens"),
-                             wants_usage=True, prompt_text="\n".join(texts),
-                             prompt_overhead=3 + 3 * items, body=body)
+        if not isinstance(body, dict):
+            raise bad("body", "the request body must be a JSON object")
+        request = parse(ResponsesRequest, body)
+        # input may be left out when the conversation lives upstream (previous_response_id,
+        # conversation) or in a stored prompt; otherwise there is nothing to answer.
+        if not request.input and not any(body.get(k) for k in (
+                "previous_response_id", "conversation", "prompt")):
+            raise bad("input", "input is required: a string or a non-empty array of input "
+                               "items")
+        prompt = PromptEstimate()
+        prompt.add(body.get("instructions"))
+        prompt.add(body.get("input"))
+        prompt.add(body.get("tools"))
+        items = len(request.input) if isinstance(request.input, list) else 1
+        return ParsedRequest(model=request.model, stream=bool(request.stream),
+                             max_output=request.max_output_tokens, wants_usage=True,
+                             prompt_text=prompt.text,
+                             prompt_overhead=3 + 3 * items + prompt.media_tokens, body=body)
 
     def upstream_body(self, request: ParsedRequest, *, model: str,
                       max_output: int | None) -> dict[str, Any]:
@@ -92,12 +110,12 @@ class OpenAIResponses:
 
     def response_usage(self, body: Any) -> tuple[Usage, str]:
         texts: list[str] = []
-        for item in body.get("output") or []:
-            if item.get("type") == "function_call":
-                texts.append(item.get("arguments") or "")
-            for part in item.get("content") or []:
-                texts.append(part.get("text") or "")
-        return _usage(body.get("usage")), "".join(texts)
+        for item in as_list(as_dict(body).get("output")):
+            item = as_dict(item)
+            if isinstance(item.get("arguments"), str):
+                texts.append(item["arguments"])
+            texts += text_of(item.get("content"))
+        return _usage(as_dict(body).get("usage")), "".join(texts)
 
     def error_body(self, info: ErrorInfo) -> dict[str, Any]:
         return _CHAT.error_body(info)
@@ -107,11 +125,13 @@ _CHAT = OpenAIChat()
 
 
 def _usage(raw: Any) -> Usage:
-    if not isinstance(raw, dict):
-        return Usage()
-    given, produced = raw.get("input_tokens"), raw.get("output_tokens")
-    return Usage(given if isinstance(given, int) else None,
-                 produced if isinstance(produced, int) else None)
+    return openai_usage(raw, "input_tokens", "output_tokens")
+
+
+def _index(obj: dict[str, Any], key: str) -> int:
+    """An output/content index from an upstream event (0 when absent or malformed)."""
+    value = obj.get(key)
+    return value if isinstance(value, int) and 0 <= value < 1 << 16 else 0
 
 
 class ResponsesStream:
@@ -126,7 +146,7 @@ class ResponsesStream:
         self.open_parts: dict[int, int] = {}         # output_index -> open content_index
         self.done: set[int] = set()
         self._last: dict[str, Any] | None = None
-        self._fields: list[Field] = []
+        self._fields: list[FieldRef] = []
         self._pending = ""  # the last metered delta, until it is known to be delivered
 
     def inspect(self, event: SSEEvent) -> EventInfo:
@@ -142,32 +162,42 @@ class ResponsesStream:
             self._last, self._fields, self._pending = obj, [(obj, "delta")], obj["delta"]
             return EventInfo(texts=[obj["delta"]])
         if kind in ("response.created", "response.in_progress"):
-            self.response = dict(obj.get("response") or self.response)
+            self.response = dict(as_dict(obj.get("response")) or self.response)
         elif kind == "response.output_item.added":
-            item = copy.deepcopy(obj.get("item") or {})
+            item = copy.deepcopy(as_dict(obj.get("item")))
+            # Only delivered text goes into a cut's closing events.
             if item.get("type") == "function_call":
                 item["arguments"] = ""
-            self.items[obj.get("output_index", 0)] = item
+            elif item.get("type") == "custom_tool_call":
+                item["input"] = ""
+            self.items[_index(obj, "output_index")] = item
         elif kind == "response.content_part.added":
-            index, content_index = obj.get("output_index", 0), obj.get("content_index", 0)
+            index, content_index = _index(obj, "output_index"), _index(obj, "content_index")
             self.open_parts[index] = content_index
-            parts = self.items.setdefault(index, {"type": "message"}).setdefault("content", [])
-            part = dict(obj.get("part") or {"type": "output_text", "text": ""})
+            parts = self._parts(index)
+            part = dict(as_dict(obj.get("part")) or {"type": "output_text", "text": ""})
             if content_index < len(parts):
                 parts[content_index] = part
             else:
                 parts.append(part)
         elif kind == "response.content_part.done":
-            self.open_parts.pop(obj.get("output_index", 0), None)
+            self.open_parts.pop(_index(obj, "output_index"), None)
         elif kind == "response.output_item.done":
-            self.done.add(obj.get("output_index", 0))
+            self.done.add(_index(obj, "output_index"))
         elif kind in ("response.completed", "response.incomplete"):
-            return EventInfo(usage=_usage((obj.get("response") or {}).get("usage")),
-                             final=True)
+            return EventInfo(usage=_usage(as_dict(obj.get("response")).get("usage")),
+                             final=True, terminal=True)
         elif kind in ("response.failed", "error"):
-            error = (obj.get("response") or {}).get("error") or obj
+            error = as_dict(as_dict(obj.get("response")).get("error")) or obj
             return EventInfo(error=str(error.get("message") or "upstream error"))
         return EventInfo()
+
+    def _parts(self, index: int) -> list[Any]:
+        item = self.items.setdefault(index, {"type": "message"})
+        if not isinstance(item.get("content"), list):
+            item["content"] = []
+        parts: list[Any] = item["content"]
+        return parts
 
     def _commit(self, chars: int) -> None:
         """Record the first ``chars`` of the pending delta as delivered."""
@@ -175,22 +205,28 @@ class ResponsesStream:
         self._pending = ""
         if obj is None or not text:
             return
-        item = self.items.setdefault(obj.get("output_index", 0), {"type": "message"})
+        index = _index(obj, "output_index")
         if obj.get("type") == "response.function_call_arguments.delta":
-            item["arguments"] = item.get("arguments", "") + text
+            item = self.items.setdefault(index, {"type": "function_call"})
+            item["arguments"] = str(item.get("arguments") or "") + text
+        elif obj.get("type") == "response.custom_tool_call_input.delta":
+            item = self.items.setdefault(index, {"type": "custom_tool_call"})
+            item["input"] = str(item.get("input") or "") + text
         elif obj.get("type") == "response.output_text.delta":
-            parts = item.setdefault("content", [])
-            index = obj.get("content_index", 0)
-            while len(parts) <= index:
+            parts = self._parts(index)
+            content_index = _index(obj, "content_index")
+            while len(parts) <= content_index:
                 parts.append({"type": "output_text", "text": "", "annotations": []})
-            parts[index]["text"] = parts[index].get("text", "") + text
+            part = parts[content_index] = as_dict(parts[content_index])
+            part["text"] = str(part.get("text") or "") + text
 
-    def truncate(self, keep_tokens: int, tokenizer: Tokenizer) -> bytes | None:
+    def truncate(self, keep_tokens: int, counter: TokenCounter
+                 ) -> tuple[bytes, int] | None:
         if self._last is None or keep_tokens <= 0:
             return None
-        split_fields(self._fields, keep_tokens, tokenizer)
+        kept = split_fields(self._fields, keep_tokens, counter)
         self._commit(len(self._last["delta"]))
-        return encode(orjson.dumps(self._last), self._last.get("type"))
+        return encode(orjson.dumps(self._last), self._last.get("type")), kept
 
     def _event(self, kind: str, **data: Any) -> bytes:
         self.sequence += 1
@@ -208,9 +244,13 @@ class ResponsesStream:
                 events.append(self._event("response.function_call_arguments.done",
                                           item_id=item_id, output_index=index,
                                           arguments=item.get("arguments", "")))
-            elif index in self.open_parts:
+            elif item.get("type") == "custom_tool_call":
+                events.append(self._event("response.custom_tool_call_input.done",
+                                          item_id=item_id, output_index=index,
+                                          input=item.get("input", "")))
+            elif index in self.open_parts and self.open_parts[index] < len(self._parts(index)):
                 content_index = self.open_parts[index]
-                part = item.get("content", [])[content_index]
+                part = as_dict(self._parts(index)[content_index])
                 events.append(self._event("response.output_text.done", item_id=item_id,
                                           output_index=index, content_index=content_index,
                                           text=part.get("text", ""), logprobs=[]))

@@ -10,7 +10,10 @@ the request sets no maximum), ``x-sim-tokens-per-second``, ``x-sim-tokens-per-ch
 ``x-sim-no-usage: 1``, ``x-sim-tool-call: 1`` (stream a tool call's arguments instead of text;
 the arguments are ``{"q": "<text>"}``, whose pieces are ``{"q": "``, the text tokens, ``"}``:
 the text tokens plus 2 framing tokens by the o200k count of each delta),
-``x-sim-reasoning-tokens: N`` (reported, not streamed), ``x-sim-thinking: 1`` (Anthropic: a
+``x-sim-reasoning-tokens: N`` (reported, not streamed), ``x-sim-input-tokens: N`` (report
+this prompt size instead of counting it: a prompt the gateway cannot see, e.g. one cached or
+stored upstream), ``x-sim-cached-tokens: N`` (N of the prompt's tokens reported as read from
+the prompt cache, each API its own way), ``x-sim-thinking: 1`` (Anthropic: a
 thinking block first, N = 8 thinking tokens, counted in ``output_tokens``).
 
 Faults, each deterministic. Mid-stream ones come after exactly N output tokens, at the time

@@ -38,7 +38,9 @@ def register(app: FastAPI, sim: Sim) -> None:
                     ) -> dict[str, Any]:
             return {"id": mid, "type": "message", "role": "assistant", "model": body["model"],
                     "content": content, "stop_reason": reason, "stop_sequence": None,
-                    "usage": {"input_tokens": plan.input_tokens,
+                    # Anthropic counts cache reads apart from input_tokens.
+                    "usage": {"input_tokens": plan.input_tokens - plan.cached,
+                              "cache_read_input_tokens": plan.cached,
                               "output_tokens": output_tokens}}
 
         if not body.get("stream"):

@@ -24,6 +24,11 @@ WORDS = (" the", " quick", " brown", " fox", " jumps", " over", " a", " lazy", "
          " every", " morning", " birds", " sing", " while", " rivers", " flow", " past",
          " old", " stone", " bridges", ".")
 THINKING_TOKENS = 8
+#: What the simulator reports for one image or other media block in a prompt: a realistic
+#: figure, below the gateway's conservative estimate (meters.tokens.IMAGE_TOKENS), so tests
+#: see the estimate cover it and the report reconcile it.
+MEDIA_TOKENS = 1000
+_MEDIA = ("image", "image_url", "input_image", "document", "file", "input_file", "input_audio")
 
 
 @dataclass(frozen=True)
@@ -78,6 +83,7 @@ class Plan:
     reasoning: int
     thinking: bool
     input_tokens: int
+    cached: int = 0  # of input_tokens, read from the prompt cache
     status: int | None = None
     stall: float = 0.0
     stall_after: int | None = None
@@ -127,6 +133,15 @@ def flatten(value: Any) -> str:
     return ""
 
 
+def media_count(value: Any) -> int:
+    """Media blocks (images, documents, files, audio) anywhere in a prompt."""
+    if isinstance(value, list):
+        return sum(media_count(v) for v in value)
+    if isinstance(value, dict):
+        if value.get("type") in _MEDIA:
+            return 1
+        return sum(media_count(v) for v in value.values())
+    return 0
 
 
 class Sim:
@@ -164,13 +179,15 @@ class Sim:
             limit = body.get("max_tokens")
             if not isinstance(limit, int):
                 raise SimError(400, "invalid_request_error", "max_tokens: Field required")
-            prompt = flatten(body.get("system")) + flatten(body.get("messages"))
+            fields = [body.get("system"), body.get("messages")]
         elif api == "responses":
             limit = body.get("max_output_tokens")
-            prompt = flatten(body.get("instructions")) + flatten(body.get("input"))
+            fields = [body.get("instructions"), body.get("input")]
         else:
             limit = body.get("max_completion_tokens") or body.get("max_tokens")
-            prompt = flatten(body.get("messages"))
+            fields = [body.get("messages")]
+        prompt = "".join(flatten(f) for f in fields)
+        media = MEDIA_TOKENS * media_count(fields)
         wanted = _int_header(request, "x-sim-output-tokens", self.config.default_output_tokens)
         assert wanted is not None
         output = min(wanted, limit) if isinstance(limit, int) else wanted
@@ -190,7 +207,9 @@ class Sim:
                     reasoning=_int_header(request, "x-sim-reasoning-tokens", 0) or 0,
                     thinking=api == "anthropic" and request.headers.get("x-sim-thinking")
                     == "1",
-                    input_tokens=self.o200k.count(prompt), status=status,
+                    input_tokens=_int_header(request, "x-sim-input-tokens", None)
+                    or self.o200k.count(prompt) + media,
+                    cached=_int_header(request, "x-sim-cached-tokens", 0) or 0, status=status,
                     stall=_float_header(request, "x-sim-stall-seconds"),
                     stall_after=_int_header(request, "x-sim-stall-after", None),
                     drop_after=_int_header(request, "x-sim-drop-after", None),

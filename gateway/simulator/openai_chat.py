@@ -23,6 +23,7 @@ def register(app: FastAPI, sim: Sim) -> None:
         rid, model, created = f"chatcmpl-sim{sim.stats.streams_started}", body["model"], 1700000000
         reasoning = plan.reasoning
         usage = {"prompt_tokens": plan.input_tokens,
+                 "prompt_tokens_details": {"cached_tokens": plan.cached},
                  "completion_tokens": plan.output + reasoning,
                  "total_tokens": plan.input_tokens + plan.output + reasoning,
                  "completion_tokens_details": {"reasoning_tokens": reasoning}}

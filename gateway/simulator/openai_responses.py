@@ -23,7 +23,8 @@ def register(app: FastAPI, sim: Sim) -> None:
             return sim.error("responses", exc)
         rid = f"resp_sim{sim.stats.streams_started}"
         item = "fc_sim" if plan.tool else "msg_sim"
-        usage = {"input_tokens": plan.input_tokens, "input_tokens_details": {"cached_tokens": 0},
+        usage = {"input_tokens": plan.input_tokens,
+                 "input_tokens_details": {"cached_tokens": plan.cached},
                  "output_tokens": plan.output + plan.reasoning,
                  "output_tokens_details": {"reasoning_tokens": plan.reasoning},
                  "total_tokens": plan.input_tokens + plan.output + plan.reasoning}

@@ -6,7 +6,8 @@
 --         only the difference to what is already charged moves from held to spent)
 -- ARGV[5] want: atomic units to add to the hold   ARGV[6] min: fewest acceptable (else none)
 -- Returns {status, taken, balance_after, charged}; status 1 = ok, 0 = could not reserve min,
--- -1 = no such account, -2 = reservation gone (swept: the owner was presumed dead).
+-- -1 = no such account, -2 = reservation gone (swept: the owner was presumed dead; or
+-- already settled).
 local balance = tonumber(redis.call('HGET', KEYS[1], 'balance'))
 if balance == nil then return {-1, 0, 0, 0} end
 local target, want, min = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
@@ -19,16 +20,8 @@ if exists then
 elseif target > 0 then
   return {-2, 0, balance, 0}
 end
-if target > charged then
-  local due = target - charged
-  -- Delivered tokens are paid from the hold; the hold always covers them because the meter
-  -- never grants a token outside it.
-  if due > held then due = held end
-  held = held - due
-  charged = charged + due
-  redis.call('HINCRBY', KEYS[1], 'held', -due)
-  redis.call('HINCRBY', KEYS[1], 'spent', due)
-end
+-- Hold first, then charge: a charge may need the money this call adds to the hold (the
+-- prompt re-priced up from the upstream's report, before any output was granted).
 local take = want
 if balance < take then take = balance end
 local status = 1
@@ -41,6 +34,16 @@ if take > 0 then
   held = held + take
   redis.call('HINCRBY', KEYS[1], 'balance', -take)
   redis.call('HINCRBY', KEYS[1], 'held', take)
+end
+if target > charged then
+  local due = target - charged
+  -- Delivered tokens are paid from the hold; the hold always covers them because the meter
+  -- never grants a token outside it.
+  if due > held then due = held end
+  held = held - due
+  charged = charged + due
+  redis.call('HINCRBY', KEYS[1], 'held', -due)
+  redis.call('HINCRBY', KEYS[1], 'spent', due)
 end
 if exists or take > 0 then
   redis.call('HSET', KEYS[2], 'account', ARGV[3], 'owner', ARGV[2], 'held', held,
