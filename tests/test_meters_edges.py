@@ -42,6 +42,11 @@ async def test_unknown_accounts_and_refused_amounts(redis_url: str) -> None:
         account, _ = await ledger.create_account(5)
         with pytest.raises(InvalidAmount):
             await ledger.credit(account.id, -1)
+        with pytest.raises(ValueError, match="purpose"):  # it would collide with other keys
+            await ledger.credit(account.id, 1, idempotency_key="k", purpose="a:b")
+        # A final charge for an account that is gone moves nothing.
+        with pytest.raises(AccountNotFound):
+            await ledger.settle("acct_missing", "rid", charged_target=3)
         assert (await ledger.get_account(account.id)).balance == 5
     finally:
         await ledger.redis.aclose()
