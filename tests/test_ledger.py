@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import secrets
 import time
 
 import pytest
@@ -14,13 +13,14 @@ from meters.ledger import Ledger, connect
 from meters.meter import Outcome, Policy, StreamMeter
 from meters.money import Asset
 from meters.rates import Rate
+from tests.conftest import new_prefix
 
 ONE_PER_TOKEN = Rate.parse(Asset(), input_per_mtok="0", output_per_mtok="1")
 
 
 def make_ledger(redis_url: str, prefix: str | None = None, ttl: float = 3.0) -> Ledger:
     client = connect(redis_url)
-    return Ledger(client, prefix=prefix or f"t{secrets.token_hex(4)}:", owner_ttl_seconds=ttl)
+    return Ledger(client, prefix=prefix or new_prefix(), owner_ttl_seconds=ttl)
 
 
 async def test_accounts_keys_and_credits(redis_url: str) -> None:
@@ -71,7 +71,7 @@ async def test_many_meters_never_overspend(redis_url: str) -> None:
 
 
 async def test_sweeper_returns_holds_of_dead_owner(redis_url: str) -> None:
-    prefix = f"t{secrets.token_hex(4)}:"
+    prefix = new_prefix()
     dead = make_ledger(redis_url, prefix, ttl=0.6)
     await dead.heartbeat()
     account, _ = await dead.create_account(100)
@@ -160,7 +160,7 @@ async def test_pause_policy_resumes_when_money_arrives(redis_url: str) -> None:
 
 
 async def test_key_cache_bounds_revocation_delay(redis_url: str) -> None:
-    prefix = f"t{secrets.token_hex(4)}:"
+    prefix = new_prefix()
     here = make_ledger(redis_url, prefix)
     here.key_cache_seconds = 0.4
     there = make_ledger(redis_url, prefix)
@@ -184,7 +184,7 @@ async def test_key_cache_bounds_revocation_delay(redis_url: str) -> None:
 async def test_a_lapsed_heartbeat_makes_meters_recheck_their_hold(redis_url: str) -> None:
     """A process whose heartbeat lapsed may have had its holds swept; once it beats again,
     its meters grant nothing from a lease before a Redis call shows the hold still stands."""
-    prefix = f"t{secrets.token_hex(4)}:"
+    prefix = new_prefix()
     slow = make_ledger(redis_url, prefix, ttl=0.6)
     await slow.heartbeat()
     account, _ = await slow.create_account(100)

@@ -49,7 +49,7 @@ def register(app: FastAPI, sim: Sim) -> None:
                 content = [{"type": "tool_use", "id": "toolu_sim", "name": "search",
                             "input": {"q": text_of(0, plan.output)}}]
             sim.report(plan, out_tokens)
-            return JSONResponse(message(content, out_tokens, stop))
+            return await sim.answer(message(content, out_tokens, stop), plan)
 
         async def events() -> AsyncIterator[bytes]:
             yield sim.sse({"type": "message_start", "message": message([], 1, None)},
@@ -77,6 +77,9 @@ def register(app: FastAPI, sim: Sim) -> None:
                     "type": "input_json_delta", "partial_json": '{"q": "'}},
                     "content_block_delta")
             async for piece in sim.pieces(plan):
+                if isinstance(piece, bytes):
+                    yield piece
+                    continue
                 if piece is None:
                     sim.stats.streams_failed += 1
                     yield sim.sse({"type": "error", "error": {"type": "api_error",

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import socket
+import struct
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -39,13 +41,30 @@ class SimConfig:
     api_key: str | None = None
 
 
+#: Error types of the simulated HTTP errors (``x-sim-status``), by status.
+_STATUS_KINDS = {400: "invalid_request_error", 401: "authentication_error",
+                 404: "not_found_error", 429: "rate_limit_error", 503: "overloaded_error"}
+
+#: The event ``x-sim-bad-json-after`` sends: its data is cut off inside a JSON string.
+BAD_JSON_EVENT = b'data: {"sim": "undecodable", "text": " the\n\n'
+
+
 @dataclass
 class SimStats:
     streams_started: int = 0
     streams_completed: int = 0
+    #: Streams the simulator broke on purpose (error event, dropped connection, bad JSON).
     streams_failed: int = 0
+    #: Streams whose client went away before their end (their times are in ``cancellations``).
     streams_cancelled: int = 0
+    #: Streams whose connection the simulator aborted (``x-sim-drop-after``).
+    streams_dropped: int = 0
+    #: Requests answered with a simulated HTTP error (``x-sim-status``).
+    status_errors: int = 0
+    #: Requests whose client went away during a stall before the first byte.
+    stalls_abandoned: int = 0
     tokens_emitted: int = 0
+    #: ``{"at": monotonic time, "during": "stream" | "stall"}`` per client that went away.
     cancellations: list[dict[str, Any]] = field(default_factory=list)
     last_key_sha256: str | None = None
     #: The usage reported for each completed response: {"input", "cached", "output"}.
@@ -67,6 +86,14 @@ class Plan:
     thinking: bool
     input_tokens: int
     cached: int = 0  # of input_tokens, read from the prompt cache
+    status: int | None = None
+    stall: float = 0.0
+    stall_after: int | None = None
+    drop_after: int | None = None
+    bad_json_after: int | None = None
+    end_after: int | None = None
+    #: The connection's transport (uvicorn only), so that a drop can abort it.
+    transport: asyncio.Transport | None = field(default=None, compare=False, repr=False)
 
 
 class SimError(Exception):
@@ -82,6 +109,18 @@ def text_of(start: int, count: int) -> str:
 def _int_header(request: Request, name: str, default: int | None) -> int | None:
     value = request.headers.get(name)
     return int(value) if value is not None and value.isdigit() else default
+
+
+def _float_header(request: Request, name: str) -> float:
+    try:
+        return max(float(request.headers.get(name, "0")), 0.0)
+    except ValueError:
+        return 0.0
+
+
+class _Dropped(Exception):
+    """Raised through a stream's generators to end it on purpose: after its connection was
+    aborted, or to end the body early but cleanly (``x-sim-end-after``)."""
 
 
 def flatten(value: Any) -> str:
@@ -163,6 +202,9 @@ class Sim:
         rate = request.headers.get("x-sim-tokens-per-second")
         wants_usage = api != "chat" or bool((body.get("stream_options") or {})
                                             .get("include_usage"))
+        status = _int_header(request, "x-sim-status", None)
+        if status is not None and not 400 <= status <= 599:
+            raise SimError(400, "invalid_request_error", "x-sim-status must be 400 to 599")
         plan = Plan(output=output, capped=isinstance(limit, int) and limit <= wanted,
                     rate=float(rate) if rate else self.config.tokens_per_second,
                     per_chunk=max(1, _int_header(request, "x-sim-tokens-per-chunk",
@@ -175,25 +217,103 @@ class Sim:
                     == "1",
                     input_tokens=_int_header(request, "x-sim-input-tokens", None)
                     or self.o200k.count(prompt) + media,
-                    cached=_int_header(request, "x-sim-cached-tokens", 0) or 0)
+                    cached=_int_header(request, "x-sim-cached-tokens", 0) or 0, status=status,
+                    stall=_float_header(request, "x-sim-stall-seconds"),
+                    stall_after=_int_header(request, "x-sim-stall-after", None),
+                    drop_after=_int_header(request, "x-sim-drop-after", None),
+                    bad_json_after=_int_header(request, "x-sim-bad-json-after", None),
+                    end_after=_int_header(request, "x-sim-end-after", None),
+                    transport=request.scope.get("tollstream.sim.transport"))
+        if plan.stall and plan.stall_after is None:
+            await self._stall_before_answer(plan)
+        if plan.status is not None:
+            self.stats.status_errors += 1
+            raise SimError(plan.status, _STATUS_KINDS.get(plan.status, "api_error"),
+                           f"simulated HTTP {plan.status}")
         return body, plan
 
-    async def pieces(self, plan: Plan) -> AsyncIterator[str | None]:
-        """The output text in chunks, paced; None where the upstream fails."""
+    async def _stall_before_answer(self, plan: Plan) -> None:
+        """Send nothing for ``plan.stall`` seconds; stop early (and record it) when the client
+        closes the connection, as a real server notices a reader that gave up."""
+        deadline = time.monotonic() + plan.stall
+        while time.monotonic() < deadline:
+            if plan.transport is not None and plan.transport.is_closing():
+                self.stats.stalls_abandoned += 1
+                self._cancelled("stall")
+                raise SimError(499, "client_closed", "the client closed the connection")
+            await asyncio.sleep(min(0.01, max(deadline - time.monotonic(), 0)))
+
+    def _cancelled(self, during: str) -> None:
+        self.stats.cancellations.append({"at": time.monotonic(), "during": during})
+        del self.stats.cancellations[:-100]
+
+    async def pieces(self, plan: Plan) -> AsyncIterator[str | bytes | None]:
+        """The output text in chunks, paced: ``str`` pieces of text, ``bytes`` a raw event to
+        send as is (the undecodable one), ``None`` where the API's error event goes. A fault
+        comes when the next chunk would, after exactly the tokens before it. A dropped
+        connection raises through the API's generator (caught by :meth:`stream`)."""
         delay = plan.per_chunk / plan.rate if plan.rate > 0 else 0.0
+        faults = [n for n in (plan.fail_after, plan.drop_after, plan.bad_json_after,
+                              plan.stall_after, plan.end_after) if n is not None]
         sent = 0
+        stalled = bad_sent = False
         while sent < plan.output:
+            if plan.stall_after is not None and not stalled and sent >= plan.stall_after:
+                stalled = True
+                await asyncio.sleep(plan.stall)  # cancelled if the client goes away
+            # Even in burst mode, yield to the loop so a disconnect is noticed.
+            await asyncio.sleep(delay)
             if plan.fail_after is not None and sent >= plan.fail_after:
                 yield None
                 return
-            n = min(plan.per_chunk, plan.output - sent)
-            if plan.fail_after is not None:
-                n = min(n, plan.fail_after - sent)
-            # Even in burst mode, yield to the loop so a disconnect is noticed.
-            await asyncio.sleep(delay)
+            if plan.drop_after is not None and sent >= plan.drop_after:
+                await self._drop(plan)
+            if plan.end_after is not None and sent >= plan.end_after:
+                self.stats.streams_failed += 1
+                raise _Dropped()  # the body ends here, cleanly, without the closing events
+            if plan.bad_json_after is not None and not bad_sent and sent >= plan.bad_json_after:
+                bad_sent = True
+                self.stats.streams_failed += 1
+                yield BAD_JSON_EVENT  # then the model goes on generating
+                continue
+            n = min(plan.per_chunk, plan.output - sent,
+                    *(f - sent for f in faults if f > sent))
             yield text_of(sent, n)
             sent += n
             self.stats.tokens_emitted += n
+
+    async def _drop(self, plan: Plan) -> None:
+        """Abort the connection mid-stream (a reset, not a clean end of the body) once what
+        was sent so far has left the process, so the client has every byte before the reset."""
+        self.stats.streams_failed += 1
+        self.stats.streams_dropped += 1
+        await self._abort(plan)
+        raise _Dropped()
+
+    async def _abort(self, plan: Plan) -> None:
+        transport = plan.transport
+        if transport is None:  # not under uvicorn: the response ends without its terminator
+            return
+        deadline = time.monotonic() + 5
+        while transport.get_write_buffer_size() and time.monotonic() < deadline:
+            await asyncio.sleep(0.001)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:  # linger 0: close() sends a TCP reset
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        transport.abort()
+        await asyncio.sleep(0)  # let the server see the connection is gone
+
+    async def answer(self, payload: dict[str, Any], plan: Plan) -> Response:
+        """A non-streaming answer, with the faults that apply to one: ``x-sim-drop-after``
+        resets the connection instead of answering, ``x-sim-bad-json-after`` cuts the JSON
+        body in half."""
+        if plan.drop_after is not None:
+            self.stats.streams_dropped += 1
+            await self._abort(plan)
+        raw = orjson.dumps(payload)
+        if plan.bad_json_after is not None:
+            raw = raw[: len(raw) // 2]
+        return Response(raw, media_type="application/json")
 
     def stream(self, events: AsyncIterator[bytes]) -> EventStreamResponse:
         async def tracked() -> AsyncIterator[bytes]:
@@ -203,11 +323,12 @@ class Sim:
                 async for event in events:
                     yield event
                 finished = True
+            except _Dropped:
+                finished = True  # ended by the simulator, not by the client
             finally:
                 if not finished:
                     self.stats.streams_cancelled += 1
-                    self.stats.cancellations.append({"at": time.monotonic()})
-                    del self.stats.cancellations[:-100]
+                    self._cancelled("stream")
         return EventStreamResponse(tracked(), ping=0, sep="\n")
 
     @staticmethod

@@ -7,7 +7,7 @@ from typing import Any
 
 import orjson
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from gateway.simulator.common import Sim, SimError, text_of
 
@@ -36,10 +36,10 @@ def register(app: FastAPI, sim: Sim) -> None:
                         "name": "search", "arguments": orjson.dumps(
                             {"q": text_of(0, plan.output)}).decode()}}]}
             sim.report(plan, plan.output + reasoning)
-            return JSONResponse({"id": rid, "object": "chat.completion", "created": created,
-                                 "model": model, "choices": [{"index": 0, "message": message,
-                                                              "finish_reason": finish}],
-                                 "usage": usage})
+            return await sim.answer({
+                "id": rid, "object": "chat.completion", "created": created, "model": model,
+                "choices": [{"index": 0, "message": message, "finish_reason": finish}],
+                "usage": usage}, plan)
         extra = {"usage": None} if plan.usage else {}
 
         def chunk(delta: dict[str, Any], reason: str | None = None) -> bytes:
@@ -55,6 +55,9 @@ def register(app: FastAPI, sim: Sim) -> None:
                                              "function": {"name": "search",
                                                           "arguments": '{"q": "'}}]})
             async for piece in sim.pieces(plan):
+                if isinstance(piece, bytes):
+                    yield piece
+                    continue
                 if piece is None:
                     sim.stats.streams_failed += 1
                     yield sim.sse({"error": {"message": "simulated upstream failure",

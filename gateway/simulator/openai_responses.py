@@ -8,7 +8,7 @@ from typing import Any
 
 import orjson
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from gateway.simulator.common import Sim, SimError, text_of
 
@@ -50,8 +50,8 @@ def register(app: FastAPI, sim: Sim) -> None:
         if not body.get("stream"):
             status = "incomplete" if plan.capped else "completed"
             sim.report(plan, plan.output + plan.reasoning)
-            return JSONResponse(response(status, [output_item(
-                "completed", arguments if plan.tool else text)], True))
+            return await sim.answer(response(status, [output_item(
+                "completed", arguments if plan.tool else text)], True), plan)
         seq = itertools.count()
 
         def ev(kind: str, **data: Any) -> bytes:
@@ -70,6 +70,9 @@ def register(app: FastAPI, sim: Sim) -> None:
                 yield ev("response.function_call_arguments.delta", item_id=item,
                          output_index=0, delta='{"q": "')
             async for piece in sim.pieces(plan):
+                if isinstance(piece, bytes):
+                    yield piece
+                    continue
                 if piece is None:
                     sim.stats.streams_failed += 1
                     yield ev("error", code="server_error", message="simulated upstream "
