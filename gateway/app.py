@@ -11,6 +11,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
+from starlette.types import Receive, Scope, Send
 
 from gateway import admin, routes
 from gateway.dialects import ErrorInfo, get_dialect
@@ -21,6 +22,7 @@ from gateway.rails.x402_deposits import X402Deposits
 from gateway.ratelimit import Limit, RateLimiter
 from gateway.routing import ModelRouter
 from gateway.settings import Settings
+from gateway.sse import remember_connection
 from gateway.state import Gateway
 from gateway.upstream import Upstreams
 from meters.errors import MeterError
@@ -51,6 +53,15 @@ def build_gateway(settings: Settings, redis_url: str, *,
                    limiter=limiter, rail=rail)
 
 
+class GatewayApp(FastAPI):
+    """The ASGI application: FastAPI, with its entry point noting the server's connection
+    object for exact delivery accounting (see :class:`gateway.sse.EventStreamResponse`)."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        remember_connection(scope, send)
+        await super().__call__(scope, receive, send)
+
+
 def create_app(settings: Settings, redis_url: str, *, rail: PaymentRail | None = None
                ) -> FastAPI:
     """The gateway app for ``settings``, metering against the Redis at ``redis_url``."""
@@ -68,7 +79,7 @@ def create_app(settings: Settings, redis_url: str, *, rail: PaymentRail | None =
             await gw.upstreams.aclose()
             await gw.redis.aclose()
 
-    app = FastAPI(title="tollstream", version="0.1.0", lifespan=lifespan,
+    app = GatewayApp(title="tollstream", version="0.1.0", lifespan=lifespan,
                   docs_url=None, redoc_url=None)
     app.state.gateway = gw
     app.include_router(routes.router)

@@ -104,7 +104,17 @@ async def relay(ctx: RelayContext, response: UpstreamResponse) -> AsyncIterator[
                 pending = 0  # granted tokens in `out`, delivered once it is sent
                 stop = False
                 for event in batch:
-                    info = stream.inspect(event)
+                    try:
+                        info = stream.inspect(event)
+                    except ValueError:
+                        # Undecodable upstream JSON (orjson raises a ValueError): what came
+                        # before it in this read is still sent (and billed), then the error.
+                        log.warning("upstream sent an undecodable event")
+                        outcome = Outcome.UPSTREAM_ERROR
+                        out += stream.error(ErrorInfo(502, "upstream_error",
+                                                      "the model API stream failed"))
+                        stop = True
+                        break
                     if info.usage is not None:
                         usage = info.usage
                         if usage.prompt is not None and not meter.granted:
@@ -176,8 +186,7 @@ async def relay(ctx: RelayContext, response: UpstreamResponse) -> AsyncIterator[
                     for chunk in stream.error(ErrorInfo(502, "upstream_error",
                                                         "the model API ended the stream early")):
                         yield chunk
-        except (UpstreamStreamError, SSEProtocolError, ValueError) as exc:
-            # ValueError covers undecodable upstream JSON (orjson raises a subclass).
+        except (UpstreamStreamError, SSEProtocolError) as exc:
             outcome = Outcome.UPSTREAM_ERROR
             log.warning("upstream stream failed: %s", type(exc).__name__)
             for chunk in stream.error(ErrorInfo(502, "upstream_error",

@@ -33,7 +33,11 @@ def parse_event(raw: bytes) -> SSEEvent | None:
     """Decode one event block (without its terminating blank line); None for comments only."""
     name: str | None = None
     data: list[str] = []
-    for line in raw.decode("utf-8").splitlines():
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SSEProtocolError("upstream event is not UTF-8") from exc
+    for line in text.splitlines():
         if not line or line.startswith(":"):
             continue
         field, _, value = line.partition(":")
@@ -88,6 +92,17 @@ def encode(data: bytes | str, event: str | None = None) -> bytes:
     return b"event: " + event.encode("ascii") + b"\ndata: " + payload + b"\n\n"
 
 
+#: Scope key under which the application's entry point keeps the server's request cycle.
+CONNECTION_KEY = "tollstream.connection"
+
+
+def remember_connection(scope: Scope, send: Send) -> None:
+    """Record the server's request cycle (uvicorn: ``send.__self__``, which knows whether the
+    client is still connected) before any middleware wraps ``send``."""
+    if scope["type"] == "http":
+        scope[CONNECTION_KEY] = getattr(send, "__self__", None)
+
+
 class ClientGone(OSError):
     """The client closed the connection; the message was not written."""
 
@@ -102,10 +117,14 @@ class EventStreamResponse(EventSourceResponse):
     raises :class:`ClientGone`, and the generator is closed at the ``yield`` of the first
     message that did not reach the client. Servers without that flag fall back to
     sse-starlette's disconnect listener.
+
+    The flag lives on uvicorn's request cycle, the object whose ``send`` uvicorn hands the
+    application. Starlette wraps ``send`` before a response sees it, so the application's
+    entry point records the cycle in the scope (:func:`remember_connection`).
     """
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        cycle = getattr(send, "__self__", None)
+        cycle = scope.get(CONNECTION_KEY) or getattr(send, "__self__", None)
 
         async def checked(message: Message) -> None:
             await send(message)
