@@ -27,7 +27,8 @@ from gateway.rails.mpp.scheme import (
 )
 
 SECRET = b"challenge-secret-0123456789"
-REQUEST: dict[str, Any] = {"amount": "100", "currency": "0x5FbDB2315678afecb367f032d93F642f64180aa3",
+REQUEST: dict[str, Any] = {"amount": "100",
+                           "currency": "0x5FbDB2315678afecb367f032d93F642f64180aa3",
                            "recipient": "0x742d35cc6634c0532925a3b844bc9e7595f8fe00",
                            "methodDetails": {"chainId": 31337, "feePayer": True},
                            "unitType": "llm_token"}
