@@ -128,10 +128,16 @@ async def _handle_error(request: Request, exc: Exception) -> Response:
     headers = exc.headers if isinstance(exc, GatewayError) else None
     extra = exc.extra if isinstance(exc, GatewayError) else {}
     if isinstance(exc, GatewayError) and exc.body is not None:
-        return JSONResponse(exc.body, status_code=exc.status,
-                            headers=_with_payment(request, headers))
-    return render_error(request, ErrorInfo(exc.status, exc.code, exc.message, exc.param,
-                                           extra), headers)
+        response = JSONResponse(exc.body, status_code=exc.status,
+                                headers=_with_payment(request, headers),
+                                media_type=exc.media_type)
+    else:
+        response = render_error(request, ErrorInfo(exc.status, exc.code, exc.message,
+                                                   exc.param, extra), headers)
+    if isinstance(exc, GatewayError):
+        for name, value in exc.header_list:  # repeated fields (WWW-Authenticate)
+            response.headers.append(name, value)
+    return response
 
 
 async def _handle_validation(request: Request, exc: Exception) -> Response:

@@ -46,6 +46,10 @@ class GatewayError(Exception):
         #: A complete response body replacing the dialect's error shape (a payment protocol's
         #: own 402 body, which its clients parse).
         self.body = body
+        #: Header lines that may repeat (one ``WWW-Authenticate`` per Payment challenge).
+        self.header_list: list[tuple[str, str]] = []
+        #: The body's media type when it is not plain JSON (``application/problem+json``).
+        self.media_type: str | None = None
 
 
 class BadRequest(GatewayError):

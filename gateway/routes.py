@@ -50,7 +50,7 @@ async def handle(request: Request, dialect: Dialect) -> Response:
     model = find_model(gw, parsed.model, dialect)
     needed = model.rate.charge(rough_prompt_tokens(parsed), gw.rail.min_output_tokens)
     try:
-        paid = await gw.rail.authenticate(request, needed=needed)
+        paid = await gw.rail.authenticate(request, needed=needed, rate=model.rate)
     except PaymentRequired:
         await gw.challenged(request)  # a rejected payment is one more challenge
         raise
@@ -61,7 +61,7 @@ async def handle(request: Request, dialect: Dialect) -> Response:
         request.state.payment_headers = payment_headers
     else:
         payment_headers = {}
-        account_id = await gw.authenticate(request, needed=needed)
+        account_id = await gw.authenticate(request, needed=needed, rate=model.rate)
     # Only an authenticated (or paying) caller gets the tokenizer's time.
     input_tokens = model.tokenizer.count(parsed.prompt_text) + parsed.prompt_overhead
     cap = parsed.max_output or model.max_output_tokens
@@ -77,7 +77,7 @@ async def handle(request: Request, dialect: Dialect) -> Response:
     except InsufficientFunds as exc:
         await gw.challenged(request)
         raise gw.insufficient(request, exc, needed=model.rate.charge(
-            input_tokens, gw.rail.min_output_tokens)) from exc
+            input_tokens, gw.rail.min_output_tokens), rate=model.rate) from exc
     try:
         upstream_max = None if parsed.stream else min(meter.covered, cap)
         body = dialect.upstream_body(parsed, model=model.upstream_model, max_output=upstream_max)

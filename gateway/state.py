@@ -19,6 +19,7 @@ from meters.errors import InsufficientFunds
 from meters.keeper import Keeper
 from meters.ledger import Ledger
 from meters.money import Asset
+from meters.rates import Rate
 
 __all__ = ["Gateway", "Model", "bearer"]
 
@@ -54,7 +55,8 @@ class Gateway:
             raise Unauthorized("missing or wrong admin token in Authorization: Bearer",
                                code="invalid_admin_token", param="authorization")
 
-    async def authenticate(self, request: Request, *, needed: int = 0) -> str:
+    async def authenticate(self, request: Request, *, needed: int = 0,
+                           rate: Rate | None = None) -> str:
         """The account a model request is billed to.
 
         Without a payment rail a missing or unknown key is a 401. With one, it is the rail's
@@ -77,20 +79,21 @@ class Gateway:
             raise Unauthorized(message, code=code, param="authorization")
         if not key:
             await self.challenged(request)
-        raise self.rail.challenge(request, needed=needed, reason=message, code=code)
+        raise self.rail.challenge(request, needed=needed, reason=message, code=code, rate=rate)
 
     async def challenged(self, request: Request) -> None:
         """Count one 402 challenge against this client (429 past its limit)."""
         self.limiter.check(request, "challenge")
         await self.limiter.spend(request, "challenge")
 
-    def insufficient(self, request: Request, exc: InsufficientFunds, *, needed: int
-                     ) -> GatewayError:
+    def insufficient(self, request: Request, exc: InsufficientFunds, *, needed: int,
+                     rate: Rate | None = None) -> GatewayError:
         """Translate a refused hold into the rail's 402 (asking for at least ``needed``)."""
         err = self.rail.challenge(request, needed=max(needed, exc.needed), reason=exc.message,
-                                  code=exc.code)
-        err.extra.setdefault("balance", str(exc.available))
-        err.extra.setdefault("needed", str(exc.needed))
+                                  code=exc.code, rate=rate)
+        for target in (err.extra, err.body if err.body is not None else {}):
+            target.setdefault("balance", str(exc.available))
+            target.setdefault("needed", str(exc.needed))
         return err
 
 

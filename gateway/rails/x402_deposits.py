@@ -32,10 +32,9 @@ from gateway.errors import (
     GatewayError,
     InvalidPayment,
     PaymentRejected,
-    PaymentRequired,
     ServiceUnavailable,
 )
-from gateway.rails import PaymentRail
+from gateway.rails.base import Offer, PaymentRail, render
 from gateway.rails.evm import EvmNetwork, EvmSettler, SettlementNotSubmitted, SettlementResult
 from gateway.rails.facilitator import LocalSettlement, RemoteFacilitator, Settlement
 from gateway.rails.x402 import (
@@ -58,6 +57,7 @@ from gateway.settings import Settings
 from meters.deposits import SETTLED, Deposit, Deposits
 from meters.ledger import Ledger
 from meters.money import Asset
+from meters.rates import Rate
 
 log = logging.getLogger("tollstream.x402")
 
@@ -173,19 +173,15 @@ class X402Deposits(PaymentRail):
         return ResourceInfo(url=str(request.url), description="tollstream prepaid allowance "
                             "(deposit, billed per token)", mime_type="text/event-stream")
 
-    def challenge(self, request: Request, *, needed: int, reason: str,
-                  code: str = "payment_required",
-                  error_class: type[GatewayError] = PaymentRequired,
-                  headers: Mapping[str, str] | None = None) -> GatewayError:
+    def offer(self, request: Request, *, needed: int, reason: str, code: str,
+              rate: Rate | None = None) -> Offer:
         accepts = self.accepts(needed)
         challenge = build_payment_required(resource=self._resource(request), accepts=accepts,
                                            error=reason)
         amount = accepts[0].amount
-        body = {**challenge.body, "code": code, "message": reason, "needed": str(needed),
-                "deposit": str(amount), "asset": self.asset.symbol,
-                "deposit_decimal": self.asset.format(amount)}
-        return error_class(reason, code=code, body=body,
-                           headers={**challenge.headers, **(headers or {})})
+        return Offer(headers=list(challenge.headers.items()),
+                     body={**challenge.body, "deposit": str(amount), "asset": self.asset.symbol,
+                           "deposit_decimal": self.asset.format(amount)})
 
     async def top_up_hint(self, account_id: str, request: Request) -> Mapping[str, Any]:
         accepts = self.accepts(0)
@@ -196,7 +192,11 @@ class X402Deposits(PaymentRail):
                                              for a in accepts]}
 
     # -- paying -------------------------------------------------------------------------------
-    async def authenticate(self, request: Request, *, needed: int
+    def claims(self, request: Request) -> bool:
+        headers = request.headers
+        return PAYMENT_SIGNATURE_HEADER in headers or X_PAYMENT_HEADER in headers
+
+    async def authenticate(self, request: Request, *, needed: int, rate: Rate | None = None
                            ) -> tuple[str, dict[str, str]] | None:
         header = request.headers.get(PAYMENT_SIGNATURE_HEADER)
         version = 2
@@ -271,10 +271,9 @@ class X402Deposits(PaymentRail):
             headers["PAYMENT-RESPONSE"] = encode_header(settlement_response(
                 success=False, transaction="", network=network, payer=payer,
                 error_reason=exc.code))
-        err = self.challenge(request, needed=needed, reason=exc.message, code=exc.code,
-                             error_class=kind, headers=headers)
-        err.param = exc.param
-        return err
+        err = kind(exc.message, code=exc.code, param=exc.param, headers=headers)
+        offer = self.offer(request, needed=needed, reason=exc.message, code=exc.code)
+        return render(err, [offer], needed=needed)
 
 
 def _dumps(model: Any) -> str:
