@@ -139,13 +139,17 @@ def paths(value: Any, here: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
 
 @st.composite
 def mutated(draw: st.DrawFn, base: st.SearchStrategy[Any], *, most: int = 3) -> Any:
-    """A value of ``base`` with up to ``most`` mutations: a field replaced by an odd value,
-    deleted, wrapped in a list, turned into a string, or an unknown field added."""
+    """A value of ``base`` with up to ``most`` mutations: a field (often a ``type`` or
+    ``role``) replaced by an odd value, deleted, wrapped in a list, turned into a string, or an
+    unknown field added."""
     value = clone(draw(base))
     for _ in range(draw(pick(0, 0, 0, 1, 1, 2, most))):
         where = paths(value)
-        op = draw(pick("replace", "replace", "replace", "delete", "add", "wrap",
-                                   "stringify", "root"))
+        op = draw(pick("replace", "replace", "replace", "retype", "delete", "add", "wrap",
+                       "stringify", "root"))
+        if op == "retype":  # what dialects branch on: a block's type, a message's role
+            where = [p for p in where if p[-1] in ("type", "role")]
+            op = "replace"
         if op == "root" or not where:
             value = clone(draw(odd_values)) if op == "root" else value
             continue
@@ -311,7 +315,8 @@ def messages_bodies(models: Sequence[str], *, count_only: bool = False
     """Anthropic Messages (or count_tokens) requests, then mutated."""
     block = st.sampled_from(ANTHROPIC_BLOCKS)
     message = st.fixed_dictionaries(
-        {"role": st.sampled_from(["user", "user", "assistant", "system", "tool", ""]),
+        {"role": st.sampled_from(["user", "user", "user", "assistant", "assistant", "system",
+                                  "tool", ""]),
          "content": st.one_of(texts, st.lists(block, max_size=3))})
     options: dict[str, list[Any]] = {
         "system": ["be brief", "", [{"type": "text", "text": "sys"}], ANTHROPIC_BLOCKS[:3],
@@ -326,7 +331,7 @@ def messages_bodies(models: Sequence[str], *, count_only: bool = False
     if count_only:
         options["max_tokens"] = MAX_TOKENS
     else:
-        required["max_tokens"] = st.sampled_from(MAX_TOKENS[:8] + MAX_TOKENS)
+        required["max_tokens"] = st.sampled_from(MAX_TOKENS[:7] * 3 + MAX_TOKENS)
     return mutated(with_options(required, options))
 
 
@@ -486,18 +491,19 @@ SEGMENTS = ["..", ".", "%2e%2e", "%2F", "%00", "%ff", "%", "v1", "admin", "accou
 _segments = st.one_of(
     st.sampled_from(SEGMENTS), st.sampled_from(SEGMENTS),
     st.text(alphabet=string.ascii_letters + string.digits + "-_.~", min_size=1, max_size=10),
-    st.text(max_size=6).map(lambda s: quote(s, safe="")))
+    st.text(min_size=1, max_size=6).map(lambda s: quote(s, safe="")))
 
 
 @st.composite
 def unknown_paths(draw: st.DrawFn) -> str:
     """A path that is (most likely) no route, some close to real ones."""
     prefix = draw(pick("", "/v1", "/v2", "/admin", "/admin/accounts", "/v1/messages",
-                                   "/v1/chat", "/v1/models", "/v1/responses", "/healthz",
-                                   "//v1", "/V1", "/v1/messages/count_tokens"))
+                       "/v1/chat", "/v1/models", "/v1/responses", "/healthz", "/v1//",
+                       "/V1", "/v1/messages/count_tokens"))
     parts = draw(st.lists(_segments, max_size=3))
     path = prefix + "".join("/" + p for p in parts)
-    return (path or "/") + draw(pick("", "", "/", "//", "?x=1"))
+    # Never "//" first: httpx would read what follows as a host name.
+    return "/" + (path or "/").lstrip("/") + draw(pick("", "", "/", "//", "?x=1"))
 
 
 def b64(raw: bytes) -> str:

@@ -17,7 +17,15 @@ Every case, whatever it sends, must get:
 Hypothesis runs derandomized without a database, so CI sees the same cases every run. The number
 of cases per target and in total is printed in the terminal summary of every run, and
 ``test_fuzz_ran_enough_cases`` asserts the total (at least 10,000 when every target ran).
-``TOLLSTREAM_FUZZ_SCALE=10`` runs ten times as many cases of every target.
+``TOLLSTREAM_FUZZ_SCALE=10`` runs ten times as many cases of every target;
+``TOLLSTREAM_FUZZ_CODES=1`` adds the error codes each target met to the summary;
+``TOLLSTREAM_FUZZ_RANDOM=1`` draws new random cases (to explore; a failure prints the
+``@reproduce_failure`` blob that replays it).
+
+What the targets found is kept below them as regression tests. One known bug is fixed
+elsewhere (an x402 signature that recovers no key: 500): while ``recover_signer`` still lets
+eth_keys' ``BadSignature`` through, the x402 target counts those 500s apart instead of failing
+(the summary says how many), and its strict xfail test turns red once the fix lands.
 """
 
 from __future__ import annotations
@@ -65,9 +73,9 @@ SCALE = float(os.environ.get("TOLLSTREAM_FUZZ_SCALE", "1"))
 FUZZ_DB = 9
 #: Cases per target (times SCALE).
 BUDGET = {
-    "chat_completions": 1500, "messages": 1300, "count_tokens": 500, "responses": 1300,
-    "raw_bodies": 1200, "credentials": 1200, "info_routes": 500, "admin": 1300,
-    "routing": 700, "x402_payments": 1500, "rate_limits": 300,
+    "chat_completions": 1400, "messages": 1200, "count_tokens": 500, "responses": 1200,
+    "raw_bodies": 1100, "credentials": 1200, "info_routes": 500, "admin": 1200,
+    "routing": 800, "x402_payments": 1100, "rate_limits": 300,
 }
 MINIMUM_TOTAL = 10_000
 
@@ -79,10 +87,12 @@ CODES: dict[str, Counter[str]] = defaultdict(Counter)
 #: Cases that hit a known, separately tracked bug (see the xfail tests at the end).
 KNOWN: Counter[str] = Counter()
 
+#: Model names to draw: mostly the dialect's own models, else another dialect's, an unknown
+#: one, or a near miss.
 MODEL_NAMES = [*TEST_MODELS, "gpt-unknown", "", "exact ", "EXACT"]
-CHAT_MODELS = ["exact", "priced", *MODEL_NAMES]
-CLAUDE_MODELS = ["claude-exact", *MODEL_NAMES]
-RESPONSES_MODELS = ["resp-exact", *MODEL_NAMES]
+CHAT_MODELS = ["exact"] * 8 + ["priced"] * 4 + MODEL_NAMES
+CLAUDE_MODELS = ["claude-exact"] * 12 + MODEL_NAMES
+RESPONSES_MODELS = ["resp-exact"] * 12 + MODEL_NAMES
 MODEL_ROUTES = ["/v1/chat/completions", "/v1/messages", "/v1/messages/count_tokens",
                 "/v1/responses"]
 VALID_BODIES: dict[str, dict[str, Any]] = {
@@ -107,9 +117,13 @@ METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD", "TRACE", 
 LOG_MARKERS = ("Traceback", "Exception", "PanicException")
 
 
+#: TOLLSTREAM_FUZZ_RANDOM=1: new random cases each run (exploring), not CI's fixed ones.
+RANDOM = os.environ.get("TOLLSTREAM_FUZZ_RANDOM") == "1"
+
+
 def fuzz_settings(target: str) -> settings:
     return settings(max_examples=max(1, int(BUDGET[target] * SCALE)), deadline=None,
-                    derandomize=True, database=None, print_blob=False,
+                    derandomize=not RANDOM, database=None, print_blob=RANDOM,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                            HealthCheck.filter_too_much,
                                            HealthCheck.large_base_example])
@@ -259,7 +273,7 @@ class FuzzGateway:
         label = str(status)
         records = self.bad_records(wait=1.0 if status >= 500 else 0.0)
         where = f"{request.method} {response.request.url.path} -> {status}"
-        known = status == 500 and self.known_badsignature and any(
+        known = status == 500 and self.known_badsignature and bool(records) and all(
             "BadSignature" in render(r) for r in records)
         if known:
             KNOWN["x402 signature that cannot be recovered -> 500 (eth_keys BadSignature)"] += 1
@@ -274,10 +288,7 @@ class FuzzGateway:
             if is_protocol_rejection(response):
                 label = "400(uvicorn)"
             elif request.method != "HEAD" and not known:
-                code = check_error_body(response)
-                CODES[target][code] += 1
-                if os.environ.get("TOLLSTREAM_FUZZ_CODES") == "2":
-                    CODES[target][code + ": " + str(response.json().get("message"))[:70]] += 1
+                CODES[target][check_error_body(response)] += 1
             if status == 429:
                 assert int(response.headers["Retry-After"]) >= 1, where
             digest = self.digest()
@@ -350,7 +361,7 @@ def check_success_body(request: Request, response: httpx.Response) -> None:
 def fuzzing(gw: FuzzGateway) -> Iterator[FuzzGateway]:
     """Watch the logs while ``gw`` is fuzzed; fail on anything logged after the last case."""
     with watching_logs() as watch:
-        gw.watch = watch
+        gw.watch, gw._digest = watch, b""  # the ledger is read afresh: tests may change it
         try:
             yield gw
             time.sleep(0.05)
@@ -495,16 +506,19 @@ def test_fuzz_chat_completions(fgw: FuzzGateway) -> None:
         "/v1/chat/completions", fs.chat_bodies(CHAT_MODELS), fgw.keys, fs.queries))
 
 
+CLAUDE_CODE_QUERY = st.one_of(st.just("?beta=true"), fs.queries)  # what Claude Code sends
+
+
 def test_fuzz_messages(fgw: FuzzGateway) -> None:
     run_cases(fgw, "messages", model_case(
-        "/v1/messages", fs.messages_bodies(CLAUDE_MODELS), fgw.keys, fs.queries,
+        "/v1/messages", fs.messages_bodies(CLAUDE_MODELS), fgw.keys, CLAUDE_CODE_QUERY,
         fs.anthropic_headers))
 
 
 def test_fuzz_count_tokens(fgw: FuzzGateway) -> None:
     run_cases(fgw, "count_tokens", model_case(
         "/v1/messages/count_tokens", fs.messages_bodies(CLAUDE_MODELS, count_only=True),
-        fgw.keys, fs.queries, fs.anthropic_headers))
+        fgw.keys, CLAUDE_CODE_QUERY, fs.anthropic_headers))
 
 
 def test_fuzz_responses(fgw: FuzzGateway) -> None:
@@ -820,7 +834,7 @@ def _x402_headers(draw: st.DrawFn, payments: st.SearchStrategy[Any]) -> fs.Heade
     elif encoding == "unpadded":
         value = value.rstrip("=")
     elif encoding == "spaced":
-        value = value[:10] + " " + value[10:]
+        value = value[:len(value) // 2] + " " + value[len(value) // 2:]
     elif encoding == "junk":
         value += draw(fs.pick("!", "=", "==", "AA", "\t")) + "x"
     headers: fs.Headers = [(name, value)]
@@ -942,6 +956,29 @@ def test_regression_body_nested_past_the_encoder_is_400(fgw: FuzzGateway, route:
                         ).status_code == 200
 
 
+@pytest.mark.parametrize(("route", "body"), [
+    ("/v1/chat/completions", {**VALID_BODIES["/v1/chat/completions"], "tools": [
+        {"type": ["function"], "function": {"name": "f", "parameters": {"type": "object"}}}]}),
+    ("/v1/messages", {**VALID_BODIES["/v1/messages"],
+                      "messages": [{"role": "user", "content": [{"type": "text", "text": "a",
+                                                                 "x": {"type": {}}}]}]}),
+    ("/v1/responses", {**VALID_BODIES["/v1/responses"], "input": [
+        {"role": "user", "content": [{"type": ["input_text"], "text": "hi"}]}]}),
+])
+@pytest.mark.parametrize("authenticated", [True, False])
+def test_regression_block_type_that_is_no_string(fgw: FuzzGateway, route: str,
+                                                 body: dict[str, Any],
+                                                 authenticated: bool) -> None:
+    """(chat_completions, at TOLLSTREAM_FUZZ_SCALE=6) A "type" that is a list or an object
+    anywhere the prompt estimate walks (a tool, an extra field of a block) was looked up in a
+    frozenset: TypeError (unhashable), 500, before authentication. Such a type is now no
+    block type: its text is counted like any other object's."""
+    auth = [("authorization", f"Bearer {fgw.funded_key}")] if authenticated else []
+    with fuzzing(fgw):
+        response = fgw.send("regressions", Request("POST", route, auth, fs.dump(body)))
+    assert response.status_code == (200 if authenticated else 401)
+
+
 @pytest.mark.parametrize(("method", "suffix"), [("GET", ""), ("POST", "/credit"),
                                                 ("POST", "/rotate-key")])
 def test_regression_account_id_naming_its_key_set_is_404(fgw: FuzzGateway, method: str,
@@ -998,6 +1035,28 @@ def test_regression_unrecoverable_signature_is_402(xgw: FuzzGateway, chain: DevC
     time.sleep(0.2)  # let the server log the exception here, not in the next test
     assert response.status_code == 402, response.text
     assert response.json()["code"] == "invalid_exact_evm_payload_signature"
+
+
+@pytest.mark.xfail(strict=True, reason="known bug, needs a policy: credit.lua lets HINCRBY "
+                   "overflow int64, which Redis refuses; the gateway reports it as the ledger "
+                   "being unreachable")
+def test_regression_credit_past_int64_is_refused_not_503(fgw: FuzzGateway) -> None:
+    """(probing the admin target's limits; no target meets it within its budget: it takes
+    2,048 credits of the largest amount, 2**52, to one account) A credit that takes a balance
+    past 2**63 - 1 makes HINCRBY fail; redis_errors() turns that into LedgerUnavailable: 503
+    "the ledger (Redis) is unreachable", which it is not. Balances past 2**53 are already
+    inexact in the Lua scripts' arithmetic. Proposed fix: credit.lua refuses (before writing
+    anything, the idempotency key included) a credit that would take the balance past
+    MAX_AMOUNT, and Ledger.credit raises InvalidAmount (400) for it."""
+    admin = {"authorization": f"Bearer {ADMIN_TOKEN}"}
+    account = fgw.client.post("/admin/accounts", json={"balance": "0"},
+                              headers=admin).json()["account_id"]
+    # Stands for 2,047 credits of 2**52 (one HSET instead of 2,047 requests).
+    near = (2**63 - 1) - 2**52 + 1
+    fgw.redis.hset(f"{fgw.prefix}acct:{account}", mapping={"balance": near, "credited": near})
+    response = fgw.client.post(f"/admin/accounts/{account}/credit",
+                               json={"amount": str(2**52)}, headers=admin)
+    assert response.status_code < 500, response.text
 
 
 # --------------------------------------------------------------------------- the counts
