@@ -892,14 +892,18 @@ def _plausible_payment(draw: st.DrawFn, offer: Offer, signed: st.SearchStrategy[
 
 @st.composite
 def signatures(draw: st.DrawFn) -> Any:
-    """A signature that is not the payer's: random, zero, malleable (high s), v of every
-    kind, or not 65 bytes of hex at all."""
-    kind = draw(fs.pick("random", "random", "random", "zero", "high_s", "odd"))
+    """A signature that is not the payer's: random, zero, an r that is no curve point (or
+    r, s out of range), malleable (high s), v of every kind, or not 65 bytes of hex at all."""
+    kind = draw(fs.pick("random", "random", "random", "zero", "off_curve", "high_s", "odd"))
     v = bytes([draw(fs.pick(0, 1, 27, 28, 27, 28, 255, 26, 29, 4))]).hex()
     if kind == "random":
         return "0x" + draw(st.binary(min_size=64, max_size=64)).hex() + v
     if kind == "zero":
         return "0x" + "00" * 64 + v
+    if kind == "off_curve":
+        r = draw(fs.pick(0, 5, _SECP256K1_N, 2**256 - 1))
+        s = draw(fs.pick(0, 1, 7, _SECP256K1_N // 2))
+        return "0x" + r.to_bytes(32, "big").hex() + s.to_bytes(32, "big").hex() + v
     if kind == "high_s":
         r = draw(st.binary(min_size=32, max_size=32)).hex()
         s = (_SECP256K1_N - draw(st.integers(1, 2**128))).to_bytes(32, "big").hex()
@@ -928,6 +932,29 @@ def test_fuzz_x402_payments(xgw: FuzzGateway, chain: DevChain) -> None:
         return Request("POST", path, with_common(draw, headers), fs.dump(body))
 
     run_cases(xgw, "x402_payments", cases())
+
+
+# --------------------------------------------------------------------------- the harness, tested
+
+def test_harness_notices_money_moved_and_tracebacks_logged(fgw: FuzzGateway) -> None:
+    """The properties are live: a failed request after which an account changed, and an
+    exception in the logs, each fail the case."""
+    account = f"{fgw.prefix}acct:{fgw.account_ids[3]}"
+    with fuzzing(fgw):
+        fgw.send("harness", Request("GET", "/healthz"))
+        fgw.redis.hincrby(account, "balance", 1)  # as if the next (failing) request did it
+        try:
+            with pytest.raises(AssertionError, match="a failed request moved money"):
+                fgw.send("harness", Request("GET", "/v1/balance"))  # 401
+        finally:
+            fgw.redis.hincrby(account, "balance", -1)
+        fgw._digest = b""
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            logging.getLogger("tollstream").exception("as if a handler had crashed")
+        with pytest.raises(AssertionError, match="Traceback"):
+            fgw.send("harness", Request("GET", "/healthz"))
 
 
 # --------------------------------------------------------------------------- regressions
