@@ -2,8 +2,9 @@
 
 Every route reads its body here, so a body that is too large, empty, not JSON or not the
 expected shape gets the same answers everywhere: 413 ``request_too_large``, 400
-``invalid_json`` with ``param: "body"``, or 400 ``invalid_request`` naming the first offending
-field the way the APIs do (``messages[1].content``).
+``invalid_json`` with ``param: "body"`` (also for nesting deeper than :data:`MAX_DEPTH`), or
+400 ``invalid_request`` naming the first offending field the way the APIs do
+(``messages[1].content``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,11 @@ from starlette.requests import Request
 from gateway.errors import BadRequest, PayloadTooLarge
 
 M = TypeVar("M", bound=BaseModel)
+
+#: Deepest nesting of arrays and objects accepted in a body. The body is forwarded upstream
+#: re-encoded (orjson encodes at most 255 levels) and walked by the prompt estimate; no model
+#: API request comes near this.
+MAX_DEPTH = 128
 
 
 async def read_json(request: Request, limit: int) -> Any:
@@ -39,10 +45,31 @@ async def read_json(request: Request, limit: int) -> Any:
         raise BadRequest("the request body is empty; send a JSON object", code="invalid_json",
                          param="body")
     try:
-        return orjson.loads(body)
+        value = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise BadRequest(f"the request body is not valid JSON: {exc.args[0][:120]}",
                          code="invalid_json", param="body") from exc
+    if too_deep(value, MAX_DEPTH):
+        raise BadRequest(f"the request body is nested more than {MAX_DEPTH} levels deep",
+                         code="invalid_json", param="body")
+    return value
+
+
+def too_deep(value: Any, limit: int) -> bool:
+    """Whether arrays and objects in ``value`` nest more than ``limit`` levels (iterative: a
+    deep value must not exhaust the stack here either)."""
+    if not isinstance(value, dict | list):
+        return False
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item
+        for child in children:
+            if isinstance(child, dict | list):
+                if depth >= limit:
+                    return True
+                stack.append((child, depth + 1))
+    return False
 
 
 def field_path(loc: tuple[int | str, ...]) -> str:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import re
 import secrets
 import time
 import uuid
@@ -119,6 +120,10 @@ class Ledger:
 
     # -- keys -------------------------------------------------------------------------------
     def _acct(self, account_id: str) -> str:
+        if not _ACCOUNT_ID.fullmatch(account_id):
+            # An id with ":" would name another key of the ledger (an account's key set,
+            # ``acct:{id}:keys``), which Redis then refuses as the wrong type: not an account.
+            raise AccountNotFound(f"no account {account_id[:100]!r}", param="account_id")
         return f"{self.prefix}acct:{account_id}"
 
     def _res(self, rid: str) -> str:
@@ -299,6 +304,11 @@ class Ledger:
             raise AccountNotFound(f"no account {account_id}", param="account_id")
         return SettleResult(int(charged), int(returned), int(shortfall), int(balance),
                             replayed=status == 0)
+
+
+#: Account ids are opaque tokens ("acct_<hex>", "x402_<hex>") that never contain ":", the
+#: separator of the ledger's keys.
+_ACCOUNT_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 
 
 def _new_key() -> tuple[str, str]:

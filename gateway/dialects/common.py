@@ -99,6 +99,8 @@ class PromptEstimate:
                 self.add(item)
         elif isinstance(value, dict):
             kind = value.get("type")
+            if not isinstance(kind, str):  # a list or object is no block type (nor hashable)
+                kind = None
             if kind in IMAGE_TYPES:
                 self.media_tokens += media_tokens("image")
             elif kind in MEDIA_TYPES and not _is_text_document(value):

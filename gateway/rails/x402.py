@@ -75,7 +75,7 @@ _CAIP2 = re.compile(r"^[-a-z0-9]{3,8}:[-_a-zA-Z0-9]{1,32}$")
 
 def _uint(value: Any) -> int:
     # Amounts travel as decimal strings (JSON numbers lose precision past 2**53).
-    if isinstance(value, str) and _DIGITS.match(value):
+    if isinstance(value, str) and _DIGITS.fullmatch(value):
         number = int(value)
     elif isinstance(value, int) and not isinstance(value, bool):
         number = value
@@ -88,7 +88,9 @@ def _uint(value: Any) -> int:
 
 def _pattern(regex: re.Pattern[str], what: str) -> BeforeValidator:
     def check(value: Any) -> str:
-        if not isinstance(value, str) or not regex.match(value):
+        # fullmatch: "$" alone lets a trailing newline through, which the EVM helpers
+        # (to_checksum_address, HexBytes) then refuse with a ValueError.
+        if not isinstance(value, str) or not regex.fullmatch(value):
             raise ValueError(f"must be {what}")
         return value
     return BeforeValidator(check)
