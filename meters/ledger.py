@@ -267,9 +267,14 @@ class Ledger:
         with redis_errors():
             status, balance = await self._credit(
                 keys=[self._acct(account_id), idem],
-                args=[amount, "1" if idempotency_key else "0", idempotency_ttl_seconds])
+                args=[amount, "1" if idempotency_key else "0", idempotency_ttl_seconds,
+                      MAX_AMOUNT])
         if status == -1:
             raise AccountNotFound(f"no account {account_id}", param="account_id")
+        if status == -3:
+            raise InvalidAmount(f"crediting {amount} would take the account past the most an "
+                                f"account may be credited in all ({MAX_AMOUNT} atomic units)",
+                                param="amount")
         if status == -2:
             raise DuplicateCredit(f"idempotency key {idempotency_key!r} was already used on "
                                   "this account for a different amount",
