@@ -216,6 +216,50 @@ class X402Settings(_Frozen):
         return self
 
 
+class MppSettings(_Frozen):
+    """The Machine Payments Protocol rail: the ``Payment`` HTTP auth scheme, method ``evm``
+    (off unless ``enabled``). Its challenges are HMAC-bound with the secrets in ``secret``
+    / ``secret_env`` (comma-separated, at least 16 bytes each; the first signs, all verify:
+    rotate by prepending a new one)."""
+
+    enabled: bool = False
+    realm: str = Field(default="tollstream", min_length=1)
+    secret: SecretStr | None = None
+    secret_env: str = "TOLLSTREAM_MPP_SECRET"
+    challenge_ttl_seconds: int = Field(default=300, ge=10)
+    #: Offer the one-time ``charge`` intent (an EIP-3009 payment credited as a balance).
+    charge: bool = True
+    pay_to: str = ""
+    deposit: str = "1.00"
+    min_output_tokens: int = Field(default=256, ge=1)
+    #: The chain and token (same keys as an [x402.networks.<name>] entry).
+    network: X402NetworkSettings | None = None
+
+    def secrets(self) -> list[bytes]:
+        """The challenge secrets, newest (signing) first."""
+        raw = self.secret.get_secret_value() if self.secret is not None \
+            else os.environ.get(self.secret_env, "")
+        return [part.strip().encode() for part in raw.split(",") if part.strip()]
+
+    @model_validator(mode="after")
+    def _check(self) -> MppSettings:
+        if not self.enabled:
+            return self
+        secrets = self.secrets()
+        if not secrets or any(len(s) < 16 for s in secrets):
+            raise ValueError(f"secret (or the variable {self.secret_env}) must hold one or "
+                             "more comma-separated secrets of at least 16 characters")
+        if self.network is None:
+            raise ValueError("network is required when mpp is enabled")
+        if self.charge:
+            if not (self.pay_to.startswith("0x") and len(self.pay_to) == 42):
+                raise ValueError("pay_to must be the 0x address charges are paid to")
+            if not self.network.relayer():
+                raise ValueError("network needs relayer_key or relayer_key_env (the relayer "
+                                 "pays the settlement gas)")
+        return self
+
+
 class RateLimitSettings(_Frozen):
     """Per-client limits on failed authentication and on 402 challenges (token buckets)."""
 
@@ -265,6 +309,7 @@ class Settings(_Frozen):
     prices: dict[str, PriceSettings] = {}
     rate_limit: RateLimitSettings = RateLimitSettings()
     x402: X402Settings = X402Settings()
+    mpp: MppSettings = MppSettings()
 
     @field_validator("admin_token")
     @classmethod
@@ -301,6 +346,11 @@ class Settings(_Frozen):
                 price.rate(self.asset_obj(), f"routes.{i}")
         for name, price in self.prices.items():
             price.rate(self.asset_obj(), f"prices.{name}")
+        if self.mpp.enabled:
+            try:
+                self.asset_obj().parse(self.mpp.deposit, field="mpp.deposit")
+            except InvalidAmount as exc:
+                raise ValueError(exc.message) from exc
         if self.x402.enabled:
             try:
                 self.asset_obj().parse(self.x402.deposit, field="x402.deposit")

@@ -64,6 +64,16 @@ log = logging.getLogger("tollstream.x402")
 API_KEY_HEADER = "Tollstream-Api-Key"
 
 
+class SettlementFailed(PaymentRejected):
+    """The chain refused a verified payment's settlement (nothing moved; claim released)."""
+
+    def __init__(self, cause: PaymentRejected, *, network: str, payer: str) -> None:
+        super().__init__(cause.message, code=cause.code, param=cause.param)
+        self.cause = cause
+        self.network = network
+        self.payer = payer
+
+
 def payer_account_id(network: str, asset: str, payer: str) -> str:
     """Accounts of x402 payers are keyed by network, asset and payer address."""
     digest = hashlib.sha256(f"{network}|{asset.lower()}|{payer.lower()}".encode()).hexdigest()
@@ -218,13 +228,30 @@ class X402Deposits(PaymentRail):
 
     async def pay(self, request: Request, payload: AnyPaymentPayload, needed: int
                   ) -> tuple[SettlementResult, str]:
-        """Verify, claim, settle and credit one payment; returns the settlement and account."""
+        """Verify, claim, settle and credit one payment; returns the settlement and account.
+        Rejections come back with a fresh challenge."""
         try:
             requirements = match_requirements(payload, self.accepts(needed))
-            auth = to_authorization(payload)
-            await self.settlement.verify(payload, requirements)
         except (InvalidPayment, PaymentRejected) as exc:
             raise self._fresh(request, needed, exc, type(exc)) from exc
+        try:
+            return await self.collect(payload, requirements)
+        except SettlementFailed as exc:
+            raise self._fresh(request, needed, exc.cause, PaymentRejected, failed=True,
+                              network=exc.network, payer=exc.payer) from exc
+        except (InvalidPayment, PaymentRejected) as exc:
+            raise self._fresh(request, needed, exc, type(exc)) from exc
+
+    async def collect(self, payload: AnyPaymentPayload, requirements: PaymentRequirements,
+                      *, label: str = "x402") -> tuple[SettlementResult, str]:
+        """Take one EIP-3009 payment exactly once: verify it, claim its record, settle it
+        on-chain, credit the payer's account. Shared by every rail that takes EIP-3009
+        authorizations (x402 ``exact``, MPP's ``evm`` charge), so their deposits are recorded,
+        recovered and credited alike. Raises :class:`InvalidPayment` / :class:`PaymentRejected`
+        (nothing moved), :class:`SettlementFailed` (the chain refused the settlement) or
+        :class:`ServiceUnavailable` (outcome unknown, recovery finishes it)."""
+        auth = to_authorization(payload)
+        await self.settlement.verify(payload, requirements)
         network = self.networks[requirements.network]
         account_id = payer_account_id(network.network, network.asset, auth.payer)
         # Where recovery starts looking for a cancellation of this authorization.
@@ -236,16 +263,14 @@ class X402Deposits(PaymentRail):
             payload=_dumps(payload), requirements=_dumps(requirements), block=block)
         claimed, record = await self.deposits.begin(deposit)
         if not claimed:
-            raise self._fresh(request, needed, PaymentRejected(
+            raise PaymentRejected(
                 "this authorization was already used for a deposit; its API key was returned "
-                "with the first response", code="invalid_exact_evm_nonce_already_used"),
-                PaymentRejected)
+                "with the first response", code="invalid_exact_evm_nonce_already_used")
         try:
             result = await self.settlement.settle(payload, requirements)
         except PaymentRejected as exc:
             await self.deposits.abandon(deposit.key)
-            raise self._fresh(request, needed, exc, PaymentRejected, failed=True,
-                              network=network.network, payer=auth.payer) from exc
+            raise SettlementFailed(exc, network=network.network, payer=auth.payer) from exc
         except SettlementNotSubmitted:
             # Nothing was broadcast: the authorization is untouched, release the claim so
             # the payer's retry is not refused as "already used".
@@ -256,7 +281,7 @@ class X402Deposits(PaymentRail):
             # next start-up's recovery asks the chain.
             raise
         await self.deposits.mark_settled(deposit.key, result.tx_hash)
-        await self.deposits.credit(record, label=f"x402 {auth.payer}")
+        await self.deposits.credit(record, label=f"{label} {auth.payer}")
         log.info("deposit of %d credited to %s (tx %s)", requirements.amount, account_id,
                  result.tx_hash)
         return result, account_id
