@@ -20,7 +20,6 @@ from tests.chain_fixtures import new_account
 from tests.escrow_fixtures import *  # noqa: F403  (escrow_client, payee)
 from tests.escrow_fixtures import (
     balance,
-    chain_now,
     escrow_contract,
     new_salt,
     open_channel,
@@ -252,11 +251,11 @@ async def test_access_control(chain: DevChain, escrow_client: EscrowClient,
                               payee: LocalAccount) -> None:
     """Payee-only settle/close, payer-only requestClose/withdraw."""
     opened = await open_channel(escrow_client, chain, payee.address, deposit=1_000)
-    payer = new_account(chain, eth=10**17)  # stands in for anyone else with gas
+    someone = new_account(chain, eth=10**17)  # neither payer nor payee, with gas money
     signed = voucher(escrow_client, opened.payer_key, opened.channel_id, 100)
     for call in (escrow_client.settle, escrow_client.close):
         with pytest.raises(EscrowError) as info:
-            await call(payer.key.to_0x_hex(), signed)
+            await call(someone.key.to_0x_hex(), signed)
         assert info.value.error == "NotPayee"
     for action in (escrow_client.request_close, escrow_client.withdraw):
         with pytest.raises(EscrowError) as info:
@@ -269,4 +268,3 @@ async def test_access_control(chain: DevChain, escrow_client: EscrowClient,
     with pytest.raises(EscrowError) as info:
         await escrow_client.withdraw(payer_with_gas.key.to_0x_hex(), own.args["channelId"])
     assert info.value.error == "CloseNotReady"
-    assert chain_now(chain) > 0
