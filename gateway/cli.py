@@ -165,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     wallet.add_argument("--log-level", default="warning")
     wallet.set_defaults(func=_wallet)
 
-    chain = sub.add_parser("chain", help="run a local EVM chain with the test USDC token")
+    chain = sub.add_parser("chain", help="run a local EVM chain with the test USDC token and "
+                                         "the MPP session escrow")
     chain.add_argument("--wallets", type=int, default=3)
     chain.add_argument("--port", type=int, default=None)
     chain.set_defaults(func=_chain)

@@ -112,8 +112,12 @@ def send_as(chain: DevChain, key: str, tx: dict[str, Any], *, gas: int = 300_000
     (or ``{"transactionHash": ...}`` when not waiting)."""
     w3 = _w3(chain)
     sender = Account.from_key(key)
+    # Twice the base fee, not twice eth_gasPrice: anvil suggests a price from recent
+    # transactions' tips, so paying 2x its suggestion doubled the suggestion with every send
+    # (hundreds of gwei after a few dozen), and test accounts ran out of gas money.
+    base_fee = int(w3.eth.get_block("latest").get("baseFeePerGas") or 10**9)
     full = {"from": sender.address, "gas": gas, "chainId": chain.chain_id,
-            "gasPrice": w3.eth.gas_price * 2,
+            "gasPrice": 2 * base_fee + 10**9,
             "nonce": w3.eth.get_transaction_count(sender.address, "pending"), **tx}
     tx_hash = w3.eth.send_raw_transaction(sender.sign_transaction(full).raw_transaction)
     if not wait:

@@ -32,6 +32,36 @@ def test_artifact_matches_fresh_compile() -> None:
     names = {item.get("name") for item in artifact["abi"]}
     assert {"transferWithAuthorization", "receiveWithAuthorization", "authorizationState",
             "DOMAIN_SEPARATOR", "mint", "AuthorizationUsed", "Transfer"} <= names
+    escrow = build.load_artifact(build.ESCROW_ARTIFACT)
+    assert escrow["sourceSha256"] == build.source_sha256(build.ESCROW_SOURCE)
+    assert build.stale_contracts() == []
+    assert {"open", "openWithAuthorization", "topUp", "topUpWithAuthorization", "settle",
+            "close", "requestClose", "withdraw", "getChannel", "computeChannelId",
+            "ChannelOpened", "Settled", "TopUp", "CloseRequested", "CloseRequestCancelled",
+            "ChannelClosed", "CLOSE_GRACE_PERIOD"} <= {item.get("name") for item in escrow["abi"]}
+
+
+def test_build_check_covers_every_contract(capsys: pytest.CaptureFixture[str]) -> None:
+    assert build.main(["--check"]) == 0
+    out = capsys.readouterr().out
+    assert "TestUSDC.json is up to date" in out and "Escrow.json is up to date" in out
+    with pytest.raises(ValueError, match="unknown contract"):
+        build.paths("Nope")
+
+
+def test_build_check_fails_on_a_stale_artifact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    source, artifact = build.paths("Escrow")
+    (tmp_path / source.name).write_bytes(source.read_bytes())
+    (tmp_path / artifact.name).write_bytes(artifact.read_bytes())
+    monkeypatch.setattr(build, "HERE", tmp_path)
+    monkeypatch.setattr(build, "CONTRACTS", ("Escrow",))  # one contract: fewer compiles
+    source, _ = build.paths("Escrow")
+    source.write_text(source.read_text() + "\n# changed\n")
+    assert build.main(["--check"]) == 1
+    assert "Escrow.json is stale" in capsys.readouterr().err
+    assert build.main([]) == 0
+    assert build.main(["--check"]) == 0
 
 
 def _w3(chain: DevChain) -> Web3:
@@ -55,6 +85,8 @@ def test_chain_started_and_funded(chain: DevChain) -> None:
     assert w3.eth.get_balance(chain.relayer_address) > 10**18
     info = json.loads(chain.to_json())
     assert info["token"] == chain.token and len(info["wallets"]) == len(chain.wallets)
+    assert info["escrow"] == chain.escrow and info["escrow_grace_period"] == 900
+    assert len(w3.eth.get_code(Web3.to_checksum_address(chain.escrow))) > 0
     assert info["network"] == "eip155:31337"
 
 
@@ -107,6 +139,19 @@ def test_direct_transfer_with_authorization_and_replay(chain: DevChain,
                 {"from": wallet.address})
 
 
+def test_token_fallback_only_takes_the_bytes_receive_overload(chain: DevChain) -> None:
+    """Vyper has no overloads: TestUSDC's __default__ serves USDC v2.2's
+    receiveWithAuthorization(..., bytes signature) and refuses every other unknown call."""
+    w3 = _w3(chain)
+    call = {"from": chain.relayer_address, "to": chain.token}
+    with pytest.raises(ContractLogicError, match="unknown function"):
+        w3.eth.call({**call, "data": "0x12345678"})  # type: ignore[typeddict-item]
+    selector = Web3.keccak(text="receiveWithAuthorization(address,address,uint256,uint256,"
+                                "uint256,bytes32,bytes)")[:4].hex()
+    with pytest.raises(ContractLogicError, match="invalid signature"):
+        w3.eth.call({**call, "data": "0x" + selector + "00" * 64})  # type: ignore[typeddict-item]
+
+
 def test_domain_separator_matches_eip712(chain: DevChain, evm_network: EvmNetwork) -> None:
     from eth_account.messages import encode_typed_data
 
@@ -142,6 +187,7 @@ def test_chain_cli_prints_json_and_stops_on_sigterm() -> None:
         line = proc.stdout.readline()
         info = json.loads(line)
         assert info["chain_id"] == CHAIN_ID and len(info["wallets"]) == 2
+        assert info["escrow"].startswith("0x") and info["escrow"] != info["token"]
         assert _w3_url(info["rpc_url"]).eth.chain_id == CHAIN_ID
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(15) == 0

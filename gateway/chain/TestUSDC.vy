@@ -2,9 +2,9 @@
 """
 @title TestUSDC
 @notice Minimal ERC-20 with EIP-3009 (transferWithAuthorization) for local test chains.
-        Mirrors the parts of Circle's FiatTokenV2 that x402's `exact` scheme uses,
-        including its revert strings, so settlement code can be tested against it.
-        Test token only: no blacklist, no pause, owner mints freely.
+        Mirrors the parts of Circle's FiatTokenV2 that x402's `exact` scheme and the MPP
+        session escrow use, including its revert strings, so settlement code can be tested
+        against it. Test token only: no blacklist, no pause, owner mints freely.
 """
 
 event Transfer:
@@ -48,6 +48,17 @@ RECEIVE_WITH_AUTHORIZATION_TYPEHASH: constant(bytes32) = keccak256(
 CANCEL_AUTHORIZATION_TYPEHASH: constant(bytes32) = keccak256(
     "CancelAuthorization(address authorizer,bytes32 nonce)"
 )
+
+# USDC v2.2's `bytes signature` overload of receiveWithAuthorization, which the MPP session
+# escrow calls (draft-evm-session-00, "openWithAuthorization": tokens with only the v/r/s form
+# are not supported). Vyper has no overloading, so __default__ dispatches it by selector.
+RECEIVE_WITH_AUTHORIZATION_BYTES: constant(bytes4) = method_id(
+    "receiveWithAuthorization(address,address,uint256,uint256,uint256,bytes32,bytes)",
+    output_type=bytes4,
+)
+# 4-byte selector + 7 head words + the bytes' length word + 65 bytes padded to 96: the only
+# encoding accepted (a 65-byte signature from an EOA; no ERC-1271 payers on this test token).
+RECEIVE_WITH_AUTHORIZATION_BYTES_CALLDATA: constant(uint256) = 4 + 7 * 32 + 32 + 96
 
 # secp256k1n / 2: signatures with a larger s are malleable and rejected (as OpenZeppelin's ECDSA).
 SECP256K1N_HALF: constant(uint256) = 57896044618658097711785492504343953926418782139537452191302581570759080747168
@@ -196,6 +207,39 @@ def receiveWithAuthorization(
     self._use_authorization(
         RECEIVE_WITH_AUTHORIZATION_TYPEHASH, _from, _to, _value, validAfter, validBefore,
         nonce, v, r, s,
+    )
+    self._transfer(_from, _to, _value)
+
+
+@external
+def __default__():
+    """
+    @notice receiveWithAuthorization(from, to, value, validAfter, validBefore, nonce,
+            bytes signature): the packed r || s || v overload (USDC v2.2). Every other
+            selector reverts, as on a contract without a fallback.
+    """
+    assert len(msg.data) >= 4, "TestUSDC: unknown function"
+    assert convert(slice(msg.data, 0, 4), bytes4) == RECEIVE_WITH_AUTHORIZATION_BYTES, \
+        "TestUSDC: unknown function"
+    assert len(msg.data) == RECEIVE_WITH_AUTHORIZATION_BYTES_CALLDATA, \
+        "FiatTokenV2: invalid signature"
+    _from: address = empty(address)
+    _to: address = empty(address)
+    _value: uint256 = 0
+    valid_after: uint256 = 0
+    valid_before: uint256 = 0
+    nonce: bytes32 = empty(bytes32)
+    signature: Bytes[65] = b""
+    _from, _to, _value, valid_after, valid_before, nonce, signature = abi_decode(
+        slice(msg.data, 4, RECEIVE_WITH_AUTHORIZATION_BYTES_CALLDATA - 4),
+        (address, address, uint256, uint256, uint256, bytes32, Bytes[65]),
+    )
+    assert len(signature) == 65, "FiatTokenV2: invalid signature"
+    assert _to == msg.sender, "FiatTokenV2: caller must be the payee"
+    self._use_authorization(
+        RECEIVE_WITH_AUTHORIZATION_TYPEHASH, _from, _to, _value, valid_after, valid_before,
+        nonce, convert(slice(signature, 64, 1), uint8), extract32(signature, 0),
+        extract32(signature, 32),
     )
     self._transfer(_from, _to, _value)
 

@@ -1,12 +1,13 @@
-"""Compile ``TestUSDC.vy`` into the committed artifact ``TestUSDC.json``.
+"""Compile the project's contracts into committed artifacts: ``TestUSDC.vy`` (the EIP-3009 test
+token) into ``TestUSDC.json`` and ``Escrow.vy`` (the MPP session escrow) into ``Escrow.json``.
 
-The artifact is committed so the gateway and its tests can deploy the token without vyper
-installed; ``--check`` lets CI prove the artifact still matches the source.
+The artifacts are committed so the gateway and its tests can deploy the contracts without
+vyper installed; ``--check`` lets CI prove every artifact still matches its source.
 
 Usage::
 
-    python -m gateway.chain.build          # rebuild TestUSDC.json
-    python -m gateway.chain.build --check  # exit 1 if the committed artifact is stale
+    python -m gateway.chain.build          # rebuild every artifact
+    python -m gateway.chain.build --check  # exit 1 if any committed artifact is stale
 """
 
 from __future__ import annotations
@@ -19,8 +20,19 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
+#: The contracts built, by name: ``<name>.vy`` compiles to ``<name>.json`` next to it.
+CONTRACTS = ("TestUSDC", "Escrow")
 SOURCE = HERE / "TestUSDC.vy"
 ARTIFACT = HERE / "TestUSDC.json"
+ESCROW_SOURCE = HERE / "Escrow.vy"
+ESCROW_ARTIFACT = HERE / "Escrow.json"
+
+
+def paths(name: str) -> tuple[Path, Path]:
+    """``(source, artifact)`` of the contract ``name`` (one of :data:`CONTRACTS`)."""
+    if name not in CONTRACTS:
+        raise ValueError(f"unknown contract {name!r}")
+    return HERE / f"{name}.vy", HERE / f"{name}.json"
 
 
 def source_sha256(path: Path = SOURCE) -> str:
@@ -68,21 +80,33 @@ def is_stale(artifact_path: Path = ARTIFACT, source_path: Path = SOURCE) -> bool
     return artifact_path.read_text() != render(compile_contract(source_path))
 
 
+def stale_contracts() -> list[str]:
+    """Names of the contracts whose committed artifact is missing or stale."""
+    return [name for name in CONTRACTS if is_stale(paths(name)[1], paths(name)[0])]
+
+
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns the process exit code."""
     parser = argparse.ArgumentParser(prog="python -m gateway.chain.build", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true",
-                        help="do not write; exit 1 if the committed artifact is stale")
+                        help="do not write; exit 1 if a committed artifact is stale")
     args = parser.parse_args(argv)
     if args.check:
-        if is_stale():
-            print(f"{ARTIFACT.name} is stale: run python -m gateway.chain.build", file=sys.stderr)
-            return 1
-        print(f"{ARTIFACT.name} is up to date")
-        return 0
-    ARTIFACT.write_text(render(compile_contract()))
-    print(f"wrote {ARTIFACT}")
+        status = 0
+        for name in CONTRACTS:
+            source, artifact = paths(name)
+            if is_stale(artifact, source):
+                print(f"{artifact.name} is stale: run python -m gateway.chain.build",
+                      file=sys.stderr)
+                status = 1
+            else:
+                print(f"{artifact.name} is up to date")
+        return status
+    for name in CONTRACTS:
+        source, artifact = paths(name)
+        artifact.write_text(render(compile_contract(source)))
+        print(f"wrote {artifact}")
     return 0
 
 

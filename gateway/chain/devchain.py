@@ -1,4 +1,5 @@
-"""A local EVM dev chain with the TestUSDC token deployed and test wallets funded.
+"""A local EVM dev chain with the TestUSDC token and the MPP session escrow deployed and test
+wallets funded.
 
 Two backends, same interface (a JSON-RPC URL on loopback):
 
@@ -18,7 +19,7 @@ anvil's first default account, the wallets derive from fixed strings. Never use 
 Usage::
 
     with start_chain(wallets=3) as chain:
-        chain.rpc_url, chain.token, chain.wallets[0].private_key
+        chain.rpc_url, chain.token, chain.escrow, chain.wallets[0].private_key
 """
 
 from __future__ import annotations
@@ -46,13 +47,16 @@ from hexbytes import HexBytes
 from web3 import HTTPProvider, Web3
 from web3.types import TxParams
 
-from gateway.chain.build import load_artifact
+from gateway.chain.build import ESCROW_ARTIFACT, load_artifact
 from gateway.chain.ethtester import start_tester
 
 CHAIN_ID = 31337
 DEFAULT_FUNDING = 1_000 * 10**6  # 1,000 USDC in atomic units (6 decimals)
 DEFAULT_TOKEN_NAME = "USD Coin"  # Base mainnet USDC's EIP-712 domain name/version
 DEFAULT_TOKEN_VERSION = "2"
+# The escrow's CLOSE_GRACE_PERIOD: the spec's reference value, 15 minutes (draft-evm-session-00,
+# "Forced Close"; the contract refuses less than 10). Tests move the chain's clock past it.
+ESCROW_GRACE_PERIOD = 900
 # Anvil's first default account (mnemonic "test test ... junk"); public, test-only.
 RELAYER_KEY = "0xac0974bec39a17e36ba4a6b4d238ff944bacb478cbed5efcae784d7bf4f2ff80"
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -84,12 +88,14 @@ class DevChain:
     token: str
     token_name: str
     token_version: str
+    escrow: str  # the MPP session escrow (gateway/chain/Escrow.vy)
     relayer_key: str
     wallets: list[Wallet]
     backend: str
     _stopper: Callable[[], None] = field(repr=False)
     _stopped: bool = field(default=False, repr=False)
     block_time: float | None = 1.0  # seconds between empty blocks; None: transactions only
+    escrow_grace_period: int = ESCROW_GRACE_PERIOD
 
     @property
     def network(self) -> str:
@@ -110,6 +116,8 @@ class DevChain:
             "token": self.token,
             "token_name": self.token_name,
             "token_version": self.token_version,
+            "escrow": self.escrow,
+            "escrow_grace_period": self.escrow_grace_period,
             "relayer_key": self.relayer_key,
             "relayer_address": self.relayer_address,
             "wallets": [{"address": w.address, "private_key": w.private_key,
@@ -228,41 +236,49 @@ def _send(w3: Web3, key: str, tx: Any) -> HexBytes:
 
 
 def _deploy(rpc_url: str, *, wallets: int, funding: int, token_name: str,
-            token_version: str) -> tuple[str, list[Wallet]]:
+            token_version: str) -> tuple[str, str, list[Wallet]]:
+    """Deploy TestUSDC and the escrow, mint to the wallets: (token, escrow, wallets)."""
     w3 = Web3(HTTPProvider(rpc_url, request_kwargs={"timeout": 30}))
     relayer = Account.from_key(RELAYER_KEY)
     artifact = load_artifact()
-    factory = w3.eth.contract(abi=artifact["abi"], bytecode=artifact["bytecode"])
+    escrow_artifact = load_artifact(ESCROW_ARTIFACT)
     nonce = int(w3.eth.get_transaction_count(relayer.address, "pending"))
     gas_price = w3.eth.gas_price
     base: Any = {"from": relayer.address, "chainId": CHAIN_ID, "gasPrice": gas_price * 2}
-    tx = factory.constructor(token_name, token_version).build_transaction(
-        cast(TxParams, {**base, "nonce": nonce, "gas": 3_000_000}))
-    receipt = w3.eth.wait_for_transaction_receipt(_send(w3, RELAYER_KEY, tx), timeout=30)
-    if receipt["status"] != 1 or not receipt["contractAddress"]:
-        raise RuntimeError("TestUSDC deployment failed")
-    token = w3.eth.contract(address=receipt["contractAddress"], abi=artifact["abi"])
+    deployed: list[str] = []
+    for art, args in ((artifact, (token_name, token_version)),
+                      (escrow_artifact, (ESCROW_GRACE_PERIOD,))):
+        factory = w3.eth.contract(abi=art["abi"], bytecode=art["bytecode"])
+        tx = factory.constructor(*args).build_transaction(
+            cast(TxParams, {**base, "nonce": nonce, "gas": 3_000_000}))
+        nonce += 1
+        receipt = w3.eth.wait_for_transaction_receipt(_send(w3, RELAYER_KEY, tx), timeout=30)
+        if receipt["status"] != 1 or not receipt["contractAddress"]:
+            raise RuntimeError(f"{art['contractName']} deployment failed")
+        deployed.append(Web3.to_checksum_address(receipt["contractAddress"]))
+    token = w3.eth.contract(address=Web3.to_checksum_address(deployed[0]), abi=artifact["abi"])
     out: list[Wallet] = []
     hashes: list[HexBytes] = []
     for i in range(wallets):
         key = wallet_key(i)
         address = Account.from_key(key).address
-        nonce += 1
         tx = token.functions.mint(address, funding).build_transaction(
             cast(TxParams, {**base, "nonce": nonce, "gas": 200_000}))
+        nonce += 1
         hashes.append(_send(w3, RELAYER_KEY, tx))
         out.append(Wallet(address=address, private_key=key, balance=funding))
     for h in hashes:
         if w3.eth.wait_for_transaction_receipt(h, timeout=30)["status"] != 1:
             raise RuntimeError("TestUSDC mint failed")
-    return str(receipt["contractAddress"]), out
+    return deployed[0], deployed[1], out
 
 
 def start_chain(*, wallets: int = 3, funding: int = DEFAULT_FUNDING, port: int | None = None,
                 backend: Backend | None = None, token_name: str = DEFAULT_TOKEN_NAME,
                 token_version: str = DEFAULT_TOKEN_VERSION,
                 block_time: float | None = 1.0) -> DevChain:
-    """Start a dev chain on 127.0.0.1, deploy TestUSDC, mint ``funding`` to each test wallet.
+    """Start a dev chain on 127.0.0.1, deploy TestUSDC and the MPP session escrow (grace
+    period :data:`ESCROW_GRACE_PERIOD`), mint ``funding`` to each test wallet.
 
     ``backend`` defaults to ``$TOLLSTREAM_CHAIN_BACKEND`` or ``auto`` (anvil when found, else
     eth-tester). ``funding`` is in atomic units. The relayer (token owner) holds ETH for gas.
@@ -286,13 +302,14 @@ def start_chain(*, wallets: int = 3, funding: int = DEFAULT_FUNDING, port: int |
     else:
         raise ValueError(f"unknown chain backend {choice!r}")
     try:
-        token, funded = _deploy(url, wallets=wallets, funding=funding, token_name=token_name,
-                                token_version=token_version)
+        token, escrow, funded = _deploy(url, wallets=wallets, funding=funding,
+                                        token_name=token_name, token_version=token_version)
     except BaseException:
         stopper()
         raise
     return DevChain(rpc_url=url, chain_id=CHAIN_ID, token=token, token_name=token_name,
-                    token_version=token_version, relayer_key=RELAYER_KEY, wallets=funded,
+                    token_version=token_version, escrow=escrow, relayer_key=RELAYER_KEY,
+                    wallets=funded,
                     backend=used, _stopper=stopper, block_time=block_time)
 
 

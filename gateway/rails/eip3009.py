@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from eth_account import Account
-from eth_account.messages import encode_typed_data
+from eth_account.messages import SignableMessage, encode_typed_data
 from eth_keys.exceptions import BadSignature
 from eth_keys.exceptions import ValidationError as KeyValidationError
 from eth_utils import keccak, to_checksum_address
@@ -39,12 +39,13 @@ ERR_TRANSFER_EVENT_MISMATCH = "invalid_exact_evm_transfer_event_mismatch"
 ERR_TRANSACTION_STATE = "invalid_transaction_state"
 
 # secp256k1 group order, and half of it: a larger ``s`` is the malleable twin, which FiatToken
-# rejects; r and s must lie in [1, n) for a signature to exist at all.
+# (and the MPP escrow) rejects; r and s must lie in [1, n) for a signature to exist at all.
 SECP256K1_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
-_SECP256K1N_HALF = SECP256K1_N // 2
-_HEX32 = re.compile(r"^0x[0-9a-fA-F]{64}$")
-_HEX_SIG = re.compile(r"^0x[0-9a-fA-F]{130}$")
-_ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
+SECP256K1N_HALF = SECP256K1_N // 2
+#: Shapes of the hex strings payment payloads carry: bytes32, a 65-byte signature, an address.
+HEX32 = re.compile(r"^0x[0-9a-fA-F]{64}$")
+HEX_SIGNATURE = re.compile(r"^0x[0-9a-fA-F]{130}$")
+ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
 _UINT256_MAX = 2**256 - 1
 TRANSFER_TOPIC = "0x" + keccak(text="Transfer(address,address,uint256)").hex()
 AUTHORIZATION_CANCELED_TOPIC = "0x" + keccak(text="AuthorizationCanceled(address,bytes32)").hex()
@@ -75,22 +76,25 @@ EIP3009_ABI: list[dict[str, Any]] = [
      "outputs": []},
 ]
 
-_TYPES = {
-    "EIP712Domain": [
-        {"name": "name", "type": "string"},
-        {"name": "version", "type": "string"},
-        {"name": "chainId", "type": "uint256"},
-        {"name": "verifyingContract", "type": "address"},
-    ],
-    "TransferWithAuthorization": [
-        {"name": "from", "type": "address"},
-        {"name": "to", "type": "address"},
-        {"name": "value", "type": "uint256"},
-        {"name": "validAfter", "type": "uint256"},
-        {"name": "validBefore", "type": "uint256"},
-        {"name": "nonce", "type": "bytes32"},
-    ],
-}
+EIP712_DOMAIN_TYPE = [
+    {"name": "name", "type": "string"},
+    {"name": "version", "type": "string"},
+    {"name": "chainId", "type": "uint256"},
+    {"name": "verifyingContract", "type": "address"},
+]
+_AUTHORIZATION_FIELDS = [
+    {"name": "from", "type": "address"},
+    {"name": "to", "type": "address"},
+    {"name": "value", "type": "uint256"},
+    {"name": "validAfter", "type": "uint256"},
+    {"name": "validBefore", "type": "uint256"},
+    {"name": "nonce", "type": "bytes32"},
+]
+#: EIP-3009's two signed transfers: anyone may submit a TransferWithAuthorization (x402's
+#: ``exact``); only its ``to`` may submit a ReceiveWithAuthorization (the MPP escrow's deposits).
+TRANSFER_WITH_AUTHORIZATION = "TransferWithAuthorization"
+RECEIVE_WITH_AUTHORIZATION = "ReceiveWithAuthorization"
+_PRIMARY_TYPES = (TRANSFER_WITH_AUTHORIZATION, RECEIVE_WITH_AUTHORIZATION)
 
 # What eth_keys raises for a signature that has the right length but is not one: r or s out of
 # [1, n), or r not the x-coordinate of a curve point (about half of all 256-bit values). Neither
@@ -118,7 +122,7 @@ class Eip3009Authorization:
     def __post_init__(self) -> None:
         for name in ("from_", "to"):
             value = getattr(self, name)
-            if not isinstance(value, str) or not _ADDRESS.match(value):
+            if not isinstance(value, str) or not ADDRESS.match(value):
                 raise InvalidPayment(f"authorization.{name.rstrip('_')} is not an address",
                                      param=f"authorization.{name.rstrip('_')}")
         for name in ("value", "valid_after", "valid_before"):
@@ -126,10 +130,10 @@ class Eip3009Authorization:
             if isinstance(number, bool) or not isinstance(number, int) \
                     or not 0 <= number <= _UINT256_MAX:
                 raise InvalidPayment(f"authorization.{name} is not a uint256", param=name)
-        if not isinstance(self.nonce, str) or not _HEX32.match(self.nonce):
+        if not isinstance(self.nonce, str) or not HEX32.match(self.nonce):
             raise InvalidPayment("authorization.nonce is not 32 bytes of hex",
                                  param="authorization.nonce")
-        if not isinstance(self.signature, str) or not _HEX_SIG.match(self.signature):
+        if not isinstance(self.signature, str) or not HEX_SIGNATURE.match(self.signature):
             raise InvalidPayment("signature is not 65 bytes of hex", param="signature")
 
     @property
@@ -185,11 +189,18 @@ class EvmNetwork:
         return str(Account.from_key(self.relayer_secret()).address)
 
 
-def typed_data(auth: Eip3009Authorization, network: EvmNetwork) -> dict[str, Any]:
-    """The EIP-712 typed-data document the payer signs (as eth_account expects it)."""
+def typed_data(auth: Eip3009Authorization, network: EvmNetwork, *,
+               primary_type: str = TRANSFER_WITH_AUTHORIZATION) -> dict[str, Any]:
+    """The EIP-712 typed-data document the payer signs (as eth_account expects it).
+
+    ``primary_type``: :data:`TRANSFER_WITH_AUTHORIZATION` (x402) or
+    :data:`RECEIVE_WITH_AUTHORIZATION` (deposits into the MPP escrow); same fields.
+    """
+    if primary_type not in _PRIMARY_TYPES:
+        raise ValueError(f"not an EIP-3009 transfer type: {primary_type!r}")
     return {
-        "types": _TYPES,
-        "primaryType": "TransferWithAuthorization",
+        "types": {"EIP712Domain": EIP712_DOMAIN_TYPE, primary_type: _AUTHORIZATION_FIELDS},
+        "primaryType": primary_type,
         "domain": {
             "name": network.token_name,
             "version": network.token_version,
@@ -207,7 +218,28 @@ def typed_data(auth: Eip3009Authorization, network: EvmNetwork) -> dict[str, Any
     }
 
 
-def recover_signer(auth: Eip3009Authorization, network: EvmNetwork) -> str:
+def recover_vrs(message: SignableMessage, v: int, r: bytes, s: bytes, *, code: str) -> str:
+    """Checksummed address whose key signed ``message`` as ``(v, r, s)``, with the checks an
+    on-chain verifier that refuses malleable signatures makes (FiatToken, OpenZeppelin's ECDSA,
+    the MPP escrow).
+
+    Raises :class:`PaymentRejected` with ``code`` when v is not 27/28, r or s is zero or not
+    below the curve order, s is high (the malleable twin), or no public key is recoverable.
+    """
+    r_int, s_int = int.from_bytes(r, "big"), int.from_bytes(s, "big")
+    if v not in (27, 28):
+        raise PaymentRejected(f"signature v={v} is not 27 or 28", code=code)
+    if not 0 < r_int < SECP256K1_N or not 0 < s_int <= SECP256K1N_HALF:
+        raise PaymentRejected("signature r or s is out of range (zero, or s is high)",
+                              code=code)
+    try:
+        return str(Account.recover_message(message, vrs=(v, r, s)))
+    except _BAD_SIGNATURE as exc:
+        raise PaymentRejected("signature does not recover to any address", code=code) from exc
+
+
+def recover_signer(auth: Eip3009Authorization, network: EvmNetwork, *,
+                   primary_type: str = TRANSFER_WITH_AUTHORIZATION) -> str:
     """Checksummed address that signed ``auth`` for ``network``'s domain.
 
     Raises :class:`PaymentRejected` (``invalid_exact_evm_payload_signature``) when the 65 bytes
@@ -215,28 +247,23 @@ def recover_signer(auth: Eip3009Authorization, network: EvmNetwork) -> str:
     the curve order, high s (malleable), or no public key recoverable from them.
     """
     v, r, s = auth.vrs()
-    r_int, s_int = int.from_bytes(r, "big"), int.from_bytes(s, "big")
-    if v not in (27, 28):
-        raise PaymentRejected(f"signature v={v} is not 27 or 28", code=ERR_SIGNATURE)
-    if not 0 < r_int < SECP256K1_N or not 0 < s_int <= _SECP256K1N_HALF:
-        raise PaymentRejected("signature r or s is out of range (zero, or s is high)",
-                              code=ERR_SIGNATURE)
-    message = encode_typed_data(full_message=typed_data(auth, network))
-    try:
-        return str(Account.recover_message(message, vrs=(v, r, s)))
-    except _BAD_SIGNATURE as exc:
-        raise PaymentRejected("signature does not recover to any address",
-                              code=ERR_SIGNATURE) from exc
+    message = encode_typed_data(full_message=typed_data(auth, network,
+                                                        primary_type=primary_type))
+    return recover_vrs(message, v, r, s, code=ERR_SIGNATURE)
 
 
 def sign_authorization(private_key: str, network: EvmNetwork, *, to: str, value: int,
-                       valid_after: int, valid_before: int, nonce: str) -> Eip3009Authorization:
-    """Sign a ``TransferWithAuthorization`` with a local key (agents and tests)."""
+                       valid_after: int, valid_before: int, nonce: str,
+                       primary_type: str = TRANSFER_WITH_AUTHORIZATION
+                       ) -> Eip3009Authorization:
+    """Sign a ``TransferWithAuthorization`` (or, with ``primary_type``, a
+    ``ReceiveWithAuthorization``) with a local key (agents and tests)."""
     account = Account.from_key(private_key)
     unsigned = Eip3009Authorization(from_=account.address, to=to, value=value,
                                     valid_after=valid_after, valid_before=valid_before,
                                     nonce=nonce, signature="0x" + "00" * 65)
-    signed = account.sign_message(encode_typed_data(full_message=typed_data(unsigned, network)))
+    signed = account.sign_message(encode_typed_data(full_message=typed_data(
+        unsigned, network, primary_type=primary_type)))
     return Eip3009Authorization(from_=account.address, to=to, value=value,
                                 valid_after=valid_after, valid_before=valid_before, nonce=nonce,
                                 signature="0x" + bytes(signed.signature).hex())
@@ -275,7 +302,9 @@ def revert_code(message: str, default: str = ERR_SIMULATION_FAILED) -> str:
 
 
 __all__ = [
+    "ADDRESS",
     "AUTHORIZATION_CANCELED_TOPIC",
+    "EIP712_DOMAIN_TYPE",
     "EIP3009_ABI",
     "ERR_INSUFFICIENT_BALANCE",
     "ERR_NONCE_USED",
@@ -287,12 +316,18 @@ __all__ = [
     "ERR_VALID_AFTER",
     "ERR_VALID_BEFORE",
     "ERR_VALUE_MISMATCH",
+    "HEX32",
+    "HEX_SIGNATURE",
+    "RECEIVE_WITH_AUTHORIZATION",
+    "SECP256K1N_HALF",
     "SECP256K1_N",
     "TRANSFER_TOPIC",
+    "TRANSFER_WITH_AUTHORIZATION",
     "Eip3009Authorization",
     "EvmNetwork",
     "has_transfer_log",
     "recover_signer",
+    "recover_vrs",
     "revert_code",
     "sign_authorization",
     "typed_data",

@@ -8,7 +8,8 @@ stays the one import for callers); our relayer key submits and pays gas.
 Failures raise the gateway's errors, never a web3/aiohttp/eth_* exception:
 
 * :class:`~gateway.errors.PaymentRejected` with ``code`` = the x402 error code (see ``ERR_*``),
-* :class:`SettlementNotSubmitted` (a ServiceUnavailable) when settlement failed before our
+* :class:`SettlementNotSubmitted` (a ServiceUnavailable: a
+  :class:`~gateway.rails.evm_rpc.TransactionNotSent`) when settlement failed before our
   transaction was broadcast (the simulation could not run, the node refused the transaction,
   no relayer key): the authorization is untouched and may be settled again later,
 * :class:`~gateway.errors.ServiceUnavailable` / :class:`~gateway.errors.UpstreamError` when
@@ -21,17 +22,14 @@ Money is ``int`` atomic units throughout.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from eth_account import Account
-from eth_typing import ChecksumAddress
 from eth_utils import to_checksum_address
 from hexbytes import HexBytes
-from web3.exceptions import ContractLogicError, Web3RPCError
+from web3.exceptions import ContractLogicError
 
 from gateway.errors import PaymentRejected, ServiceUnavailable, UpstreamError
 from gateway.rails.eip3009 import (
@@ -55,17 +53,12 @@ from gateway.rails.eip3009 import (
     sign_authorization,
     typed_data,
 )
-from gateway.rails.evm_rpc import ChainRpc, TransactionStatus
-
-# A node refusing our transaction because another sender (another gateway process using the
-# same relayer key) took its nonce; retried with a fresh nonce. anvil/geth/reth wording.
-_NONCE_CONFLICT = ("nonce too low", "replacement transaction underpriced")
-_SEND_ATTEMPTS = 3
+from gateway.rails.evm_rpc import ChainRpc, TransactionNotSent, TransactionStatus
 
 T = TypeVar("T")
 
 
-class SettlementNotSubmitted(ServiceUnavailable):
+class SettlementNotSubmitted(TransactionNotSent):
     """Settlement failed before the transaction was broadcast: the authorization is unused,
     and a claim on it can be released."""
 
@@ -89,8 +82,8 @@ class SettlementResult:
 class EvmSettler:
     """Verifies and settles EIP-3009 authorizations; one instance per process.
 
-    Holds one ``AsyncWeb3`` per RPC URL and one lock per (RPC, relayer) so concurrent
-    settlements never allocate the same Ethereum transaction nonce.
+    Holds one ``AsyncWeb3`` per RPC URL and one lock per (RPC, relayer) (in :class:`ChainRpc`)
+    so concurrent settlements never allocate the same Ethereum transaction nonce.
     """
 
     def __init__(self, *, valid_before_margin: int = 6,
@@ -102,7 +95,6 @@ class EvmSettler:
         self._clock = clock
         self._poll = poll_interval
         self.rpc = ChainRpc()
-        self._locks: dict[tuple[str, str], asyncio.Lock] = {}
 
     # ------------------------------------------------------------------ plumbing
 
@@ -222,7 +214,7 @@ class EvmSettler:
                                   code=revert_code(message)) from exc
         except (ServiceUnavailable, UpstreamError) as exc:  # e.g. the relayer has no gas money
             raise SettlementNotSubmitted(f"settlement simulation failed: {exc.message}") from exc
-        tx_hash = await self._broadcast(fn, gas, relayer, network)
+        tx_hash = await self._broadcast(fn, gas, network)
         sent = tx_hash.to_0x_hex()
         try:
             receipt = await self.rpc.wait_receipt(tx_hash, network, poll=self._poll)
@@ -241,55 +233,19 @@ class EvmSettler:
                                 block_number=receipt["blockNumber"],
                                 network=network.network)
 
-    async def _broadcast(self, fn: Any, gas: int, relayer: ChecksumAddress,
-                         network: EvmNetwork) -> HexBytes:
+    async def _broadcast(self, fn: Any, gas: int, network: EvmNetwork) -> HexBytes:
         """Sign and send the settlement from the relayer; returns the transaction hash."""
-        lock = self._locks.setdefault((network.rpc_url, relayer), asyncio.Lock())
-        async with lock:
-            # Nonce allocation and broadcast happen under one lock: the pending count only
-            # includes our previous transaction once the node has accepted it.
-            for attempt in range(1, _SEND_ATTEMPTS + 1):
-                try:
-                    return await self._send_once(fn, gas, relayer, network)
-                except SettlementNotSubmitted as exc:
-                    if attempt == _SEND_ATTEMPTS or not any(
-                            needle in exc.message.lower() for needle in _NONCE_CONFLICT):
-                        raise
-                    # Another sender (a process on the same relayer key) took the nonce.
-        raise AssertionError("unreachable")  # the loop returns or raises
-
-    async def _send_once(self, fn: Any, gas: int, relayer: ChecksumAddress,
-                         network: EvmNetwork) -> HexBytes:
-        w3 = self.rpc.web3(network)
         try:
-            nonce = await self.rpc.quantity(network, lambda: w3.eth.get_transaction_count(
-                relayer, "pending"), "eth_getTransactionCount")
-            gas_price = await self.rpc.quantity(network, lambda: w3.eth.gas_price,
-                                                "eth_gasPrice")
-            tx = await self._rpc(network, lambda: fn.build_transaction({
-                "from": relayer, "nonce": nonce, "gas": gas * 5 // 4, "gasPrice": gas_price,
-                "chainId": network.chain_id}))
-        except (ServiceUnavailable, UpstreamError) as exc:
-            raise SettlementNotSubmitted(f"could not prepare the settlement: {exc.message}"
-                                         ) from exc
-        signed = Account.sign_transaction(tx, network.relayer_secret())
-        tx_hash = HexBytes(signed.hash)
-        try:
-            await self._rpc(network, lambda: w3.eth.send_raw_transaction(signed.raw_transaction))
-        except (ServiceUnavailable, UpstreamError) as exc:
-            if isinstance(exc, UpstreamError) and isinstance(exc.__cause__, Web3RPCError):
-                # A JSON-RPC error: the node did not take the transaction. Nodes that execute
-                # it first (some sequencers) refuse a reverting one: the payer's fault then.
-                refusal = str(exc.__cause__)
-                if "execution reverted" in refusal:
-                    raise PaymentRejected(f"settlement refused: {refusal}", code=revert_code(
-                        refusal, ERR_TRANSACTION_STATE)) from exc
-                raise SettlementNotSubmitted(f"{network.network} node refused the settlement "
-                                             f"transaction: {refusal}") from exc
-            # No answer, or one we cannot read: the node may have taken it; outcome unknown.
-            exc.extra.setdefault("transaction", tx_hash.to_0x_hex())
-            raise
-        return tx_hash
+            return await self.rpc.send(fn, key=network.relayer_secret(), gas=gas,
+                                       network=network)
+        except TransactionNotSent as exc:
+            # Nodes that execute a transaction first (some sequencers) refuse a reverting one:
+            # the payer's fault then.
+            if "execution reverted" in exc.refusal:
+                raise PaymentRejected(f"settlement refused: {exc.refusal}", code=revert_code(
+                    exc.refusal, ERR_TRANSACTION_STATE)) from exc
+            raise SettlementNotSubmitted(f"settlement not sent: {exc.message}",
+                                         refusal=exc.refusal) from exc
 
     async def _explain_revert(self, auth: Eip3009Authorization, network: EvmNetwork) -> str:
         """Best-effort code for a mined revert (e.g. a concurrent settle of the same nonce)."""

@@ -1,8 +1,9 @@
 """JSON-RPC access to EVM chains, and the one place web3/aiohttp failures become gateway errors.
 
 :class:`ChainRpc` keeps one ``AsyncWeb3`` per RPC URL, runs each call under the network's
-timeout, and answers the chain-generic questions settlement asks (a transaction's status, its
-receipt once confirmed). Every call goes through :meth:`ChainRpc.call`, which lets only reverts
+timeout, sends signed transactions (one nonce lock per sender), and answers the chain-generic
+questions settlement asks (a transaction's status, its receipt once confirmed). Every call goes
+through :meth:`ChainRpc.call`, which lets only reverts
 (``ContractLogicError``) and ``TransactionNotFound`` through (the caller gives them meaning)
 and translates the rest with ``raise ... from exc``:
 
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
 import aiohttp
+from eth_account import Account
 from eth_utils import to_checksum_address
 from hexbytes import HexBytes
 from web3 import AsyncHTTPProvider, AsyncWeb3
@@ -51,8 +53,25 @@ RPC_DOWN: tuple[type[BaseException], ...] = (
 RPC_GARBAGE: tuple[type[BaseException], ...] = (Web3Exception, ValueError, TypeError, KeyError)
 
 _HEX32 = re.compile(r"^0x[0-9a-fA-F]{64}$")
+# A node refusing our transaction because another sender (another gateway process using the
+# same key) took its nonce; retried with a fresh nonce. anvil/geth/reth wording.
+_NONCE_CONFLICT = ("nonce too low", "replacement transaction underpriced")
+_SEND_ATTEMPTS = 3
 
 T = TypeVar("T")
+
+
+class TransactionNotSent(ServiceUnavailable):
+    """A transaction was never broadcast: preparing it failed, or the node refused it. Nothing
+    happened on-chain; it may be sent again. ``refusal`` is the node's JSON-RPC error message
+    when the node refused it (a node that executes transactions first may refuse a reverting
+    one: "execution reverted: ..."), else empty."""
+
+    code = "transaction_not_sent"
+
+    def __init__(self, message: str, *, refusal: str = "", **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.refusal = refusal
 
 
 @dataclass(frozen=True)
@@ -69,6 +88,7 @@ class ChainRpc:
 
     def __init__(self) -> None:
         self._w3: dict[str, AsyncWeb3[AsyncHTTPProvider]] = {}
+        self._locks: dict[tuple[str, str], asyncio.Lock] = {}
 
     def web3(self, network: EvmNetwork) -> AsyncWeb3[AsyncHTTPProvider]:
         """The shared ``AsyncWeb3`` for ``network.rpc_url``."""
@@ -106,6 +126,57 @@ class ChainRpc:
         """:meth:`call` for a result that must be a non-negative integer (a balance, a block
         number, gas): web3 passes some wrong-typed results through unformatted."""
         return as_quantity(await self.call(network, call), what, network)
+
+    async def send(self, fn: Any, *, key: str, gas: int, network: EvmNetwork) -> HexBytes:
+        """Sign the contract call ``fn`` as a transaction from ``key`` (gas limit ``gas`` plus
+        a quarter) and broadcast it; returns its hash.
+
+        Nonce allocation and broadcast happen under one lock per (RPC, sender), so concurrent
+        sends never take the same nonce; a nonce another process took is retried. Raises
+        :class:`TransactionNotSent` when nothing was broadcast, and ServiceUnavailable /
+        UpstreamError carrying ``extra["transaction"]`` when the node may have taken it (no
+        answer, or one we cannot read): the outcome is then unknown.
+        """
+        sender = to_checksum_address(Account.from_key(key).address)
+        lock = self._locks.setdefault((network.rpc_url, sender), asyncio.Lock())
+        async with lock:
+            for attempt in range(1, _SEND_ATTEMPTS + 1):
+                try:
+                    return await self._send_once(fn, key, sender, gas, network)
+                except TransactionNotSent as exc:
+                    if attempt == _SEND_ATTEMPTS or not any(
+                            needle in exc.refusal.lower() for needle in _NONCE_CONFLICT):
+                        raise
+                    # Another sender (a process on the same key) took the nonce.
+        raise AssertionError("unreachable")  # the loop returns or raises
+
+    async def _send_once(self, fn: Any, key: str, sender: str, gas: int,
+                         network: EvmNetwork) -> HexBytes:
+        w3 = self.web3(network)
+        try:
+            nonce = await self.quantity(network, lambda: w3.eth.get_transaction_count(
+                to_checksum_address(sender), "pending"), "eth_getTransactionCount")
+            gas_price = await self.quantity(network, lambda: w3.eth.gas_price, "eth_gasPrice")
+            tx = await self.call(network, lambda: fn.build_transaction({
+                "from": sender, "nonce": nonce, "gas": gas * 5 // 4, "gasPrice": gas_price,
+                "chainId": network.chain_id}))
+        except (ServiceUnavailable, UpstreamError) as exc:
+            raise TransactionNotSent(f"could not prepare the transaction: {exc.message}"
+                                     ) from exc
+        signed = Account.sign_transaction(tx, key)
+        tx_hash = HexBytes(signed.hash)
+        try:
+            await self.call(network, lambda: w3.eth.send_raw_transaction(signed.raw_transaction))
+        except (ServiceUnavailable, UpstreamError) as exc:
+            if isinstance(exc, UpstreamError) and isinstance(exc.__cause__, Web3RPCError):
+                # A JSON-RPC error: the node did not take the transaction.
+                refusal = str(exc.__cause__)
+                raise TransactionNotSent(f"{network.network} node refused the transaction: "
+                                         f"{refusal}", refusal=refusal) from exc
+            # No answer, or one we cannot read: the node may have taken it; outcome unknown.
+            exc.extra.setdefault("transaction", tx_hash.to_0x_hex())
+            raise
+        return tx_hash
 
     async def transaction_status(self, tx_hash: str, network: EvmNetwork) -> TransactionStatus:
         """Receipt state of ``tx_hash``: unknown, pending, success or reverted.
@@ -170,4 +241,5 @@ def as_quantity(value: Any, what: str, network: EvmNetwork) -> int:
     raise UpstreamError(f"{network.network} RPC answered {value!r:.80} for {what}")
 
 
-__all__ = ["RPC_DOWN", "RPC_GARBAGE", "ChainRpc", "TransactionStatus", "as_quantity"]
+__all__ = ["RPC_DOWN", "RPC_GARBAGE", "ChainRpc", "TransactionNotSent", "TransactionStatus",
+           "as_quantity"]

@@ -54,8 +54,8 @@ class AuthorizationPayload(_Strict):
     from_: StrictStr = Field(alias="from", pattern=r"^0x[0-9a-fA-F]{40}$")
     to: StrictStr = Field(pattern=r"^0x[0-9a-fA-F]{40}$")
     value: StrictStr = Field(pattern=r"^[0-9]{1,78}$")
-    validAfter: StrictStr = Field(pattern=r"^[0-9]{1,78}$")  # noqa: N815 (wire names)
-    validBefore: StrictStr = Field(pattern=r"^[0-9]{1,78}$")  # noqa: N815
+    validAfter: StrictStr = Field(pattern=r"^[0-9]{1,78}$")
+    validBefore: StrictStr = Field(pattern=r"^[0-9]{1,78}$")
     nonce: StrictStr = Field(pattern=r"^0x[0-9a-fA-F]{64}$")
     signature: StrictStr = Field(pattern=r"^0x[0-9a-fA-F]{130}$")
 
