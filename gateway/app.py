@@ -17,7 +17,8 @@ from gateway import admin, routes
 from gateway.dialects import ErrorInfo, get_dialect
 from gateway.errors import GatewayError, ServiceUnavailable
 from gateway.metrics import Metrics
-from gateway.rails import PaymentRail
+from gateway.rails import PaymentRail, Rails
+from gateway.rails.mpp.rail import create_mpp_rail
 from gateway.rails.x402_deposits import X402Deposits
 from gateway.ratelimit import Limit, RateLimiter
 from gateway.routing import ModelRouter
@@ -39,7 +40,7 @@ def build_gateway(settings: Settings, redis_url: str, *,
                     owner_ttl_seconds=settings.reservation_ttl_seconds,
                     key_cache_seconds=settings.key_cache_seconds)
     if rail is None:
-        rail = X402Deposits(settings, ledger) if settings.x402.enabled else PaymentRail()
+        rail = build_rails(settings, ledger)
     limits = settings.rate_limit
     limiter = RateLimiter(client, prefix=settings.key_prefix, enabled=limits.enabled,
                           client_header=limits.client_header, limits={
@@ -60,6 +61,19 @@ class GatewayApp(FastAPI):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         remember_connection(scope, send)
         await super().__call__(scope, receive, send)
+
+
+def build_rails(settings: Settings, ledger: Ledger) -> PaymentRail:
+    """Every enabled rail; several stand behind one :class:`Rails` set."""
+    rails: list[PaymentRail] = []
+    x402 = X402Deposits(settings, ledger) if settings.x402.enabled else None
+    if x402 is not None:
+        rails.append(x402)
+    if settings.mpp.enabled:
+        rails.append(create_mpp_rail(settings, ledger, x402))
+    if len(rails) > 1:
+        return Rails(rails)
+    return rails[0] if rails else PaymentRail()
 
 
 def create_app(settings: Settings, redis_url: str, *, rail: PaymentRail | None = None

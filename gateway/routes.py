@@ -57,8 +57,11 @@ async def handle(request: Request, dialect: Dialect) -> Response:
     if paid is not None:
         account_id, payment_headers = paid
         # From here on every answer, errors included, carries the settlement and the key:
-        # the payment was taken, the payer must be able to use it (see app.py).
-        request.state.payment_headers = payment_headers
+        # the payment was taken, the payer must be able to use it (see app.py). Except an
+        # MPP Payment-Receipt: "Servers MUST NOT return a Payment-Receipt header on error
+        # responses" (draft-httpauth-payment, "Receipt Status Semantics"); the key suffices.
+        request.state.payment_headers = {k: v for k, v in payment_headers.items()
+                                         if k.lower() != "payment-receipt"}
     else:
         payment_headers = {}
         account_id = await gw.authenticate(request, needed=needed, rate=model.rate)

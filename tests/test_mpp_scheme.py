@@ -52,13 +52,18 @@ def test_request_is_jcs_then_base64url_without_padding() -> None:
 
 def test_id_is_the_hmac_of_the_seven_slots_and_pympp_agrees() -> None:
     challenge = issue(description="a test")
+    assert challenge.opaque is not None and challenge.opaque["nonce"]  # distinct ids
     expected = hmac.new(SECRET, "|".join([
         "tollstream.test", "evm", "session", challenge.request_b64, challenge.expires or "",
-        "", ""]).encode(), hashlib.sha256).digest()
+        "", challenge.opaque_b64 or ""]).encode(), hashlib.sha256).digest()
     assert challenge.id == b64url(expected)
     parsed = mpp.Challenge.from_www_authenticate(challenge.header())
     assert parsed.id == challenge.id and parsed.request == REQUEST
     assert parsed.verify(SECRET.decode(), "tollstream.test")
+
+
+def test_two_challenges_for_the_same_request_differ() -> None:
+    assert issue().id != issue().id
 
 
 def test_rotation_and_tampering() -> None:

@@ -172,6 +172,7 @@ class Rails(PaymentRail):
                              rate=rate)
         problem = getattr(exc, "problem", None)
         challenge_headers = {name.lower() for offer in offers for name, _ in offer.headers}
+        challenge_headers.add("cache-control")
         kept = {k: v for k, v in exc.headers.items() if k.lower() not in challenge_headers}
         exc.headers = kept
         exc.header_list = [(k, v) for k, v in exc.header_list

@@ -104,9 +104,9 @@ class EvmCharge:
                                   "permit2Address": PERMIT2,
                                   "decimals": self.asset.decimals}}
 
-    async def pay(self, credential: Credential, echo: ChallengeEcho
-                  ) -> tuple[str, dict[str, str]]:
-        """Settle the credential's authorization and credit it; (account, headers)."""
+    def check(self, credential: Credential, echo: ChallengeEcho) -> PaymentPayload:
+        """Everything that can be checked before anything is spent or burned; the payment
+        as the deposit engine takes it."""
         try:
             payload = AuthorizationPayload.model_validate(credential.payload)
         except ValidationError as exc:
@@ -133,13 +133,17 @@ class EvmCharge:
                           "challenge (keccak256 of its id and realm)")
         requirements = exact_requirements(self.network, amount=amount, pay_to=self.pay_to,
                                           max_timeout_seconds=self.max_timeout_seconds)
-        x402_payload = PaymentPayload(accepted=requirements, payload=ExactEvmPayload(
+        return PaymentPayload(accepted=requirements, payload=ExactEvmPayload(
             signature=payload.signature, authorization=Authorization.model_validate({
                 "from": payload.from_, "to": payload.to, "value": payload.value,
                 "validAfter": payload.validAfter, "validBefore": payload.validBefore,
                 "nonce": payload.nonce})))
+
+    async def pay(self, payment: PaymentPayload, echo: ChallengeEcho
+                  ) -> tuple[str, dict[str, str]]:
+        """Settle a checked payment and credit it; (account, headers)."""
         try:
-            result, account_id = await self.engine.collect(x402_payload, requirements,
+            result, account_id = await self.engine.collect(payment, payment.accepted,
                                                            label="mpp")
         except SettlementFailed as exc:
             raise Problem(VERIFICATION_FAILED, f"settlement failed: {exc.message}") from exc

@@ -24,6 +24,7 @@ import datetime as dt
 import hashlib
 import hmac
 import re
+import secrets
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -153,10 +154,10 @@ class ChallengeSigner:
     rotated by putting the new one first and dropping the old one once its challenges expire.
     """
 
-    def __init__(self, secrets: Sequence[bytes], *, ttl_seconds: int = 300) -> None:
-        if not secrets or any(len(s) < 16 for s in secrets):
+    def __init__(self, keys: Sequence[bytes], *, ttl_seconds: int = 300) -> None:
+        if not keys or any(len(k) < 16 for k in keys):
             raise ValueError("challenge secrets must be at least 16 bytes")
-        self.secrets = list(secrets)
+        self.secrets = list(keys)
         self.ttl_seconds = ttl_seconds
 
     def _mac(self, secret: bytes, data: bytes) -> str:
@@ -168,6 +169,9 @@ class ChallengeSigner:
               now: dt.datetime | None = None) -> Challenge:
         now = now or dt.datetime.now(dt.UTC)
         expires = timestamp(now + dt.timedelta(seconds=self.ttl_seconds))
+        # A nonce in the (HMAC-bound) opaque data: two challenges issued in the same second
+        # for the same request must still have distinct ids, as each id is single use.
+        opaque = {**(opaque or {}), "nonce": secrets.token_urlsafe(12)}
         unsigned = Challenge("", realm, method, intent, request, expires, digest, description,
                              opaque)
         data = binding_input(realm, method, intent, unsigned.request_b64, expires, digest,

@@ -1,0 +1,171 @@
+"""The MPP rail the routes talk to: a ``Payment`` challenge per enabled intent in every 402, and
+credentials checked against their challenge, then handed to their intent.
+
+Checks every credential goes through, in order (specs/mpp/draft-httpauth-payment-00.md, and
+"Common Verification" of the evm session draft): strict decoding (``malformed-credential``),
+method (``method-unsupported``, 400), the challenge's ``id`` is the HMAC of its echoed
+parameters under one of our secrets and its realm is ours (``invalid-challenge``), it has not
+expired (``payment-expired``), then the intent's own checks. Challenge ids of a ``charge`` are
+single use: burned in Redis (``SET NX``) before anything is paid, so two requests carrying the
+same credential settle once. Errors are RFC 9457 problem details with fresh challenges; a
+``Payment-Receipt`` only ever goes with a success.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from typing import Any
+
+from starlette.requests import Request
+
+from gateway.rails.base import Offer, PaymentRail, render
+from gateway.rails.mpp.charge import EvmCharge
+from gateway.rails.mpp.scheme import (
+    INVALID_CHALLENGE,
+    MALFORMED_CREDENTIAL,
+    METHOD_UNSUPPORTED,
+    PAYMENT_EXPIRED,
+    WWW_AUTHENTICATE,
+    ChallengeSigner,
+    Problem,
+    credential_value,
+    parse_credential,
+    parse_timestamp,
+)
+from gateway.rails.x402_deposits import X402Deposits
+from gateway.settings import Settings, X402Settings
+from meters.ledger import Ledger, redis_errors
+from meters.rates import Rate
+
+log = logging.getLogger("tollstream.mpp")
+
+
+class MppRail(PaymentRail):
+    """The ``Payment`` scheme, method ``evm``: the ``charge`` intent (and, with it, ``session``
+    once the session is enabled)."""
+
+    name = "mpp"
+    method = "evm"
+
+    def __init__(self, *, realm: str, signer: ChallengeSigner, ledger: Ledger,
+                 charge: EvmCharge | None, min_output_tokens: int = 256,
+                 owns_engine: bool = True) -> None:
+        self.owns_engine = owns_engine
+        self.realm = realm
+        self.signer = signer
+        self.ledger = ledger
+        self.charge = charge
+        self.min_output_tokens = min_output_tokens
+
+    async def aclose(self) -> None:
+        if self.charge is not None and self.owns_engine:
+            await self.charge.engine.aclose()
+
+    async def start(self) -> None:
+        if self.charge is not None and self.owns_engine:
+            await self.charge.engine.start()
+
+    # -- the 402 --------------------------------------------------------------------------------
+    def offer(self, request: Request, *, needed: int, reason: str, code: str,
+              rate: Rate | None = None) -> Offer | None:
+        headers = []
+        if self.charge is not None:
+            challenge = self.signer.issue(realm=self.realm, method=self.method,
+                                          intent=self.charge.intent,
+                                          request=self.charge.request(needed))
+            headers.append((WWW_AUTHENTICATE, challenge.header()))
+        if not headers:
+            return None
+        return Offer(headers=headers, payment_scheme=True)
+
+    async def top_up_hint(self, account_id: str, request: Request) -> dict[str, Any]:
+        return {"method": "mpp", "header": WWW_AUTHENTICATE,
+                "how": "pay a fresh Payment challenge (any 402 from this gateway carries one)"}
+
+    # -- credentials ----------------------------------------------------------------------------
+    def claims(self, request: Request) -> bool:
+        return credential_value(request.headers) is not None
+
+    async def authenticate(self, request: Request, *, needed: int, rate: Rate | None = None
+                           ) -> tuple[str, dict[str, str]] | None:
+        token = credential_value(request.headers)
+        if token is None:
+            return None
+        try:
+            return await self._authenticate(token)
+        except Problem as exc:
+            if exc.status != 402:  # only 402s carry challenges
+                exc.body = {**exc.problem(), "code": exc.code, "message": exc.message}
+                exc.media_type = "application/problem+json"
+                raise
+            offer = self.offer(request, needed=needed, reason=exc.message, code=exc.code,
+                               rate=rate)
+            raise render(exc, [offer] if offer else [], needed=needed,
+                         problem=exc.problem()) from exc
+
+    async def _authenticate(self, token: str) -> tuple[str, dict[str, str]]:
+        credential = parse_credential(token)
+        echo = credential.challenge
+        if echo.method != self.method:
+            raise Problem(METHOD_UNSUPPORTED, f"payment method {echo.method!r} is not "
+                          f"accepted here (only {self.method!r})", status=400)
+        if echo.realm != self.realm or not self.signer.verify(echo):
+            raise Problem(INVALID_CHALLENGE, "the challenge was not issued by this gateway, "
+                          "or its parameters were changed")
+        if echo.expires is not None:
+            try:
+                expired = parse_timestamp(echo.expires) <= dt.datetime.now(dt.UTC)
+            except ValueError as exc:
+                raise Problem(MALFORMED_CREDENTIAL, "challenge.expires is not an RFC 3339 "
+                              "timestamp", param="challenge.expires") from exc
+            if expired:
+                raise Problem(PAYMENT_EXPIRED, "the challenge expired: pay a fresh one")
+        try:
+            echo.request_object()
+        except ValueError as exc:
+            raise Problem(MALFORMED_CREDENTIAL, "challenge.request is not base64url of a "
+                          "JSON object", param="challenge.request") from exc
+        if echo.intent == "charge" and self.charge is not None:
+            payment = self.charge.check(credential, echo)
+            await self.burn(echo.id)
+            return await self.charge.pay(payment, echo)
+        raise Problem(INVALID_CHALLENGE, f"intent {echo.intent!r} is not offered here")
+
+    async def burn(self, challenge_id: str) -> None:
+        """Use a challenge id up, atomically; ``invalid-challenge`` if it already was."""
+        key = f"{self.ledger.prefix}mpp:used:{challenge_id}"
+        with redis_errors():
+            fresh = await self.ledger.redis.set(
+                key, "1", nx=True, ex=self.signer.ttl_seconds + 3600)
+        if not fresh:
+            raise Problem(INVALID_CHALLENGE, "this challenge was already used: pay a fresh one")
+
+
+def create_mpp_rail(settings: Settings, ledger: Ledger,
+                    x402: X402Deposits | None = None) -> MppRail:
+    """The MPP rail ``settings.mpp`` describes. Payments are taken by the x402 rail's deposit
+    engine when it serves the same network (one engine per deposit store: its recovery must
+    not run twice), else by an engine of its own."""
+    cfg = settings.mpp
+    assert cfg.network is not None  # the settings refuse mpp without a network
+    asset = settings.asset_obj()
+    charge = None
+    owned = False
+    if cfg.charge:
+        network_id = cfg.network.network
+        if x402 is not None and network_id in x402.networks:
+            engine = x402
+        else:
+            engine = X402Deposits(settings.model_copy(update={"x402": X402Settings(
+                enabled=True, pay_to=cfg.pay_to, deposit=cfg.deposit,
+                networks={"mpp": cfg.network})}), ledger)
+            owned = True
+        charge = EvmCharge(engine=engine, network=engine.networks[network_id],
+                           pay_to=cfg.pay_to, deposit=asset.parse(cfg.deposit,
+                                                                  field="mpp.deposit"),
+                           asset=asset, ledger=ledger,
+                           max_timeout_seconds=cfg.challenge_ttl_seconds)
+    return MppRail(realm=cfg.realm, ledger=ledger, charge=charge, owns_engine=owned,
+                   signer=ChallengeSigner(cfg.secrets(), ttl_seconds=cfg.challenge_ttl_seconds),
+                   min_output_tokens=cfg.min_output_tokens)
