@@ -5,9 +5,9 @@ and changes nothing. Real chain, real Redis, a real gateway on a free port."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import base64
 import contextlib
+import dataclasses
 import json
 from collections.abc import Callable, Iterator
 from typing import Any
