@@ -29,6 +29,10 @@ from meters.ledger import Ledger
 from meters.rates import Prompt, Rate
 
 
+#: Lease calls a grant may take when the heartbeat keeps lapsing during them.
+MAX_RECONFIRM = 3
+
+
 class Policy(enum.Enum):
     CUT = "cut"
     PAUSE = "pause"
@@ -161,8 +165,19 @@ class StreamMeter:
         granted = self.take(n)
         if granted == n:
             return n
-        await self.renew(n - granted)
-        return granted + self.take(n - granted)
+        return granted + await self._renew_and_take(n - granted)
+
+    async def _renew_and_take(self, n: int) -> int:
+        """One lease call, then the grant it allows. If the heartbeat lapsed (and was proved
+        again) while the call was in flight, the hold it confirmed belongs to an older epoch
+        and :meth:`take` grants nothing: that is no exhausted allowance, so confirm again
+        (bounded; a process that cannot stay alive fails closed)."""
+        for _ in range(MAX_RECONFIRM):
+            await self.renew(n)
+            if self.ledger.is_alive() and self.ledger.epoch == self.epoch:
+                return self.take(n)
+        raise LedgerUnavailable("the ledger could not confirm this stream's hold: the "
+                                "process keeps missing its heartbeat")
 
     async def wait_for(self, n: int) -> int:
         """Pause: poll until the balance can pay for ``n`` tokens or ``pause_timeout`` passes;
@@ -171,8 +186,7 @@ class StreamMeter:
         granted = self.take(n)
         while granted < n and time.monotonic() < deadline:
             await asyncio.sleep(self.poll_interval)
-            await self.renew(n - granted)
-            granted += self.take(n - granted)
+            granted += await self._renew_and_take(n - granted)
         return granted
 
     async def renew(self, need: int = 1) -> None:

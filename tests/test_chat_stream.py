@@ -189,14 +189,14 @@ def test_concurrent_streams_deliver_exactly_the_balance(gw: RunningGateway) -> N
                 await asyncio.sleep(0.01)
 
     async def main() -> list[int]:
-        aclient = openai.AsyncOpenAI(base_url=f"{gw.url}/v1", api_key=key, max_retries=0,
-                                     timeout=30)
-        stop = asyncio.Event()
-        watcher = asyncio.create_task(watch(stop))
-        counts = await asyncio.gather(*(one(aclient) for _ in range(50)))
-        stop.set()
-        await watcher
-        return list(counts)
+        async with openai.AsyncOpenAI(base_url=f"{gw.url}/v1", api_key=key, max_retries=0,
+                                      timeout=30) as aclient:
+            stop = asyncio.Event()
+            watcher = asyncio.create_task(watch(stop))
+            counts = await asyncio.gather(*(one(aclient) for _ in range(50)))
+            stop.set()
+            await watcher
+            return list(counts)
 
     counts = asyncio.run(main())
     assert sum(counts) == total

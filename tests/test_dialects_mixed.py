@@ -65,14 +65,13 @@ def test_three_dialects_concurrently_on_one_account(gw: RunningGateway) -> None:
         return counted
 
     async def main() -> list[int]:
-        oai = openai.AsyncOpenAI(base_url=f"{gw.url}/v1", api_key=key, max_retries=0,
-                                 timeout=30)
-        ant = anthropic.AsyncAnthropic(base_url=gw.url, api_key=key, max_retries=0,
-                                       timeout=30)
-        jobs: list[Any] = []
-        for _ in range(6):
-            jobs += [chat(oai), responses(oai), messages(ant)]
-        return list(await asyncio.gather(*jobs))
+        async with openai.AsyncOpenAI(base_url=f"{gw.url}/v1", api_key=key, max_retries=0,
+                                      timeout=30) as oai, anthropic.AsyncAnthropic(
+                base_url=gw.url, api_key=key, max_retries=0, timeout=30) as ant:
+            jobs: list[Any] = []
+            for _ in range(6):
+                jobs += [chat(oai), responses(oai), messages(ant)]
+            return list(await asyncio.gather(*jobs))
 
     delivered = asyncio.run(main())
     state = gw.balance(account)

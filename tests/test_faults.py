@@ -206,19 +206,19 @@ def test_two_gateway_processes_share_one_balance(sim: str, redis_url: str) -> No
         key = account["api_key"]
 
         async def one(url: str) -> int:
-            aclient = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0,
-                                         timeout=30)
             text = ""
-            try:
-                stream = await aclient.chat.completions.create(
-                    model="exact", messages=MESSAGES, stream=True, max_tokens=100_000,
-                    extra_headers={"x-sim-output-tokens": "100000",
-                                   "x-sim-tokens-per-chunk": "2"})
-                async for chunk in stream:
-                    if chunk.choices:
-                        text += chunk.choices[0].delta.content or ""
-            except openai.APIStatusError as exc:
-                assert exc.status_code == 402
+            async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0,
+                                          timeout=30) as aclient:
+                try:
+                    stream = await aclient.chat.completions.create(
+                        model="exact", messages=MESSAGES, stream=True, max_tokens=100_000,
+                        extra_headers={"x-sim-output-tokens": "100000",
+                                       "x-sim-tokens-per-chunk": "2"})
+                    async for chunk in stream:
+                        if chunk.choices:
+                            text += chunk.choices[0].delta.content or ""
+                except openai.APIStatusError as exc:
+                    assert exc.status_code == 402
             return O200K.count(text)
 
         async def main() -> list[int]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -208,3 +209,34 @@ async def test_a_lapsed_heartbeat_makes_meters_recheck_their_hold(redis_url: str
     assert (state.balance, state.held, state.spent) == (100, 0, 0)
     await slow.redis.aclose()
     await sweeper.redis.aclose()
+
+
+async def test_a_heartbeat_lapse_during_a_lease_call_is_no_exhausted_allowance(
+        redis_url: str) -> None:
+    """The keeper may prove liveness again (a new epoch) while a meter's lease call is in
+    flight; the meter must confirm its hold once more, not end the stream as if broke."""
+    ledger = make_ledger(redis_url)
+    await ledger.heartbeat()
+    account, _ = await ledger.create_account(1000)
+    meter = StreamMeter(ledger, account.id, ONE_PER_TOKEN, lease_tokens=4)
+    await meter.open(0)
+    meter.delivered_tokens(meter.take(4))
+    lease = ledger.lease
+    calls = 0
+
+    async def lapsing_lease(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        result = await lease(*args, **kwargs)
+        if calls == 1:  # liveness lapsed and was proved again meanwhile
+            ledger.alive_until = 0.0
+            await ledger.heartbeat()
+        return result
+
+    ledger.lease = lapsing_lease  # type: ignore[method-assign]
+    assert await meter.acquire(3) == 3 and calls == 2
+    meter.delivered_tokens(3)
+    await meter.close(Outcome.CUT)
+    state = await ledger.get_account(account.id)
+    assert (state.balance, state.held, state.spent) == (993, 0, 7)
+    await ledger.redis.aclose()
