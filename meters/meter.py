@@ -28,7 +28,6 @@ from meters.errors import InsufficientFunds, LedgerUnavailable
 from meters.ledger import Ledger
 from meters.rates import Prompt, Rate
 
-
 #: Lease calls a grant may take when the heartbeat keeps lapsing during them.
 MAX_RECONFIRM = 3
 
