@@ -46,6 +46,9 @@ def rough_prompt_tokens(parsed: ParsedRequest) -> int:
 async def handle(request: Request, dialect: Dialect) -> Response:
     """Authenticate, hold, forward, meter and bill one model request."""
     gw: Gateway = request.app.state.gateway
+    managed = await gw.rail.manage(request)
+    if managed is not None:
+        return managed  # a payment action that needs no model (an MPP session close)
     parsed = dialect.parse_request(await read_json(request, gw.settings.max_body_bytes))
     model = find_model(gw, parsed.model, dialect)
     needed = model.rate.charge(rough_prompt_tokens(parsed), gw.rail.min_output_tokens)
@@ -160,6 +163,22 @@ async def messages(request: Request) -> Response:
 @router.post("/v1/responses")
 async def responses(request: Request) -> Response:
     return await handle(request, get_dialect("openai_responses"))
+
+
+@router.head("/v1/chat/completions")
+@router.head("/v1/messages")
+@router.head("/v1/responses")
+async def payment_action(request: Request) -> Response:
+    """``HEAD`` on a model route carries a payment action alone (an MPP session voucher,
+    "Voucher Submission Transport"): answered without a model call."""
+    gw: Gateway = request.app.state.gateway
+    managed = await gw.rail.manage(request)
+    if managed is not None:
+        return managed
+    await gw.challenged(request)
+    raise gw.rail.challenge(request, needed=0, reason="HEAD carries a payment action only "
+                            "(Authorization: Payment with a session voucher)",
+                            code="payment_required")
 
 
 @router.websocket("/v1/responses")

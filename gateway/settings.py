@@ -234,6 +234,23 @@ class MppSettings(_Frozen):
     min_output_tokens: int = Field(default=256, ge=1)
     #: The chain and token (same keys as an [x402.networks.<name>] entry).
     network: X402NetworkSettings | None = None
+    #: Offer the ``session`` intent: an escrow channel spent with cumulative vouchers.
+    session: bool = False
+    escrow: str = ""
+    #: The payee (the challenges' ``recipient``): its key settles and closes channels and
+    #: pays their gas. Unset: the network's relayer key.
+    payee_key_env: str | None = None
+    suggested_deposit: str = "1.00"
+    min_deposit: str = "0.01"
+    min_voucher_delta: str = "0"
+    settle_interval_seconds: float = Field(default=30.0, gt=0)
+    #: Settle a channel once this much was spent beyond what the chain settled.
+    settle_threshold: str = "0.10"
+
+    def payee_key(self) -> str | None:
+        if self.payee_key_env:
+            return os.environ.get(self.payee_key_env)
+        return self.network.relayer() if self.network is not None else None
 
     def secrets(self) -> list[bytes]:
         """The challenge secrets, newest (signing) first."""
@@ -257,6 +274,14 @@ class MppSettings(_Frozen):
             if not self.network.relayer():
                 raise ValueError("network needs relayer_key or relayer_key_env (the relayer "
                                  "pays the settlement gas)")
+        if self.session:
+            if not (self.escrow.startswith("0x") and len(self.escrow) == 42):
+                raise ValueError("escrow must be the 0x address of the channel escrow")
+            if not self.network.relayer():
+                raise ValueError("network needs relayer_key or relayer_key_env (it relays "
+                                 "openWithAuthorization and pays its gas)")
+            if not self.payee_key():
+                raise ValueError("payee_key_env names no key (the payee settles channels)")
         return self
 
 
@@ -347,10 +372,12 @@ class Settings(_Frozen):
         for name, price in self.prices.items():
             price.rate(self.asset_obj(), f"prices.{name}")
         if self.mpp.enabled:
-            try:
-                self.asset_obj().parse(self.mpp.deposit, field="mpp.deposit")
-            except InvalidAmount as exc:
-                raise ValueError(exc.message) from exc
+            for key in ("deposit", "suggested_deposit", "min_deposit", "min_voucher_delta",
+                        "settle_threshold"):
+                try:
+                    self.asset_obj().parse(getattr(self.mpp, key), field=f"mpp.{key}")
+                except InvalidAmount as exc:
+                    raise ValueError(exc.message) from exc
         if self.x402.enabled:
             try:
                 self.asset_obj().parse(self.x402.deposit, field="x402.deposit")

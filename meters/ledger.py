@@ -136,10 +136,13 @@ class Ledger:
     async def heartbeat(self) -> None:
         """Prove this process alive; holds of a process that stops doing this get swept."""
         started = time.monotonic()
-        lapsed = started >= self.alive_until
         with redis_errors():
-            await self.redis.set(f"{self.prefix}alive:{self.owner}", "1", px=self.owner_ttl_ms)
-        if lapsed:
+            previous = await self.redis.set(f"{self.prefix}alive:{self.owner}", "1",
+                                            px=self.owner_ttl_ms, get=True)
+        if previous is None:
+            # The key had expired (or never existed): another process may have swept our
+            # holds meanwhile. Only then must meters re-check them (a late beat whose key
+            # was still alive changes nothing).
             self.epoch += 1
         # Leave a margin of a third of the TTL: the sweeper of another process must never see
         # this owner dead while it still hands out tokens from its holds.

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from starlette.requests import Request
+from starlette.responses import Response
 
 from gateway.errors import GatewayError, PaymentRequired
 from meters.rates import Rate
@@ -80,6 +81,11 @@ class PaymentRail:
         if offer is None:
             return PaymentRequired(reason, code=code, extra={"needed": str(needed)})
         return render(PaymentRequired(reason, code=code), [offer], needed=needed)
+
+    async def manage(self, request: Request) -> Response | None:
+        """Answer a payment action that needs no model call (MPP's session ``close``, a
+        voucher on ``HEAD``) before the body is read; None for every other request."""
+        return None
 
     async def top_up_hint(self, account_id: str, request: Request) -> Mapping[str, Any]:
         """How to add money, for the machine-readable reason of a cut stream."""
@@ -144,6 +150,17 @@ class Rails(PaymentRail):
                         raise
                     # A rejected payment: answer with every rail's fresh challenge.
                     raise self.rechallenge(request, exc, needed=needed, rate=rate) from exc
+        return None
+
+    async def manage(self, request: Request) -> Response | None:
+        for rail in self.rails:
+            if rail.claims(request):
+                try:
+                    return await rail.manage(request)
+                except GatewayError as exc:
+                    if exc.status != 402:
+                        raise
+                    raise self.rechallenge(request, exc, needed=0, rate=None) from exc
         return None
 
     def offers(self, request: Request, *, needed: int, reason: str, code: str,

@@ -53,7 +53,7 @@ from gateway.rails.x402 import (
     settlement_response,
     to_authorization,
 )
-from gateway.settings import Settings
+from gateway.settings import Settings, X402NetworkSettings
 from meters.deposits import SETTLED, Deposit, Deposits
 from meters.ledger import Ledger
 from meters.money import Asset
@@ -62,6 +62,15 @@ from meters.rates import Rate
 log = logging.getLogger("tollstream.x402")
 
 API_KEY_HEADER = "Tollstream-Api-Key"
+
+
+def evm_network(net: X402NetworkSettings) -> EvmNetwork:
+    """The chain and token a network's settings describe, with its relayer."""
+    return EvmNetwork(network=net.network, chain_id=net.chain_id, rpc_url=net.rpc_url,
+                      asset=net.asset, token_name=net.token_name,
+                      token_version=net.token_version, relayer_key=net.relayer() or "",
+                      confirmations=net.confirmations, rpc_timeout=net.rpc_timeout_seconds,
+                      receipt_timeout=net.receipt_timeout_seconds)
 
 
 class SettlementFailed(PaymentRejected):
@@ -92,15 +101,7 @@ class X402Deposits(PaymentRail):
         self.min_output_tokens = cfg.min_output_tokens
         self.pay_to = cfg.pay_to
         self.max_timeout_seconds = cfg.max_timeout_seconds
-        self.networks = {
-            net.network: EvmNetwork(network=net.network, chain_id=net.chain_id,
-                                    rpc_url=net.rpc_url, asset=net.asset,
-                                    token_name=net.token_name, token_version=net.token_version,
-                                    relayer_key=net.relayer() or "",
-                                    confirmations=net.confirmations,
-                                    rpc_timeout=net.rpc_timeout_seconds,
-                                    receipt_timeout=net.receipt_timeout_seconds)
-            for net in cfg.networks.values()}
+        self.networks = {net.network: evm_network(net) for net in cfg.networks.values()}
         self.settler = EvmSettler()
         self.settlement: Settlement
         if cfg.mode == "remote" and cfg.facilitator_url:

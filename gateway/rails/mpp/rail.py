@@ -17,10 +17,13 @@ import datetime as dt
 import logging
 from typing import Any
 
+import orjson
 from starlette.requests import Request
+from starlette.responses import Response
 
 from gateway.rails.base import Offer, PaymentRail, render
 from gateway.rails.mpp.charge import EvmCharge
+from gateway.rails.mpp.escrow import EscrowClient
 from gateway.rails.mpp.scheme import (
     INVALID_CHALLENGE,
     MALFORMED_CREDENTIAL,
@@ -29,11 +32,16 @@ from gateway.rails.mpp.scheme import (
     WWW_AUTHENTICATE,
     ChallengeSigner,
     Problem,
+    b64url_decode,
     credential_value,
+    order_challenges,
+    parse_accept_payment,
     parse_credential,
     parse_timestamp,
 )
-from gateway.rails.x402_deposits import X402Deposits
+from gateway.rails.mpp.session import EvmSession, SessionResult
+from gateway.rails.mpp.settler import ChannelSettler
+from gateway.rails.x402_deposits import X402Deposits, evm_network
 from gateway.settings import Settings, X402Settings
 from meters.ledger import Ledger, redis_errors
 from meters.rates import Rate
@@ -50,8 +58,11 @@ class MppRail(PaymentRail):
 
     def __init__(self, *, realm: str, signer: ChallengeSigner, ledger: Ledger,
                  charge: EvmCharge | None, min_output_tokens: int = 256,
-                 owns_engine: bool = True) -> None:
+                 owns_engine: bool = True, session: EvmSession | None = None,
+                 settler: ChannelSettler | None = None) -> None:
         self.owns_engine = owns_engine
+        self.session = session
+        self.settler = settler
         self.realm = realm
         self.signer = signer
         self.ledger = ledger
@@ -59,25 +70,37 @@ class MppRail(PaymentRail):
         self.min_output_tokens = min_output_tokens
 
     async def aclose(self) -> None:
+        if self.settler is not None:
+            await self.settler.stop()
+        if self.session is not None:
+            await self.session.escrow.aclose()
         if self.charge is not None and self.owns_engine:
             await self.charge.engine.aclose()
 
     async def start(self) -> None:
         if self.charge is not None and self.owns_engine:
             await self.charge.engine.start()
+        if self.settler is not None:
+            await self.settler.start()
 
     # -- the 402 --------------------------------------------------------------------------------
     def offer(self, request: Request, *, needed: int, reason: str, code: str,
               rate: Rate | None = None) -> Offer | None:
-        headers = []
+        challenges = []
+        if self.session is not None:
+            challenges.append(self.signer.issue(realm=self.realm, method=self.method,
+                                                intent=self.session.intent,
+                                                request=self.session.request(rate)))
         if self.charge is not None:
-            challenge = self.signer.issue(realm=self.realm, method=self.method,
-                                          intent=self.charge.intent,
-                                          request=self.charge.request(needed))
-            headers.append((WWW_AUTHENTICATE, challenge.header()))
-        if not headers:
+            challenges.append(self.signer.issue(realm=self.realm, method=self.method,
+                                                intent=self.charge.intent,
+                                                request=self.charge.request(needed)))
+        if not challenges:
             return None
-        return Offer(headers=headers, payment_scheme=True)
+        ranked = order_challenges(challenges,
+                                  parse_accept_payment(request.headers.get("accept-payment")))
+        return Offer(headers=[(WWW_AUTHENTICATE, c.header()) for c in ranked],
+                     payment_scheme=True)
 
     async def top_up_hint(self, account_id: str, request: Request) -> dict[str, Any]:
         return {"method": "mpp", "header": WWW_AUTHENTICATE,
@@ -93,18 +116,47 @@ class MppRail(PaymentRail):
         if token is None:
             return None
         try:
-            return await self._authenticate(token)
+            result = await self._authenticate(token)
         except Problem as exc:
-            if exc.status != 402:  # only 402s carry challenges
-                exc.body = {**exc.problem(), "code": exc.code, "message": exc.message}
-                exc.media_type = "application/problem+json"
-                raise
-            offer = self.offer(request, needed=needed, reason=exc.message, code=exc.code,
-                               rate=rate)
-            raise render(exc, [offer] if offer else [], needed=needed,
-                         problem=exc.problem()) from exc
+            raise self._answer(request, exc, needed=needed, rate=rate) from exc
+        return result.account_id, result.headers
 
-    async def _authenticate(self, token: str) -> tuple[str, dict[str, str]]:
+    async def manage(self, request: Request) -> Response | None:
+        """A session action that needs no model call (``close``, or any action on ``HEAD``):
+        answered here, before the request body is read. None for everything else."""
+        token = credential_value(request.headers)
+        if token is None or self.session is None:
+            return None
+        try:
+            credential = parse_credential(token)
+        except Problem:
+            return None  # the model route answers it, with its fresh challenges
+        if credential.challenge.intent != "session" or (
+                request.method != "HEAD" and credential.payload.get("action") != "close"):
+            return None
+        try:
+            result = await self._authenticate(token)
+        except Problem as exc:
+            raise self._answer(request, exc, needed=0, rate=None) from exc
+        receipt = result.headers.get("Payment-Receipt", "")
+        body = b"" if request.method == "HEAD" else orjson.dumps(
+            orjson.loads(b64url_decode(receipt)) if receipt else {})
+        return Response(body, media_type="application/json", headers=result.headers)
+
+    def _answer(self, request: Request, exc: Problem, *, needed: int, rate: Rate | None
+                ) -> Problem:
+        """A problem as the response: 402s with fresh challenges, others without."""
+        if exc.status != 402:  # only 402s carry challenges
+            exc.body = {**exc.problem(), "code": exc.code, "message": exc.message}
+            exc.media_type = "application/problem+json"
+            return exc
+        offer = self.offer(request, needed=needed, reason=exc.message, code=exc.code,
+                           rate=rate)
+        rendered = render(exc, [offer] if offer else [], needed=needed, problem=exc.problem())
+        assert isinstance(rendered, Problem)
+        return rendered
+
+    async def _authenticate(self, token: str) -> SessionResult:
         credential = parse_credential(token)
         echo = credential.challenge
         if echo.method != self.method:
@@ -129,7 +181,13 @@ class MppRail(PaymentRail):
         if echo.intent == "charge" and self.charge is not None:
             payment = self.charge.check(credential, echo)
             await self.burn(echo.id)
-            return await self.charge.pay(payment, echo)
+            account_id, headers = await self.charge.pay(payment, echo)
+            return SessionResult(account_id, headers, "")
+        if echo.intent == "session" and self.session is not None:
+            # Session challenges are not burned: every voucher of a channel echoes one, and
+            # vouchers are replay-safe by themselves (cumulative, idempotent below the
+            # accepted amount); the HMAC and expiry still bind them to this gateway.
+            return await self.session.handle(credential, echo)
         raise Problem(INVALID_CHALLENGE, f"intent {echo.intent!r} is not offered here")
 
     async def burn(self, challenge_id: str) -> None:
@@ -166,6 +224,25 @@ def create_mpp_rail(settings: Settings, ledger: Ledger,
                                                                   field="mpp.deposit"),
                            asset=asset, ledger=ledger,
                            max_timeout_seconds=cfg.challenge_ttl_seconds)
+    session = settler = None
+    if cfg.session:
+        payee_key = cfg.payee_key()
+        assert payee_key is not None  # the settings refuse a session without one
+        network = evm_network(cfg.network)
+        escrow = EscrowClient(network, cfg.escrow)
+        parse = asset.parse
+        session = EvmSession(escrow=escrow, ledger=ledger, network=network,
+                             payee_key=payee_key, asset=asset,
+                             suggested_deposit=parse(cfg.suggested_deposit,
+                                                     field="mpp.suggested_deposit"),
+                             min_deposit=parse(cfg.min_deposit, field="mpp.min_deposit"),
+                             min_voucher_delta=parse(cfg.min_voucher_delta,
+                                                     field="mpp.min_voucher_delta"))
+        settler = ChannelSettler(escrow=escrow, channels=session.channels, ledger=ledger,
+                                 payee_key=payee_key, interval=cfg.settle_interval_seconds,
+                                 threshold=parse(cfg.settle_threshold,
+                                                 field="mpp.settle_threshold"))
     return MppRail(realm=cfg.realm, ledger=ledger, charge=charge, owns_engine=owned,
+                   session=session, settler=settler,
                    signer=ChallengeSigner(cfg.secrets(), ttl_seconds=cfg.challenge_ttl_seconds),
                    min_output_tokens=cfg.min_output_tokens)

@@ -1,0 +1,416 @@
+"""MPP's ``evm`` session (specs/mpp/draft-evm-session-00.md): an escrow channel the agent
+funds once and spends with cumulative vouchers; the gateway meters tokens against it.
+
+The challenge (per model): ``amount`` is the output price of one token in atomic units,
+**rounded up** to a whole unit when a token costs less (the spec prices whole base units per
+unit; the ledger still bills the exact rate, rounded once per request, so the charge never
+exceeds ``amount`` per token); ``unitType: "llm_token"``; ``suggestedDeposit``; ``currency``,
+``recipient`` (the payee, whose key settles and closes), and ``methodDetails`` with the
+``escrowContract``, ``chainId``, ``minVoucherDelta``, ``feePayer: true`` and the credential
+types (``authorization``: we relay ``openWithAuthorization`` and pay its gas; ``hash``: the
+agent opened it itself).
+
+Actions arrive on the model route: ``open`` and ``topUp`` fund the channel (verified on-chain,
+"Transaction Outcome Checks"); ``voucher`` raises ``acceptedCumulative`` (EIP-712 recovery,
+low-s, the channel's signer, monotonic, ``minVoucherDelta``, not above the deposit, no close
+pending; a voucher not above the accepted amount is an idempotent replay, after its signature
+was checked); ``close`` closes cooperatively for exactly ``spent``. The ledger side is
+:mod:`meters.channels`; settlement runs in :mod:`gateway.rails.mpp.settler`.
+
+Departures, on purpose: voucher signers are EOAs only (ERC-1271 wallets are checked by the
+escrow, not here yet); the voucher payload's ``deposit`` extension is refused (send a
+``topUp`` first); the close voucher must equal ``spent`` exactly (the spec lets a server take
+more: tollstream captures what it delivered and refunds the rest).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from eth_account import Account
+from eth_utils import to_checksum_address
+from pydantic import ConfigDict, Field, StrictStr, ValidationError
+
+from gateway.errors import InvalidPayment, PaymentRejected, ServiceUnavailable
+from gateway.rails.eip3009 import Eip3009Authorization
+from gateway.rails.evm import EvmNetwork
+from gateway.rails.mpp.channel import (
+    ZERO_ADDRESS,
+    Voucher,
+    compute_channel_id,
+    open_nonce,
+    recover_voucher_signer,
+    top_up_nonce,
+)
+from gateway.rails.mpp.escrow import EscrowClient
+from gateway.rails.mpp.outcomes import EscrowError
+from gateway.rails.mpp.scheme import (
+    MALFORMED_CREDENTIAL,
+    VERIFICATION_FAILED,
+    ChallengeEcho,
+    Credential,
+    Problem,
+    _Strict,
+    encode_receipt,
+)
+from meters.channels import Channels, ChannelState, VoucherStatus, account_of
+from meters.ledger import Ledger
+from meters.money import Asset
+from meters.rates import MTOK, Rate
+
+S = "session/"
+HEX32 = r"^0x[0-9a-fA-F]{64}$"
+ADDRESS = r"^0x[0-9a-fA-F]{40}$"
+UINT = r"^[0-9]{1,39}$"
+SIG = r"^0x[0-9a-fA-F]{130}$"
+
+
+class _Payload(_Strict):
+    model_config = ConfigDict(strict=True, frozen=True, extra="forbid", populate_by_name=True)
+
+
+class Eip3009Fields(_Payload):
+    from_: StrictStr = Field(alias="from", pattern=ADDRESS)
+    to: StrictStr = Field(pattern=ADDRESS)
+    value: StrictStr = Field(pattern=UINT)
+    validAfter: StrictStr = Field(pattern=UINT)
+    validBefore: StrictStr = Field(pattern=UINT)
+    nonce: StrictStr = Field(pattern=HEX32)
+
+    def signed(self, signature: str) -> Eip3009Authorization:
+        return Eip3009Authorization(from_=self.from_, to=self.to, value=int(self.value),
+                                    valid_after=int(self.validAfter),
+                                    valid_before=int(self.validBefore), nonce=self.nonce,
+                                    signature=signature)
+
+
+class OpenPayload(_Payload):
+    action: Literal["open"]
+    type: Literal["authorization", "hash"]
+    channelId: StrictStr = Field(pattern=HEX32)
+    salt: StrictStr = Field(pattern=HEX32)
+    cumulativeAmount: StrictStr = Field(pattern=UINT)
+    authorizedSigner: StrictStr | None = Field(default=None, pattern=ADDRESS)
+    # type="authorization": the deposit authorization, and the voucher's signature apart.
+    authorization: Eip3009Fields | None = None
+    signature: StrictStr = Field(pattern=SIG)
+    voucherSignature: StrictStr | None = Field(default=None, pattern=SIG)
+    # type="hash": the agent's own open transaction.
+    hash: StrictStr | None = Field(default=None, pattern=HEX32)
+
+
+class TopUpPayload(_Payload):
+    action: Literal["topUp"]
+    type: Literal["authorization", "hash"]
+    channelId: StrictStr = Field(pattern=HEX32)
+    additionalDeposit: StrictStr = Field(pattern=UINT)
+    salt: StrictStr | None = Field(default=None, pattern=HEX32)
+    authorization: Eip3009Fields | None = None
+    signature: StrictStr | None = Field(default=None, pattern=SIG)
+    hash: StrictStr | None = Field(default=None, pattern=HEX32)
+
+
+class VoucherPayload(_Payload):
+    action: Literal["voucher", "close"]
+    channelId: StrictStr = Field(pattern=HEX32)
+    cumulativeAmount: StrictStr = Field(pattern=UINT)
+    signature: StrictStr = Field(pattern=SIG)
+
+
+_PAYLOADS: dict[str, type[_Payload]] = {"open": OpenPayload, "topUp": TopUpPayload,
+                                        "voucher": VoucherPayload, "close": VoucherPayload}
+
+
+@dataclass(frozen=True, slots=True)
+class SessionResult:
+    """What a session credential stands for: the channel's account and the response
+    headers; ``final`` when the action ends the exchange (close: no model call)."""
+
+    account_id: str
+    headers: dict[str, str]
+    channel_id: str
+    final: bool = False
+
+
+def _problem(kind: str, detail: str, *, status: int = 402, channel: str | None = None
+             ) -> Problem:
+    return Problem(kind, detail, status=status, namespace=S,
+                   fields={"channelId": channel} if channel else None)
+
+
+def _from_chain(exc: EscrowError | PaymentRejected, channel: str) -> Problem:
+    """A chain-side refusal as the spec's problem type ("Error Responses")."""
+    kind = getattr(exc, "problem_type", None) or exc.code
+    if kind == VERIFICATION_FAILED:
+        return Problem(VERIFICATION_FAILED, exc.message, fields={"channelId": channel})
+    status = exc.status if exc.status in (402, 409, 410) else 402
+    return _problem(kind, exc.message, status=status, channel=channel)
+
+
+class EvmSession:
+    """The ``evm`` / ``session`` intent of the MPP rail (see the module docstring)."""
+
+    method = "evm"
+    intent = "session"
+
+    def __init__(self, *, escrow: EscrowClient, ledger: Ledger, network: EvmNetwork,
+                 payee_key: str, asset: Asset, suggested_deposit: int, min_deposit: int,
+                 min_voucher_delta: int) -> None:
+        self.escrow = escrow
+        self.channels = Channels(ledger)
+        self.ledger = ledger
+        self.network = network
+        self.payee_key = payee_key
+        self.payee = str(Account.from_key(payee_key).address)
+        self.asset = asset
+        self.suggested_deposit = suggested_deposit
+        self.min_deposit = min_deposit
+        self.min_voucher_delta = min_voucher_delta
+
+    # -- the challenge ------------------------------------------------------------------------
+    def request(self, rate: Rate | None) -> dict[str, Any]:
+        per_token = -(-rate.output_per_mtok // MTOK) if rate is not None else 1
+        return {"amount": str(max(per_token, 1)), "unitType": "llm_token",
+                "suggestedDeposit": str(self.suggested_deposit),
+                "currency": to_checksum_address(self.network.asset),
+                "recipient": self.payee,
+                "methodDetails": {"escrowContract": self.escrow.escrow,
+                                  "chainId": self.network.chain_id,
+                                  "minVoucherDelta": str(self.min_voucher_delta),
+                                  "feePayer": True,
+                                  "credentialTypes": ["authorization", "hash"]}}
+
+    # -- credentials ----------------------------------------------------------------------------
+    async def handle(self, credential: Credential, echo: ChallengeEcho) -> SessionResult:
+        self._check_challenge(echo)
+        action = credential.payload.get("action")
+        model = _PAYLOADS.get(action) if isinstance(action, str) else None
+        if model is None:
+            raise Problem(MALFORMED_CREDENTIAL, "payload.action must be one of open, topUp, "
+                          "voucher, close", param="payload.action")
+        try:
+            payload = model.model_validate(credential.payload)
+        except ValidationError as exc:
+            where = ".".join(str(p) for p in exc.errors(include_url=False)[0]["loc"])
+            raise Problem(MALFORMED_CREDENTIAL, f"payload.{where} is missing or malformed",
+                          param=f"payload.{where}") from exc
+        if isinstance(payload, OpenPayload):
+            state = await self._open(payload, credential.source)
+        elif isinstance(payload, TopUpPayload):
+            state = await self._top_up(payload)
+        elif isinstance(payload, VoucherPayload) and payload.action == "voucher":
+            state = await self._voucher(payload)
+        else:
+            assert isinstance(payload, VoucherPayload)
+            return await self._close(payload, echo)
+        return SessionResult(state.account_id, await self._receipt(state, echo),
+                             state.channel_id)
+
+    def _check_challenge(self, echo: ChallengeEcho) -> None:
+        request = echo.request_object()
+        details = request.get("methodDetails") or {}
+        if (str(request.get("recipient", "")).lower() != self.payee.lower()
+                or str(request.get("currency", "")).lower() != self.network.asset.lower()
+                or str(details.get("escrowContract", "")).lower() != self.escrow.escrow.lower()
+                or details.get("chainId") != self.network.chain_id):
+            raise Problem(VERIFICATION_FAILED, "the challenge is for another payee, token, "
+                          "escrow or chain than this gateway's")
+
+    async def _open(self, payload: OpenPayload, source: str | None) -> ChannelState:
+        signer = payload.authorizedSigner or ZERO_ADDRESS
+        channel_id = payload.channelId.lower()
+        known = await self.channels.get(channel_id)
+        if known is None:
+            try:
+                if payload.type == "authorization":
+                    payer = await self._relay_open(payload, signer)
+                    voucher_signature = payload.voucherSignature
+                else:
+                    payer = self._source_address(source)
+                    voucher_signature = payload.signature
+                    await self.escrow.check_open_transaction(
+                        payload.hash or "", channel_id=channel_id, payee=self.payee)
+                chain = await self.escrow.get_channel(channel_id)
+            except (EscrowError, PaymentRejected) as exc:
+                raise _from_chain(exc, channel_id) from exc
+            if (not chain.exists or chain.finalized or chain.close_requested_at
+                    or chain.payee.lower() != self.payee.lower()
+                    or chain.token.lower() != self.network.asset.lower()
+                    or chain.payer.lower() != payer.lower()):
+                raise Problem(VERIFICATION_FAILED, "the channel on-chain is not an open "
+                              "channel of this payer to this gateway in this token",
+                              fields={"channelId": channel_id})
+            if chain.deposit < self.min_deposit:
+                raise _problem("insufficient-balance", f"the deposit is below this "
+                               f"gateway's minimum of {self.min_deposit}", channel=channel_id)
+            await self.channels.open(channel_id, payer=chain.payer,
+                                     signer=chain.voucher_signer, token=chain.token,
+                                     deposit=chain.deposit)
+            known = await self.channels.get(channel_id)
+            assert known is not None
+        else:
+            voucher_signature = (payload.voucherSignature if payload.type == "authorization"
+                                 else payload.signature)
+        if voucher_signature is None:
+            raise Problem(MALFORMED_CREDENTIAL, "payload.voucherSignature is required",
+                          param="payload.voucherSignature")
+        # The initial voucher (typically 0): the server holds a signed voucher from the start.
+        return await self._accept(known, int(payload.cumulativeAmount), voucher_signature)
+
+    async def _relay_open(self, payload: OpenPayload, signer: str) -> str:
+        auth_fields = payload.authorization
+        if auth_fields is None:
+            raise Problem(MALFORMED_CREDENTIAL, "payload.authorization is required",
+                          param="payload.authorization")
+        try:
+            auth = auth_fields.signed(payload.signature)
+        except InvalidPayment as exc:
+            raise Problem(MALFORMED_CREDENTIAL, exc.message, param=exc.param) from exc
+        expected = compute_channel_id(payer=auth.payer, payee=self.payee,
+                                      token=self.network.asset, salt=payload.salt,
+                                      authorized_signer=signer, escrow=self.escrow.escrow,
+                                      chain_id=self.network.chain_id)
+        if expected.lower() != payload.channelId.lower():
+            raise Problem(VERIFICATION_FAILED, "channelId is not the id of this payer, payee, "
+                          "token, salt and signer on this escrow")
+        nonce = open_nonce(from_=auth.payer, payee=self.payee, token=self.network.asset,
+                           salt=payload.salt, authorized_signer=signer)
+        if auth.to.lower() != self.escrow.escrow.lower() or auth.nonce.lower() != nonce.lower():
+            raise Problem(VERIFICATION_FAILED, "the authorization must pay the escrow with "
+                          "the nonce derived from the channel parameters")
+        if auth.value < self.min_deposit:
+            raise _problem("insufficient-balance", f"the deposit is below this gateway's "
+                           f"minimum of {self.min_deposit}")
+        await self.escrow.open_with_authorization(auth, payee=self.payee, salt=payload.salt,
+                                                  authorized_signer=signer)
+        return auth.payer
+
+    @staticmethod
+    def _source_address(source: str | None) -> str:
+        parts = (source or "").split(":")
+        if len(parts) != 5 or parts[:3] != ["did", "pkh", "eip155"]:
+            raise Problem(MALFORMED_CREDENTIAL, "source must be did:pkh:eip155:<chain>:<payer>"
+                          " for a hash open", param="source")
+        return parts[4]
+
+    async def _top_up(self, payload: TopUpPayload) -> ChannelState:
+        channel_id = payload.channelId.lower()
+        state = await self._known(channel_id)
+        amount = int(payload.additionalDeposit)
+        try:
+            if payload.type == "authorization":
+                if payload.authorization is None or payload.salt is None \
+                        or payload.signature is None:
+                    raise Problem(MALFORMED_CREDENTIAL, "an authorization top-up needs "
+                                  "authorization, signature and salt", param="payload")
+                auth = payload.authorization.signed(payload.signature)
+                nonce = top_up_nonce(channel_id=channel_id, additional_deposit=amount,
+                                     from_=auth.payer, top_up_salt=payload.salt)
+                if auth.value != amount or auth.nonce.lower() != nonce.lower() \
+                        or auth.to.lower() != self.escrow.escrow.lower():
+                    raise Problem(VERIFICATION_FAILED, "the authorization must pay "
+                                  "additionalDeposit to the escrow with the derived nonce")
+                await self.escrow.top_up_with_authorization(auth, channel_id=channel_id,
+                                                            top_up_salt=payload.salt)
+            else:
+                await self.escrow.check_top_up_transaction(
+                    payload.hash or "", channel_id=channel_id, additional_deposit=amount)
+            chain = await self.escrow.get_channel(channel_id)
+        except InvalidPayment as exc:
+            raise Problem(MALFORMED_CREDENTIAL, exc.message, param=exc.param) from exc
+        except (EscrowError, PaymentRejected) as exc:
+            raise _from_chain(exc, channel_id) from exc
+        await self.channels.raise_deposit(channel_id, chain.deposit)
+        if chain.close_requested_at == 0 and state.close_requested and not state.finalized:
+            await self.channels.update(channel_id, close_requested=0)  # a top-up cancels it
+        return await self._known(channel_id)
+
+    async def _known(self, channel_id: str) -> ChannelState:
+        state = await self.channels.get(channel_id)
+        if state is None:
+            raise _problem("channel-not-found", "no channel with this id is open here",
+                           status=410, channel=channel_id)
+        if state.finalized:
+            raise _problem("channel-finalized", "the channel is closed", status=410,
+                           channel=channel_id)
+        return state
+
+    def _verified(self, state: ChannelState, amount: int, signature: str) -> Voucher:
+        try:
+            voucher = Voucher(state.channel_id, amount, signature)
+            signer = recover_voucher_signer(voucher, chain_id=self.network.chain_id,
+                                            escrow=self.escrow.escrow)
+        except InvalidPayment as exc:
+            raise Problem(MALFORMED_CREDENTIAL, exc.message, param=exc.param) from exc
+        except PaymentRejected as exc:
+            raise _problem("invalid-signature", exc.message, channel=state.channel_id) from exc
+        if signer.lower() != state.signer.lower():
+            raise _problem("signer-mismatch", "the voucher is not signed by the channel's "
+                           "authorized signer", channel=state.channel_id)
+        return voucher
+
+    async def _voucher(self, payload: VoucherPayload) -> ChannelState:
+        state = await self._known(payload.channelId.lower())
+        return await self._accept(state, int(payload.cumulativeAmount), payload.signature)
+
+    async def _accept(self, state: ChannelState, amount: int, signature: str) -> ChannelState:
+        self._verified(state, amount, signature)  # before any idempotent short-circuit
+        status, _ = await self.channels.accept(state.channel_id, amount, signature,
+                                               min_delta=self.min_voucher_delta)
+        problems = {
+            VoucherStatus.DELTA_TOO_SMALL: ("delta-too-small", f"a voucher must add at least "
+                                            f"minVoucherDelta ({self.min_voucher_delta})"),
+            VoucherStatus.EXCEEDS_DEPOSIT: ("amount-exceeds-deposit", "the voucher is above "
+                                            "the channel's deposit: top up first"),
+            VoucherStatus.CLOSE_PENDING: ("channel-finalized", "a close is pending on this "
+                                          "channel"),
+            VoucherStatus.FINALIZED: ("channel-finalized", "the channel is closed"),
+            VoucherStatus.UNKNOWN: ("channel-not-found", "no channel with this id is open")}
+        if status in problems:
+            kind, detail = problems[status]
+            raise _problem(kind, detail, channel=state.channel_id,
+                           status=410 if kind.startswith("channel-") else 402)
+        refreshed = await self.channels.get(state.channel_id)
+        assert refreshed is not None
+        return refreshed
+
+    async def _close(self, payload: VoucherPayload, echo: ChallengeEcho) -> SessionResult:
+        state = await self._known(payload.channelId.lower())
+        voucher = self._verified(state, int(payload.cumulativeAmount), payload.signature)
+        account = await self.ledger.get_account(state.account_id)
+        if voucher.cumulative_amount != account.spent:
+            raise Problem(VERIFICATION_FAILED, f"sign the close voucher for exactly what was "
+                          f"spent ({account.spent}): tollstream captures that and refunds "
+                          "the rest", fields={"channelId": state.channel_id,
+                                              "spent": str(account.spent)})
+        if await self.channels.begin_close(state.channel_id) is None:
+            raise _problem("transaction-reverted", "a stream is still running on this "
+                           "channel: close it when the stream has ended", status=409,
+                           channel=state.channel_id)
+        try:
+            outcome = await self.escrow.close(self.payee_key, voucher)
+        except (EscrowError, PaymentRejected, ServiceUnavailable) as exc:
+            await self.channels.abort_close(state.channel_id)
+            if isinstance(exc, ServiceUnavailable):
+                raise
+            raise _from_chain(exc, state.channel_id) from exc
+        await self.channels.finalize(state.channel_id, settled=voucher.cumulative_amount)
+        final = await self.channels.get(state.channel_id)
+        assert final is not None
+        headers = await self._receipt(final, echo, tx_hash=outcome.tx_hash)
+        return SessionResult(state.account_id, headers, state.channel_id, final=True)
+
+    async def _receipt(self, state: ChannelState, echo: ChallengeEcho, *,
+                       tx_hash: str | None = None) -> dict[str, str]:
+        account = await self.ledger.get_account(account_of(state.channel_id))
+        fields: dict[str, Any] = {
+            "method": self.method, "intent": self.intent, "challengeId": echo.id,
+            "reference": state.channel_id, "channelId": state.channel_id,
+            "chainId": self.network.chain_id, "acceptedCumulative": str(state.accepted),
+            "spent": str(account.spent + account.held),
+            "timestamp": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")}
+        if tx_hash:
+            fields["txHash"] = tx_hash
+        return {"Payment-Receipt": encode_receipt(fields), "Cache-Control": "private"}
