@@ -5,10 +5,12 @@ background. Real chain (the project's escrow), real Redis, a real gateway on a f
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import json
 import secrets
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -22,7 +24,9 @@ from gateway.rails.evm import EvmNetwork, EvmSettler
 from gateway.rails.mpp.channel import ZERO_ADDRESS, compute_channel_id, sign_voucher
 from gateway.rails.mpp.escrow import EscrowClient
 from gateway.rails.mpp.scheme import b64url
-from meters.channels import account_of
+from gateway.rails.mpp.settler import ChannelSettler
+from meters.channels import Channels, account_of
+from meters.ledger import Ledger, connect
 from tests.chain_fixtures import *  # noqa: F403  (session fixtures: chain, evm_network, settler)
 from tests.chain_fixtures import new_account
 from tests.conftest import RunningGateway
@@ -36,10 +40,11 @@ CHAT = "/v1/chat/completions"
 
 
 def session_config(chain: DevChain, **extra: Any) -> dict[str, Any]:
-    return mpp_config(chain, charge=False, session=True, escrow=chain.escrow,
-                      suggested_deposit="0.001", min_deposit="0.0001",
-                      min_voucher_delta="0.00001", settle_interval_seconds=3600,
-                      settle_threshold="1", **extra)
+    return mpp_config(chain, **{
+        "charge": False, "session": True, "escrow": chain.escrow,
+        "suggested_deposit": "0.001", "min_deposit": "0.0001",
+        "min_voucher_delta": "0.00001", "settle_interval_seconds": 3600,
+        "settle_threshold": "0.0001", **extra})
 
 
 @pytest.fixture
@@ -244,7 +249,8 @@ async def test_bad_vouchers_get_their_problem_and_change_nothing(
 
 
 async def test_a_forced_close_stops_vouchers_and_is_settled_at_once(
-        sgw: RunningGateway, chain: DevChain, evm_network: EvmNetwork) -> None:
+        sgw: RunningGateway, chain: DevChain, evm_network: EvmNetwork, redis_url: str
+        ) -> None:
     payer = new_account(chain, tokens=10 * DEPOSIT, eth=10**17)  # requestClose costs gas
     agent = SessionWallet(payer.key.hex(), token_name=chain.token_name,
                           token_version=chain.token_version, spend_cap=10 * DEPOSIT,
@@ -254,12 +260,92 @@ async def test_a_forced_close_stops_vouchers_and_is_settled_at_once(
     escrow = EscrowClient(evm_network, chain.escrow)
     try:
         await escrow.request_close(agent.private_key, agent.channel_id or "")
-        rail = sgw.gateway.rail
         # Spent 20; accepted vouchers: 0 and 100. Within the grace period the cheapest
-        # voucher covering what was delivered is captured.
-        assert await rail.settler.settle_all() == 1  # type: ignore[attr-defined]
+        # voucher covering what was delivered is captured (a settler on this event loop,
+        # sharing the gateway's Redis, stands for the gateway's own background pass).
+        ledger = Ledger(connect(sgw.gateway.settings.redis_url or redis_url),
+                        prefix=sgw.settings.key_prefix)
+        try:
+            one = ChannelSettler(escrow=escrow, channels=Channels(ledger), ledger=ledger,
+                                 payee_key=chain.relayer_key, interval=1, threshold=10**9)
+            assert await one.settle_all() == 1
+        finally:
+            await ledger.redis.aclose()
         chain_state = await escrow.get_channel(agent.channel_id or "")
         assert chain_state.close_requested_at and chain_state.settled == 100
     finally:
         await escrow.aclose()
     problem(paid(sgw, agent.voucher(200)), "session/channel-finalized", 410)
+
+
+def append_mpp(config: str, chain: DevChain, **extra: Any) -> None:
+    """Add an [mpp] session section to a TOML config written by tests/test_faults.py."""
+    settings = session_config(chain, **extra)
+    network = settings.pop("network")
+    lines = ["", "[mpp]"]
+    lines += [f"{k} = {json.dumps(v)}" for k, v in settings.items()]
+    lines += ["", "[mpp.network]"]
+    lines += [f"{k} = {json.dumps(v)}" for k, v in network.items()]
+    with open(config, "a") as handle:
+        handle.write("\n".join(lines) + "\n")
+
+
+async def test_vouchers_accepted_before_a_crash_are_settled_once_after_it(
+        sim: str, redis_url: str, chain: DevChain, evm_network: EvmNetwork,
+        settler: EvmSettler) -> None:
+    import os
+    import signal
+
+    from tests.servers import gateway_process
+    from tests.test_faults import write_config
+
+    prefix = f"t{secrets.token_hex(4)}:"
+    config = write_config(sim, redis_url, prefix)
+    append_mpp(config, chain)  # settles only every hour: nothing before the crash
+    agent = wallet(chain, 7)
+    payee = chain.relayer_address
+    with gateway_process(config) as (url, proc):
+        found = session_challenge(httpx.post(f"{url}{CHAT}", json=body(), timeout=10).headers)
+        assert found is not None
+        assert httpx.head(f"{url}{CHAT}", timeout=30,
+                          headers={"authorization": agent.open(found)}).status_code == 200
+        # 200 authorized, a long answer spends it all (cut at the last paid token).
+        spent = httpx.post(f"{url}{CHAT}", json=body(250), timeout=30,
+                           headers={"authorization": agent.voucher(200)})
+        assert spent.status_code == 200 and b"allowance_exhausted" in spent.content
+        assert httpx.head(f"{url}{CHAT}", timeout=30,
+                          headers={"authorization": agent.voucher(600)}).status_code == 200
+        payee_before = await settler.balance_of(payee, evm_network)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(5)
+    channel_id = agent.channel_id or ""
+    escrow = EscrowClient(evm_network, chain.escrow)
+    try:
+        assert (await escrow.get_channel(channel_id)).settled == 0
+        # A new process, settling every half second, captures the voucher that covers what
+        # was spent (200; the 600 one runs ahead of delivery), once.
+        restarted = write_config(sim, redis_url, prefix)
+        append_mpp(restarted, chain, settle_interval_seconds=0.5)
+        with gateway_process(restarted) as (_, again_proc):
+            deadline = time.monotonic() + 30
+            while (await escrow.get_channel(channel_id)).settled == 0:
+                if time.monotonic() > deadline:
+                    again_proc.terminate()
+                    err = again_proc.stderr.read().decode() if again_proc.stderr else ""
+                    raise AssertionError(f"not settled after the restart: {err[-3000:]}")
+                await asyncio.sleep(0.2)
+        assert (await escrow.get_channel(channel_id)).settled == 200
+        assert await settler.balance_of(payee, evm_network) == payee_before + 200
+        # Another pass, from yet another process, finds nothing left to settle.
+        from gateway.rails.mpp.settler import ChannelSettler
+        from meters.channels import Channels
+        from meters.ledger import Ledger, connect
+
+        ledger = Ledger(connect(redis_url), prefix=prefix)
+        again = ChannelSettler(escrow=escrow, channels=Channels(ledger), ledger=ledger,
+                               payee_key=chain.relayer_key, interval=1, threshold=1)
+        assert await again.settle_all(force=True) == 0
+        await ledger.redis.aclose()
+    finally:
+        await escrow.aclose()
+    assert await settler.balance_of(payee, evm_network) == payee_before + 200
