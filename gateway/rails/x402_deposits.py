@@ -34,6 +34,7 @@ from gateway.errors import (
     PaymentRejected,
     ServiceUnavailable,
 )
+from gateway.rail_settings import X402NetworkSettings
 from gateway.rails.base import Offer, PaymentRail, render
 from gateway.rails.evm import EvmNetwork, EvmSettler, SettlementNotSubmitted, SettlementResult
 from gateway.rails.facilitator import LocalSettlement, RemoteFacilitator, Settlement
@@ -53,7 +54,7 @@ from gateway.rails.x402 import (
     settlement_response,
     to_authorization,
 )
-from gateway.settings import Settings, X402NetworkSettings
+from gateway.settings import Settings
 from meters.deposits import SETTLED, Deposit, Deposits
 from meters.ledger import Ledger
 from meters.money import Asset

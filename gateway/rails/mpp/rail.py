@@ -21,6 +21,7 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
+from gateway.rail_settings import X402Settings
 from gateway.rails.base import Offer, PaymentRail, render
 from gateway.rails.mpp.charge import EvmCharge
 from gateway.rails.mpp.escrow import EscrowClient
@@ -42,7 +43,7 @@ from gateway.rails.mpp.scheme import (
 from gateway.rails.mpp.session import EvmSession, SessionResult
 from gateway.rails.mpp.settler import ChannelSettler
 from gateway.rails.x402_deposits import X402Deposits, evm_network
-from gateway.settings import Settings, X402Settings
+from gateway.settings import Settings
 from meters.ledger import Ledger, redis_errors
 from meters.rates import Rate
 

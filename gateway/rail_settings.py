@@ -1,0 +1,166 @@
+"""Payment rail settings: ``[x402]`` (with its ``[x402.networks.<name>]`` chains) and
+``[mpp]``. Part of the one settings object (:mod:`gateway.settings`), kept apart because each
+rail's keys and checks grow with the rail."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+X402_PRESETS: dict[str, dict[str, Any]] = {
+    "base": {"network": "eip155:8453", "chain_id": 8453,
+             "asset": "0x833589fCD6eDb6E08f4c7C32D4f71b54bdA02913",
+             "token_name": "USD Coin", "token_version": "2"},
+    "base-sepolia": {"network": "eip155:84532", "chain_id": 84532,
+                     "asset": "0x036CbD53842c5426634e7929541eC2318f3dCF7e",
+                     "token_name": "USDC", "token_version": "2"},
+    "local": {"network": "eip155:31337", "chain_id": 31337, "rpc_url": "http://127.0.0.1:8545",
+              "token_name": "USD Coin", "token_version": "2"},
+}
+
+
+class X402NetworkSettings(_Frozen):
+    """One chain and token agents may pay deposits on."""
+
+    preset: Literal["base", "base-sepolia", "local"] | None = None
+    network: str = ""
+    chain_id: int = 0
+    rpc_url: str = ""
+    asset: str = ""
+    token_name: str = ""
+    token_version: str = "2"
+    confirmations: int = Field(default=1, ge=1)
+    #: One RPC call, and the wait for a settlement's receipt, before giving up (503).
+    rpc_timeout_seconds: float = Field(default=10.0, gt=0)
+    receipt_timeout_seconds: float = Field(default=120.0, gt=0)
+    relayer_key: SecretStr | None = None
+    relayer_key_env: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("preset") in X402_PRESETS:
+            return {**X402_PRESETS[data["preset"]], **data}
+        return data
+
+    @model_validator(mode="after")
+    def _check(self) -> X402NetworkSettings:
+        for name in ("network", "rpc_url", "asset", "token_name"):
+            if not getattr(self, name):
+                raise ValueError(f"{name} is required (or a preset that sets it)")
+        if not self.network.startswith("eip155:") or self.chain_id <= 0:
+            raise ValueError("network must be CAIP-2 eip155:<chain id> with a chain_id")
+        return self
+
+    def relayer(self) -> str | None:
+        """The relayer's private key: explicit value first, else the named variable."""
+        if self.relayer_key is not None:
+            return self.relayer_key.get_secret_value()
+        return os.environ.get(self.relayer_key_env) if self.relayer_key_env else None
+
+
+class X402Settings(_Frozen):
+    """The x402 deposit rail (off unless ``enabled``)."""
+
+    enabled: bool = False
+    mode: Literal["local", "remote"] = "local"
+    facilitator_url: str | None = None
+    facilitator_timeout_seconds: float = Field(default=30.0, gt=0)
+    pay_to: str = ""
+    deposit: str = "1.00"
+    min_output_tokens: int = Field(default=256, ge=1)
+    max_timeout_seconds: int = Field(default=300, ge=10)
+    networks: dict[str, X402NetworkSettings] = {}
+
+    @model_validator(mode="after")
+    def _check(self) -> X402Settings:
+        if not self.enabled:
+            return self
+        if not (self.pay_to.startswith("0x") and len(self.pay_to) == 42):
+            raise ValueError("pay_to must be the 0x address deposits are paid to")
+        if not self.networks:
+            raise ValueError("at least one network is required when x402 is enabled")
+        if self.mode == "remote" and not self.facilitator_url:
+            raise ValueError("facilitator_url is required in remote mode")
+        if self.mode == "local":
+            for name, net in self.networks.items():
+                if not net.relayer():
+                    raise ValueError(f"networks.{name} needs relayer_key or relayer_key_env "
+                                     "in local mode (the relayer pays the settlement gas)")
+        return self
+
+
+class MppSettings(_Frozen):
+    """The Machine Payments Protocol rail: the ``Payment`` HTTP auth scheme, method ``evm``
+    (off unless ``enabled``). Its challenges are HMAC-bound with the secrets in ``secret``
+    / ``secret_env`` (comma-separated, at least 16 bytes each; the first signs, all verify:
+    rotate by prepending a new one)."""
+
+    enabled: bool = False
+    realm: str = Field(default="tollstream", min_length=1)
+    secret: SecretStr | None = None
+    secret_env: str = "TOLLSTREAM_MPP_SECRET"
+    challenge_ttl_seconds: int = Field(default=300, ge=10)
+    #: Offer the one-time ``charge`` intent (an EIP-3009 payment credited as a balance).
+    charge: bool = True
+    pay_to: str = ""
+    deposit: str = "1.00"
+    min_output_tokens: int = Field(default=256, ge=1)
+    #: The chain and token (same keys as an [x402.networks.<name>] entry).
+    network: X402NetworkSettings | None = None
+    #: Offer the ``session`` intent: an escrow channel spent with cumulative vouchers.
+    session: bool = False
+    escrow: str = ""
+    #: The payee (the challenges' ``recipient``): its key settles and closes channels and
+    #: pays their gas. Unset: the network's relayer key.
+    payee_key_env: str | None = None
+    suggested_deposit: str = "1.00"
+    min_deposit: str = "0.01"
+    min_voucher_delta: str = "0"
+    settle_interval_seconds: float = Field(default=30.0, gt=0)
+    #: Settle a channel once this much was spent beyond what the chain settled.
+    settle_threshold: str = "0.10"
+
+    def payee_key(self) -> str | None:
+        if self.payee_key_env:
+            return os.environ.get(self.payee_key_env)
+        return self.network.relayer() if self.network is not None else None
+
+    def secrets(self) -> list[bytes]:
+        """The challenge secrets, newest (signing) first."""
+        raw = self.secret.get_secret_value() if self.secret is not None \
+            else os.environ.get(self.secret_env, "")
+        return [part.strip().encode() for part in raw.split(",") if part.strip()]
+
+    @model_validator(mode="after")
+    def _check(self) -> MppSettings:
+        if not self.enabled:
+            return self
+        secrets = self.secrets()
+        if not secrets or any(len(s) < 16 for s in secrets):
+            raise ValueError(f"secret (or the variable {self.secret_env}) must hold one or "
+                             "more comma-separated secrets of at least 16 characters")
+        if self.network is None:
+            raise ValueError("network is required when mpp is enabled")
+        if self.charge:
+            if not (self.pay_to.startswith("0x") and len(self.pay_to) == 42):
+                raise ValueError("pay_to must be the 0x address charges are paid to")
+            if not self.network.relayer():
+                raise ValueError("network needs relayer_key or relayer_key_env (the relayer "
+                                 "pays the settlement gas)")
+        if self.session:
+            if not (self.escrow.startswith("0x") and len(self.escrow) == 42):
+                raise ValueError("escrow must be the 0x address of the channel escrow")
+            if not self.network.relayer():
+                raise ValueError("network needs relayer_key or relayer_key_env (it relays "
+                                 "openWithAuthorization and pays its gas)")
+            if not self.payee_key():
+                raise ValueError("payee_key_env names no key (the payee settles channels)")
+        return self
