@@ -27,14 +27,12 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 from eth_account import Account
 from eth_utils import to_checksum_address
-from pydantic import ConfigDict, Field, StrictStr, ValidationError
 
 from gateway.errors import InvalidPayment, PaymentRejected, ServiceUnavailable
-from gateway.rails.eip3009 import Eip3009Authorization
 from gateway.rails.evm import EvmNetwork
 from gateway.rails.mpp.channel import (
     ZERO_ADDRESS,
@@ -52,8 +50,13 @@ from gateway.rails.mpp.scheme import (
     ChallengeEcho,
     Credential,
     Problem,
-    _Strict,
     encode_receipt,
+)
+from gateway.rails.mpp.session_wire import (
+    OpenPayload,
+    TopUpPayload,
+    VoucherPayload,
+    parse_payload,
 )
 from meters.channels import Channels, ChannelState, VoucherStatus, account_of
 from meters.ledger import Ledger
@@ -61,68 +64,6 @@ from meters.money import Asset
 from meters.rates import MTOK, Rate
 
 S = "session/"
-HEX32 = r"^0x[0-9a-fA-F]{64}$"
-ADDRESS = r"^0x[0-9a-fA-F]{40}$"
-UINT = r"^[0-9]{1,39}$"
-SIG = r"^0x[0-9a-fA-F]{130}$"
-
-
-class _Payload(_Strict):
-    model_config = ConfigDict(strict=True, frozen=True, extra="forbid", populate_by_name=True)
-
-
-class Eip3009Fields(_Payload):
-    from_: StrictStr = Field(alias="from", pattern=ADDRESS)
-    to: StrictStr = Field(pattern=ADDRESS)
-    value: StrictStr = Field(pattern=UINT)
-    validAfter: StrictStr = Field(pattern=UINT)
-    validBefore: StrictStr = Field(pattern=UINT)
-    nonce: StrictStr = Field(pattern=HEX32)
-
-    def signed(self, signature: str) -> Eip3009Authorization:
-        return Eip3009Authorization(from_=self.from_, to=self.to, value=int(self.value),
-                                    valid_after=int(self.validAfter),
-                                    valid_before=int(self.validBefore), nonce=self.nonce,
-                                    signature=signature)
-
-
-class OpenPayload(_Payload):
-    action: Literal["open"]
-    type: Literal["authorization", "hash"]
-    channelId: StrictStr = Field(pattern=HEX32)
-    salt: StrictStr = Field(pattern=HEX32)
-    cumulativeAmount: StrictStr = Field(pattern=UINT)
-    authorizedSigner: StrictStr | None = Field(default=None, pattern=ADDRESS)
-    # type="authorization": the deposit authorization, and the voucher's signature apart.
-    authorization: Eip3009Fields | None = None
-    signature: StrictStr = Field(pattern=SIG)
-    voucherSignature: StrictStr | None = Field(default=None, pattern=SIG)
-    # type="hash": the agent's own open transaction.
-    hash: StrictStr | None = Field(default=None, pattern=HEX32)
-
-
-class TopUpPayload(_Payload):
-    action: Literal["topUp"]
-    type: Literal["authorization", "hash"]
-    channelId: StrictStr = Field(pattern=HEX32)
-    additionalDeposit: StrictStr = Field(pattern=UINT)
-    salt: StrictStr | None = Field(default=None, pattern=HEX32)
-    authorization: Eip3009Fields | None = None
-    signature: StrictStr | None = Field(default=None, pattern=SIG)
-    hash: StrictStr | None = Field(default=None, pattern=HEX32)
-
-
-class VoucherPayload(_Payload):
-    action: Literal["voucher", "close"]
-    channelId: StrictStr = Field(pattern=HEX32)
-    cumulativeAmount: StrictStr = Field(pattern=UINT)
-    signature: StrictStr = Field(pattern=SIG)
-
-
-_PAYLOADS: dict[str, type[_Payload]] = {"open": OpenPayload, "topUp": TopUpPayload,
-                                        "voucher": VoucherPayload, "close": VoucherPayload}
-
-
 @dataclass(frozen=True, slots=True)
 class SessionResult:
     """What a session credential stands for: the channel's account and the response
@@ -185,17 +126,7 @@ class EvmSession:
     # -- credentials ----------------------------------------------------------------------------
     async def handle(self, credential: Credential, echo: ChallengeEcho) -> SessionResult:
         self._check_challenge(echo)
-        action = credential.payload.get("action")
-        model = _PAYLOADS.get(action) if isinstance(action, str) else None
-        if model is None:
-            raise Problem(MALFORMED_CREDENTIAL, "payload.action must be one of open, topUp, "
-                          "voucher, close", param="payload.action")
-        try:
-            payload = model.model_validate(credential.payload)
-        except ValidationError as exc:
-            where = ".".join(str(p) for p in exc.errors(include_url=False)[0]["loc"])
-            raise Problem(MALFORMED_CREDENTIAL, f"payload.{where} is missing or malformed",
-                          param=f"payload.{where}") from exc
+        payload = parse_payload(credential.payload)
         if isinstance(payload, OpenPayload):
             state = await self._open(payload, credential.source)
         elif isinstance(payload, TopUpPayload):
