@@ -20,7 +20,10 @@ was checked); ``close`` closes cooperatively for exactly ``spent``. The ledger s
 Departures, on purpose: voucher signers are EOAs only (ERC-1271 wallets are checked by the
 escrow, not here yet); the voucher payload's ``deposit`` extension is refused (send a
 ``topUp`` first); the close voucher must equal ``spent`` exactly (the spec lets a server take
-more: tollstream captures what it delivered and refunds the rest).
+more: tollstream captures what it delivered and refunds the rest); "no close pending" is
+what the settler last read from the chain (every ``settle_interval_seconds``), not an RPC per
+voucher: a voucher costs one Lua call, and what it pays for is still settled within the
+grace period.
 """
 
 from __future__ import annotations
