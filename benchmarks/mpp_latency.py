@@ -31,7 +31,6 @@ from gateway.simulator import SimConfig
 from gateway.simulator import create_app as create_sim
 from meters.channels import account_of
 
-
 ADMIN = "bench-admin-token-0123456789"
 
 
