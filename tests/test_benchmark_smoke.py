@@ -27,3 +27,14 @@ def test_quick_benchmark_produces_a_sane_report(tmp_path: Path) -> None:
         assert report["profiles"][profile]["same_tokens"] is True
     assert report["cpu_per_request_ms"] > 0 and report["gateway_peak_rss_mb"] > 0
     assert "cpu per request" in result.stdout
+
+
+def test_mpp_latency_benchmark_runs() -> None:
+    """A tiny run of the MPP benchmark: it opens, accepts vouchers and pairs requests (its
+    own assertions check every answer), and prints each figure."""
+    result = subprocess.run([sys.executable, "-m", "benchmarks.mpp_latency", "--opens", "2",
+                             "--vouchers", "5", "--pairs", "4"], capture_output=True,
+                            text=True, timeout=110, cwd=Path(__file__).parent.parent)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for figure in ("open (relayed", "voucher (HEAD)", "added by the voucher"):
+        assert figure in result.stdout
