@@ -155,15 +155,20 @@ class EvmSession:
     async def _open(self, payload: OpenPayload, source: str | None) -> ChannelState:
         signer = payload.authorizedSigner or ZERO_ADDRESS
         channel_id = payload.channelId.lower()
+        # The initial voucher (typically 0): the server holds a signed voucher from the start.
+        # Checked before anything is relayed on-chain, so a refused open moves no money.
+        voucher_signature = (payload.voucherSignature if payload.type == "authorization"
+                             else payload.signature)
+        if voucher_signature is None:
+            raise Problem(MALFORMED_CREDENTIAL, "payload.voucherSignature is required",
+                          param="payload.voucherSignature")
         known = await self.channels.get(channel_id)
         if known is None:
             try:
                 if payload.type == "authorization":
                     payer = await self._relay_open(payload, signer)
-                    voucher_signature = payload.voucherSignature
                 else:
                     payer = self._source_address(source)
-                    voucher_signature = payload.signature
                     await self.escrow.check_open_transaction(
                         payload.hash or "", channel_id=channel_id, payee=self.payee)
                 chain = await self.escrow.get_channel(channel_id)
@@ -184,13 +189,6 @@ class EvmSession:
                                      deposit=chain.deposit)
             known = await self.channels.get(channel_id)
             assert known is not None
-        else:
-            voucher_signature = (payload.voucherSignature if payload.type == "authorization"
-                                 else payload.signature)
-        if voucher_signature is None:
-            raise Problem(MALFORMED_CREDENTIAL, "payload.voucherSignature is required",
-                          param="payload.voucherSignature")
-        # The initial voucher (typically 0): the server holds a signed voucher from the start.
         return await self._accept(known, int(payload.cumulativeAmount), voucher_signature)
 
     async def _relay_open(self, payload: OpenPayload, signer: str) -> str:
