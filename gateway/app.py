@@ -16,6 +16,7 @@ from starlette.types import Receive, Scope, Send
 from gateway import admin, routes
 from gateway.dialects import ErrorInfo, get_dialect
 from gateway.errors import GatewayError, ServiceUnavailable
+from gateway.idempotency import RequestIdempotency
 from gateway.metrics import Metrics
 from gateway.rails import PaymentRail, Rails
 from gateway.rails.mpp.rail import create_mpp_rail
@@ -29,6 +30,7 @@ from gateway.upstream import Upstreams
 from meters.errors import MeterError
 from meters.keeper import Keeper
 from meters.ledger import Ledger, connect
+from meters.notices import CreditNotices
 
 log = logging.getLogger("tollstream")
 
@@ -48,10 +50,13 @@ def build_gateway(settings: Settings, redis_url: str, *,
                                             limits.auth_failures_per_second),
                               "challenge": Limit(limits.challenges_burst,
                                                  limits.challenges_per_second)})
+    metrics = Metrics()
+    metrics.add(rail.metrics)
     return Gateway(settings=settings, redis=client, ledger=ledger, keeper=Keeper(ledger),
-                   upstreams=Upstreams(settings), metrics=Metrics(),
-                   router=ModelRouter(settings),
-                   limiter=limiter, rail=rail)
+                   upstreams=Upstreams(settings), metrics=metrics,
+                   router=ModelRouter(settings), limiter=limiter, rail=rail,
+                   notices=CreditNotices(ledger),
+                   idempotency=RequestIdempotency(client, settings.key_prefix))
 
 
 class GatewayApp(FastAPI):
@@ -84,11 +89,13 @@ def create_app(settings: Settings, redis_url: str, *, rail: PaymentRail | None =
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await gw.keeper.start()
+        await gw.notices.start()
         await gw.rail.start()
         try:
             yield
         finally:
             await gw.rail.aclose()
+            await gw.notices.stop()
             await gw.keeper.stop()
             await gw.upstreams.aclose()
             await gw.redis.aclose()

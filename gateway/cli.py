@@ -62,8 +62,16 @@ def _wallet(args: argparse.Namespace) -> int:
     import uvicorn
     from eth_account import Account
 
-    from gateway.agent.wallet_proxy import create_proxy, is_loopback, printer, summary
-    from gateway.agent.x402 import Wallet
+    from gateway.agent.session import SessionWallet
+    from gateway.agent.session_client import AsyncSessionTransport, SessionPayer, SessionRefused
+    from gateway.agent.wallet_proxy import (
+        create_proxy,
+        is_loopback,
+        printer,
+        session_summary,
+        summary,
+    )
+    from gateway.agent.x402 import AsyncPayingTransport, Wallet, httpx
     from meters.errors import InvalidAmount
     from meters.money import parse_decimal
 
@@ -99,12 +107,42 @@ def _wallet(args: argparse.Namespace) -> int:
     def emit(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
-    wallet = Wallet(account, spend_cap=cap, allowed=allowed,
-                    on_payment=printer(args.decimals, emit))
-    app = create_proxy(args.gateway, wallet,
-                       on_shutdown=lambda: emit(summary(wallet, args.decimals)))
-    emit(f"tollstream wallet: {account.address} pays {args.gateway} up to {args.cap}; "
-         f"point the agent at http://{args.host}:{args.port}")
+    if args.rail == "mpp":
+        try:
+            deposit = parse_decimal(args.deposit, args.decimals, field="--deposit")
+            increment = parse_decimal(args.increment, args.decimals, field="--increment")
+        except InvalidAmount as exc:
+            print(f"tollstream wallet: {exc.message}", file=sys.stderr)
+            return 2
+        if not 0 < deposit <= cap or increment <= 0:
+            print("tollstream wallet: --deposit must be above 0 and at most --cap, "
+                  "--increment above 0", file=sys.stderr)
+            return 2
+        payer = SessionPayer(SessionWallet(key, token_name=args.token_name,
+                                           token_version=args.token_version, spend_cap=cap,
+                                           deposit=deposit), increment=increment)
+        session = AsyncSessionTransport(payer)
+
+        async def close() -> None:
+            closed = None
+            if payer.opened:
+                try:
+                    closed = await session.close_session()
+                except (SessionRefused, httpx.HTTPError) as exc:
+                    emit(f"tollstream wallet: closing the session failed: {exc}")
+            emit(session_summary(closed, payer, args.decimals))
+
+        app = create_proxy(args.gateway, session, on_shutdown=close)
+    else:
+        wallet = Wallet(account, spend_cap=cap, allowed=allowed,
+                        on_payment=printer(args.decimals, emit))
+
+        async def report() -> None:
+            emit(summary(wallet, args.decimals))
+
+        app = create_proxy(args.gateway, AsyncPayingTransport(wallet), on_shutdown=report)
+    emit(f"tollstream wallet: {account.address} pays {args.gateway} by {args.rail} up to "
+         f"{args.cap}; point the agent at http://{args.host}:{args.port}")
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
                 loop="asyncio", http="httptools")
     return 0
@@ -160,6 +198,17 @@ def build_parser() -> argparse.ArgumentParser:
     wallet.add_argument("--allow", action="append", default=[],
                         help="only pay this NETWORK:ASSET (repeatable; default: any the "
                              "gateway asks for on an eip155 chain)")
+    wallet.add_argument("--rail", choices=["x402", "mpp"], default="x402",
+                        help="pay by x402 deposits, or by one MPP session (escrow channel "
+                             "and vouchers, closed when the proxy stops)")
+    wallet.add_argument("--deposit", default="1.00",
+                        help="MPP: the channel's deposit, in asset units (top-ups add as much)")
+    wallet.add_argument("--increment", default="0.01",
+                        help="MPP: the least each voucher adds, in asset units")
+    wallet.add_argument("--token-name", default="USD Coin",
+                        help="MPP: the token's EIP-712 name (signs the deposit's EIP-3009 "
+                             "authorization; USDC on Base: 'USD Coin')")
+    wallet.add_argument("--token-version", default="2", help="MPP: the token's EIP-712 version")
     wallet.add_argument("--host", default="127.0.0.1", help="loopback address to listen on")
     wallet.add_argument("--port", type=int, default=8403)
     wallet.add_argument("--log-level", default="warning")

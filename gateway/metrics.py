@@ -5,7 +5,11 @@ Counters are updated once per request, never per token, to keep the hot path fre
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.core import Metric
+from prometheus_client.registry import Collector
 
 from meters.meter import Bill, Outcome
 
@@ -33,6 +37,17 @@ class Metrics:
             "back to HTTP streaming)", registry=self.registry)
         self.active_streams = Gauge("tollstream_active_streams", "Streams in flight",
                                     registry=self.registry)
+        self.pauses = Counter("tollstream_stream_pauses", "Streams paused for a payment (a "
+                              "voucher or a top-up)", registry=self.registry)
+        self.resumes = Counter("tollstream_stream_resumes", "Paused streams resumed once "
+                               "paid", registry=self.registry)
+        self.pause_timeouts = Counter("tollstream_stream_pause_timeouts", "Paused streams "
+                                      "ended because no payment came in time",
+                                      registry=self.registry)
+
+    def add(self, collect: Callable[[], Iterable[Metric]]) -> None:
+        """Metrics a rail keeps itself (vouchers, unsettled amounts), read at each scrape."""
+        self.registry.register(_Source(collect))
 
     def record(self, model: str, bill: Bill) -> None:
         self.tokens.labels(model, "input").inc(bill.input_tokens)
@@ -48,3 +63,11 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _Source(Collector):
+    def __init__(self, collect: Callable[[], Iterable[Metric]]) -> None:
+        self._collect = collect
+
+    def collect(self) -> Iterable[Metric]:
+        return self._collect()

@@ -127,6 +127,9 @@ class MppSettings(_Frozen):
     settle_interval_seconds: float = Field(default=30.0, gt=0)
     #: Settle a channel once this much was spent beyond what the chain settled.
     settle_threshold: str = "0.10"
+    #: How long a session stream whose vouchers ran out waits, paused, for the next voucher
+    #: (``payment-need-voucher``) before it ends, billed what was delivered.
+    session_pause_timeout_seconds: float = Field(default=60.0, gt=0)
 
     def payee_key(self) -> str | None:
         if self.payee_key_env:

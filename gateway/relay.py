@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -51,8 +52,12 @@ class RelayContext:
     #: Builds the machine-readable reason of a cut (balance, how to top up) from the meter
     #: and the final bill (``None`` when the final charge had to be deferred).
     cut_reason: Callable[[StreamMeter, Bill | None], Awaitable[Mapping[str, Any]]]
-    #: Events that ask the client for more money before a pause (PAUSE policy only).
-    pause_events: Callable[[StreamMeter], Awaitable[list[bytes]]] | None = None
+    #: Events that ask the client to pay for ``tokens`` more output tokens when the stream
+    #: pauses (PAUSE policy only): (meter, tokens) -> events.
+    pause_events: Callable[[StreamMeter, int], Awaitable[list[bytes]]] | None = None
+    #: Events that end a stream which completed or was cut, after its final charge (an MPP
+    #: session's ``payment-receipt``).
+    final_events: Callable[[StreamMeter, Bill], Awaitable[list[bytes]]] | None = None
 
 
 class _Settlement:
@@ -61,6 +66,7 @@ class _Settlement:
     def __init__(self, ctx: RelayContext) -> None:
         self.ctx = ctx
         self.done = False
+        self.ended = False
         self.bill: Bill | None = None
 
     async def __call__(self, outcome: Outcome, usage: Usage) -> Bill | None:
@@ -86,6 +92,16 @@ class _Settlement:
         self.bill = bill
         ctx.metrics.record(ctx.model, bill)
         return bill
+
+    async def ending(self, outcome: Outcome, usage: Usage) -> list[bytes]:
+        """Settle, then the events that end a paid stream (an MPP receipt), once. They go
+        before the dialect's end marker (``[DONE]``, ``message_stop``, ``response.*``): the
+        SDKs stop reading there. None if the final charge had to be deferred."""
+        bill = await self(outcome, usage)
+        if self.ended or bill is None or self.ctx.final_events is None:
+            return []
+        self.ended = True
+        return await self.ctx.final_events(self.ctx.meter, bill)
 
 
 async def relay(ctx: RelayContext, response: UpstreamResponse) -> AsyncIterator[bytes]:
@@ -132,11 +148,23 @@ async def relay(ctx: RelayContext, response: UpstreamResponse) -> AsyncIterator[
                         if granted < n:
                             granted += await meter.acquire(n - granted)
                         if granted < n and meter.policy is Policy.PAUSE and ctx.pause_events:
-                            out += await ctx.pause_events(meter)
-                            yield b"".join(out)
-                            meter.delivered_tokens(pending)
-                            out, pending = [], 0
-                            granted += await meter.wait_for(n - granted)
+                            # Pause: what was paid goes out with the request for money; the
+                            # upstream is not read meanwhile (its flow control holds it).
+                            if out:
+                                yield b"".join(out)
+                                meter.delivered_tokens(pending)
+                                out, pending = [], 0
+                            ctx.metrics.pauses.inc()
+                            deadline = time.monotonic() + meter.pause_timeout
+                            while granted < n:  # asked again while a payment falls short
+                                yield b"".join(await ctx.pause_events(meter, n - granted))
+                                got = await meter.wait_for(n - granted, until=deadline)
+                                if not got:
+                                    ctx.metrics.pause_timeouts.inc()
+                                    break
+                                granted += got
+                            else:
+                                ctx.metrics.resumes.inc()
                         if granted < n:
                             outcome = Outcome.CUT
                             partial = stream.truncate(granted, counter) if granted else None
@@ -147,10 +175,10 @@ async def relay(ctx: RelayContext, response: UpstreamResponse) -> AsyncIterator[
                                 yield b"".join(out)
                                 meter.delivered_tokens(pending)
                                 out, pending = [], 0
-                            bill = await settle(outcome, usage)
-                            reason = await ctx.cut_reason(meter, bill)
-                            out += stream.cut(reason, Usage(meter.input_tokens,
-                                                            meter.delivered))
+                            ending = await settle.ending(outcome, usage)
+                            reason = await ctx.cut_reason(meter, settle.bill)
+                            cut = stream.cut(reason, Usage(meter.input_tokens, meter.delivered))
+                            out += cut[:-1] + ending + cut[-1:]
                             stop = True
                             break
                         counter.commit(info.texts)
@@ -164,7 +192,7 @@ async def relay(ctx: RelayContext, response: UpstreamResponse) -> AsyncIterator[
                             yield b"".join(out)
                             meter.delivered_tokens(pending)
                             out, pending = [], 0
-                        await settle(outcome, usage)
+                        out += await settle.ending(outcome, usage)
                         out.append(event.raw)
                         continue
                     elif info.forward:
@@ -186,6 +214,10 @@ async def relay(ctx: RelayContext, response: UpstreamResponse) -> AsyncIterator[
                     for chunk in stream.error(ErrorInfo(502, "upstream_error",
                                                         "the model API ended the stream early")):
                         yield chunk
+            if outcome is Outcome.COMPLETED:  # without an end marker from the upstream
+                ending = await settle.ending(outcome, usage)
+                if ending:
+                    yield b"".join(ending)
         except (UpstreamStreamError, SSEProtocolError) as exc:
             outcome = Outcome.UPSTREAM_ERROR
             log.warning("upstream stream failed: %s", type(exc).__name__)

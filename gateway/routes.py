@@ -14,6 +14,8 @@ from gateway.body import read_json
 from gateway.dialects import Dialect, ErrorInfo, ParsedRequest, get_dialect
 from gateway.dialects.anthropic_messages import AnthropicMessages
 from gateway.errors import PaymentRequired, UpstreamError
+from gateway.idempotency import Record, RequestIdempotency
+from gateway.rails import StreamPayment
 from gateway.relay import RelayContext, relay
 from gateway.sse import EventStreamResponse
 from gateway.state import Gateway, Model
@@ -50,6 +52,7 @@ async def handle(request: Request, dialect: Dialect) -> Response:
     if managed is not None:
         return managed  # a payment action that needs no model (an MPP session close)
     parsed = dialect.parse_request(await read_json(request, gw.settings.max_body_bytes))
+    idempotency_key = RequestIdempotency.key_of(request.headers)
     model = find_model(gw, parsed.model, dialect)
     needed = model.rate.charge(rough_prompt_tokens(parsed), gw.rail.min_output_tokens)
     try:
@@ -57,8 +60,9 @@ async def handle(request: Request, dialect: Dialect) -> Response:
     except PaymentRequired:
         await gw.challenged(request)  # a rejected payment is one more challenge
         raise
+    paying: StreamPayment | None = None
     if paid is not None:
-        account_id, payment_headers = paid
+        account_id, payment_headers, paying = paid.account_id, paid.headers, paid.stream
         # From here on every answer, errors included, carries the settlement and the key:
         # the payment was taken, the payer must be able to use it (see app.py). Except an
         # MPP Payment-Receipt: "Servers MUST NOT return a Payment-Receipt header on error
@@ -68,22 +72,53 @@ async def handle(request: Request, dialect: Dialect) -> Response:
     else:
         payment_headers = {}
         account_id = await gw.authenticate(request, needed=needed, rate=model.rate)
+    if idempotency_key is None:
+        return await _serve(request, gw, dialect, parsed, model, account_id, payment_headers,
+                            paying, None)
+    claim = await gw.idempotency.begin(account_id, idempotency_key, request.url.path,
+                                       parsed.body)
+    if isinstance(claim, Response):
+        return claim  # answered before: not metered again
+    try:
+        return await _serve(request, gw, dialect, parsed, model, account_id,
+                            payment_headers, paying, claim)
+    except BaseException:
+        await gw.idempotency.abandon(claim)  # nothing was charged: a retry runs anew
+        raise
+
+
+async def _serve(request: Request, gw: Gateway, dialect: Dialect, parsed: ParsedRequest,
+                 model: Model, account_id: str, payment_headers: dict[str, str],
+                 paying: StreamPayment | None, claim: Record | None) -> Response:
+    """Hold, forward, meter and bill one authenticated request (its answer kept for
+    ``claim``'s retries)."""
     # Only an authenticated (or paying) caller gets the tokenizer's time.
     input_tokens = model.tokenizer.count(parsed.prompt_text) + parsed.prompt_overhead
     cap = parsed.max_output or model.max_output_tokens
     # A stream meters lease by lease; a non-streaming answer cannot be cut, so it holds its
     # whole (affordable) output up front and the upstream is told not to exceed it.
+    # An exhausted allowance cuts a stream, or pauses it: always a pre-authorized one (an
+    # MPP session waits for the next voucher), others as the operator chose.
+    policy = Policy.CUT
+    pause_timeout = gw.settings.pause_timeout_seconds
+    if parsed.stream and paying is not None:
+        policy, pause_timeout = Policy.PAUSE, paying.pause_timeout
+    elif parsed.stream:
+        policy = Policy(gw.settings.exhausted_policy)
     meter = StreamMeter(gw.ledger, account_id, model.rate,
                         lease_tokens=gw.settings.lease_tokens if parsed.stream else cap,
                         max_output=parsed.max_output if parsed.stream else cap,
-                        policy=Policy(gw.settings.exhausted_policy) if parsed.stream
-                        else Policy.CUT, pause_timeout=gw.settings.pause_timeout_seconds)
+                        policy=policy, pause_timeout=pause_timeout, notices=gw.notices)
     try:
         await meter.open(input_tokens)
     except InsufficientFunds as exc:
         await gw.challenged(request)
-        raise gw.insufficient(request, exc, needed=model.rate.charge(
-            input_tokens, gw.rail.min_output_tokens), rate=model.rate) from exc
+        error = gw.insufficient(request, exc, needed=model.rate.charge(
+            input_tokens, gw.rail.min_output_tokens), rate=model.rate)
+        if paying is not None and error.body is not None:
+            # What the next voucher must reach for this request to start.
+            error.body.update(await paying.shortfall(meter, exc.needed))
+        raise error from exc
     try:
         upstream_max = None if parsed.stream else min(meter.covered, cap)
         body = dialect.upstream_body(parsed, model=model.upstream_model, max_output=upstream_max)
@@ -97,12 +132,18 @@ async def handle(request: Request, dialect: Dialect) -> Response:
             await meter.refund_all()
         raise
     if not parsed.stream:
-        return await _complete(gw, model, meter, dialect, response, payment_headers)
+        answer = await _complete(gw, model, meter, dialect, response, payment_headers)
+        if claim is not None:
+            await gw.idempotency.finish(claim, bytes(answer.body),
+                                        media_type="application/json")
+        return answer
 
     async def cut_reason(m: StreamMeter, bill: Bill | None) -> dict[str, Any]:
         reason: dict[str, Any] = {
             "type": "allowance_exhausted", "code": "insufficient_funds",
-            "message": "the allowance ran out: the stream was stopped at the last paid token",
+            "message": "the allowance ran out: the stream was stopped at the last paid token"
+            if m.policy is Policy.CUT else f"no payment arrived within {m.pause_timeout:g} s "
+            "of the pause: the stream was stopped at the last paid token",
             "balance": str(bill.balance if bill is not None else m.balance_seen),
             "asset": gw.asset.symbol, "decimals": gw.asset.decimals,
             "delivered_tokens": m.delivered,
@@ -115,7 +156,7 @@ async def handle(request: Request, dialect: Dialect) -> Response:
             reason["balance_provisional"] = True
         return reason
 
-    async def pause_events(m: StreamMeter) -> list[bytes]:
+    async def pause_events(m: StreamMeter, tokens: int) -> list[bytes]:
         # An SSE comment: every SDK ignores it, an agent watching the raw stream (or a
         # payment rail's client) learns it should top up within pause_timeout_seconds.
         notice = {"type": "payment_required", "balance": str(m.balance_seen),
@@ -125,8 +166,13 @@ async def handle(request: Request, dialect: Dialect) -> Response:
 
     ctx = RelayContext(model=model.name, stream=dialect.open_stream(parsed), meter=meter,
                        tokenizer=model.tokenizer, keeper=gw.keeper, metrics=gw.metrics,
-                       cut_reason=cut_reason, pause_events=pause_events)
-    return EventStreamResponse(relay(ctx, response), ping=15, headers=payment_headers)
+                       cut_reason=cut_reason,
+                       pause_events=paying.need if paying is not None else pause_events,
+                       final_events=paying.receipt if paying is not None else None)
+    events = relay(ctx, response)
+    if claim is not None:
+        events = gw.idempotency.recording(claim, events, media_type="text/event-stream")
+    return EventStreamResponse(events, ping=15, headers=payment_headers)
 
 
 async def _complete(gw: Gateway, model: Model, meter: StreamMeter, dialect: Dialect,
@@ -221,7 +267,14 @@ async def count_tokens(request: Request) -> Response:
     parsed = dialect.parse_request(await read_json(request, gw.settings.max_body_bytes),
                                    count_only=True)
     model = find_model(gw, parsed.model, dialect)
-    await gw.authenticate(request)
+    # A payment credential authenticates too (an MPP session's voucher: agents paying by
+    # session have no API key); free here, as with a key.
+    paid = await gw.rail.authenticate(request, needed=0) if gw.rail.claims(request) else None
+    if paid is None:
+        await gw.authenticate(request)
+    answer_headers = paid.headers if paid is not None else {}
+    request.state.payment_headers = {k: v for k, v in answer_headers.items()
+                                     if k.lower() != "payment-receipt"}  # as in handle()
     upstream_body = {k: v for k, v in parsed.body.items() if k not in ("max_tokens", "stream")}
     upstream_body["model"] = model.upstream_model
     headers = dialect.upstream_headers(request.headers,
@@ -231,11 +284,12 @@ async def count_tokens(request: Request) -> Response:
                                            upstream_body, headers, query=request.url.query)
     except UpstreamError:
         count = model.tokenizer.count(parsed.prompt_text) + parsed.prompt_overhead
-        return Response(orjson.dumps({"input_tokens": count}), media_type="application/json")
+        return Response(orjson.dumps({"input_tokens": count}), media_type="application/json",
+                        headers=answer_headers)
     try:
         raw = await response.read(MAX_RESPONSE_BYTES)
     except UpstreamStreamError as exc:
         raise UpstreamError("the model API's token count could not be read") from exc
     finally:
         response.close()
-    return Response(raw, media_type="application/json")
+    return Response(raw, media_type="application/json", headers=answer_headers)

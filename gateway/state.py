@@ -9,6 +9,7 @@ import redis.asyncio as aioredis
 from starlette.requests import Request
 
 from gateway.errors import GatewayError, Unauthorized
+from gateway.idempotency import RequestIdempotency
 from gateway.metrics import Metrics
 from gateway.rails import PaymentRail
 from gateway.ratelimit import RateLimiter
@@ -19,6 +20,7 @@ from meters.errors import InsufficientFunds
 from meters.keeper import Keeper
 from meters.ledger import Ledger
 from meters.money import Asset
+from meters.notices import CreditNotices
 from meters.rates import Rate
 
 __all__ = ["Gateway", "Model", "bearer"]
@@ -36,6 +38,10 @@ class Gateway:
     metrics: Metrics
     router: ModelRouter
     limiter: RateLimiter
+    #: Wakes paused streams when money enters their account (any process).
+    notices: CreditNotices
+    #: ``Idempotency-Key`` records of model requests.
+    idempotency: RequestIdempotency
     rail: PaymentRail = field(default_factory=PaymentRail)
 
     @property

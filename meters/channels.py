@@ -105,7 +105,8 @@ class Channels:
             status, accepted = await self._voucher(
                 keys=[self._key(channel_id), f"{self._key(channel_id)}:vouchers",
                       f"{self.prefix}acct:{account_of(channel_id)}"],
-                args=[cumulative, signature, min_delta])
+                args=[cumulative, signature, min_delta, self.ledger.credit_channel,
+                      account_of(channel_id)])
         return VoucherStatus(int(status)), int(accepted)
 
     async def update(self, channel_id: str, **fields: int | str) -> None:

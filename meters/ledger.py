@@ -106,6 +106,9 @@ class Ledger:
         self.key_cache_seconds = key_cache_seconds
         self._key_cache: dict[str, tuple[str, float]] = {}
         self.prefix = prefix
+        #: The pub/sub channel the scripts that add money announce the account on
+        #: (:mod:`meters.notices` wakes the streams paused on it).
+        self.credit_channel = f"{prefix}credited"
         self.owner = f"{uuid.uuid4().hex[:12]}"
         self.owner_ttl_ms = int(owner_ttl_seconds * 1000)
         #: Monotonic time until which this process' holds are provably alive in Redis.
@@ -271,7 +274,7 @@ class Ledger:
             status, balance = await self._credit(
                 keys=[self._acct(account_id), idem],
                 args=[amount, "1" if idempotency_key else "0", idempotency_ttl_seconds,
-                      MAX_AMOUNT])
+                      MAX_AMOUNT, self.credit_channel, account_id])
         if status == -1:
             raise AccountNotFound(f"no account {account_id}", param="account_id")
         if status == -3:

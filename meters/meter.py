@@ -8,8 +8,8 @@ lease. When the balance cannot pay for one more token the meter either
 * **cuts** (:attr:`Policy.CUT`): :meth:`StreamMeter.acquire` grants fewer tokens than asked and
   the relay ends the stream at exactly the last paid token; or
 * **pauses** (:attr:`Policy.PAUSE`): the relay tells the client to pay more, then
-  :meth:`StreamMeter.wait_for` polls the balance until the lease can be renewed or
-  ``pause_timeout`` runs out, and the stream is cut.
+  :meth:`StreamMeter.wait_for` waits (woken by the credit, :mod:`meters.notices`) until the
+  lease can be renewed or ``pause_timeout`` runs out, and the stream is cut.
 
 At the end :meth:`StreamMeter.close` charges the request's final total (see the billing rule in
 README.md) and returns the rest of the hold. Charges are passed to Redis as the reservation's
@@ -19,6 +19,7 @@ README.md) and returns the rest of the hold. Charges are passed to Redis as the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import secrets
 import time
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 
 from meters.errors import InsufficientFunds, LedgerUnavailable
 from meters.ledger import Ledger
+from meters.notices import CreditNotices
 from meters.rates import Prompt, Rate
 
 #: Lease calls a grant may take when the heartbeat keeps lapsing during them.
@@ -68,7 +70,8 @@ class StreamMeter:
 
     def __init__(self, ledger: Ledger, account_id: str, rate: Rate, *, lease_tokens: int,
                  policy: Policy = Policy.CUT, pause_timeout: float = 60.0,
-                 max_output: int | None = None, poll_interval: float = 0.25) -> None:
+                 max_output: int | None = None, poll_interval: float = 0.25,
+                 notices: CreditNotices | None = None) -> None:
         self.ledger = ledger
         self.account_id = account_id
         self.rate = rate
@@ -77,6 +80,7 @@ class StreamMeter:
         self.pause_timeout = pause_timeout
         self.max_output = max_output
         self.poll_interval = poll_interval
+        self.notices = notices
         self.rid = secrets.token_hex(10)
         self.prompt = Prompt()
         self.granted = 0          # output tokens set aside for delivery
@@ -178,15 +182,25 @@ class StreamMeter:
         raise LedgerUnavailable("the ledger could not confirm this stream's hold: the "
                                 "process keeps missing its heartbeat")
 
-    async def wait_for(self, n: int) -> int:
-        """Pause: poll until the balance can pay for ``n`` tokens or ``pause_timeout`` passes;
-        returns the tokens granted meanwhile."""
-        deadline = time.monotonic() + self.pause_timeout
-        granted = self.take(n)
-        while granted < n and time.monotonic() < deadline:
-            await asyncio.sleep(self.poll_interval)
-            granted += await self._renew_and_take(n - granted)
-        return granted
+    async def wait_for(self, n: int, *, until: float) -> int:
+        """Pause: wait until money enters the account (a voucher, a deposit) and the lease can
+        be renewed, or until ``until`` (a ``time.monotonic()`` deadline). Returns the tokens
+        granted meanwhile (fewer than ``n`` when only part was paid), 0 at the deadline.
+
+        With :attr:`notices` a credit in any process wakes the wait at once (Redis pub/sub);
+        without, or if a message was lost, the balance is re-checked periodically."""
+        watch = (self.notices.watch(self.account_id) if self.notices is not None
+                 else contextlib.nullcontext(None))
+        with watch as event:  # registered before the check: a credit in between is seen
+            while True:
+                granted = await self._renew_and_take(n)
+                left = until - time.monotonic()
+                if granted or left <= 0:
+                    return granted
+                if self.notices is not None and event is not None:
+                    await self.notices.wait(event, left)
+                else:
+                    await asyncio.sleep(min(self.poll_interval, left))
 
     async def renew(self, need: int = 1) -> None:
         """Charge what was delivered and hold the next lease (one Redis call)."""

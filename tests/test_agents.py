@@ -26,11 +26,14 @@ import pytest
 from gateway.chain.devchain import DevChain
 from gateway.rails.evm import EvmNetwork, EvmSettler
 from gateway.rails.x402_deposits import payer_account_id
+from meters.channels import account_of
 from meters.rates import Prompt, Rate
 from tests.chain_fixtures import *  # noqa: F403  (session fixtures: chain, evm_network, settler)
+from tests.chain_fixtures import new_account
 from tests.conftest import RunningGateway, sim_stats
 from tests.recorder import Recorder, recording_proxy
 from tests.servers import free_port
+from tests.test_mpp_session import session_config
 from tests.test_x402_gateway import x402_config
 
 BIN = Path(__file__).resolve().parents[1] / "node_modules" / ".bin"
@@ -182,11 +185,12 @@ def test_agent_stops_cleanly_on_a_cut_and_on_a_402(
 # -- paying by themselves, through the wallet proxy ----------------------------------------------
 
 @contextlib.contextmanager
-def wallet_proxy(gateway: str, key: str, cap: str) -> Iterator[tuple[str, list[str]]]:
+def wallet_proxy(gateway: str, key: str, cap: str, *extra: str
+                 ) -> Iterator[tuple[str, list[str]]]:
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "gateway.cli", "wallet", "--gateway", gateway, "--cap", cap,
-         "--port", str(port)], env={**os.environ, "WALLET_KEY": key},
+         "--port", str(port), *extra], env={**os.environ, "WALLET_KEY": key},
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     lines: list[str] = []
@@ -247,6 +251,44 @@ async def test_agent_pays_by_itself_through_the_wallet_proxy(
     assert int(state["balance"]) + int(state["spent"]) == deposit
     assert any("paid 0.100000" in line and "settled" in line for line in lines), lines
     assert any("1 payment(s), 0.100000 in all" in line for line in lines), lines
+
+
+@pytest.fixture
+def magw(gateway_factory: Factory, chain: DevChain) -> Iterator[RunningGateway]:
+    with gateway_factory(routes=ROUTES, mpp=session_config(
+            chain, suggested_deposit="1.00", min_deposit="0.01",
+            min_voucher_delta="0.001", session_pause_timeout_seconds=10)) as running:
+        yield running
+
+
+@pytest.mark.parametrize("name", ["claude", "codex"])
+async def test_agent_pays_by_itself_through_an_mpp_session(
+        magw: RunningGateway, chain: DevChain, evm_network: EvmNetwork, settler: EvmSettler,
+        tmp_path: Path, name: str) -> None:
+    """The wallet proxy opens one channel (relayed: the wallet holds no ETH), pays every
+    request and paused stream with vouchers, and closes the channel when it stops: the payee
+    gets exactly what the ledger says was spent, the wallet the rest."""
+    run_agent, path, _ = AGENTS[name]
+    wallet = new_account(chain, tokens=2_000_000)
+    payee_before = await settler.balance_of(chain.relayer_address, evm_network)
+    with recording_proxy(magw.url) as front, wallet_proxy(
+            front.url, wallet.key.hex(), "2.00", "--rail", "mpp", "--deposit", "1.00",
+            "--increment", "0.02") as (url, lines):
+        runs = [run_agent(url, "not-a-tollstream-key", tmp_path / f"run{i}", sim_tokens=300)
+                for i in range(2)]
+        for run in runs:
+            assert run.code == 0, (run.out, run.err)
+            assert "quick brown fox" in run.out
+        assert front.count(path, 402) >= 1  # the first request, answered by the open
+        assert front.count(path, 200) >= 2
+    closed = [line for line in lines if "closed (transaction 0x" in line]
+    assert len(closed) == 1, "\n".join(lines)
+    spent = int(float(closed[0].split("spent ")[1].split(" ")[0]) * 1_000_000 + 0.5)
+    channel = next(line for line in lines if "session 0x" in line).split("session ")[1][:66]
+    state = magw.balance(account_of(channel))
+    assert int(state["spent"]) == spent > 0 and state["held"] == "0"
+    assert await settler.balance_of(chain.relayer_address, evm_network) == payee_before + spent
+    assert await settler.balance_of(wallet.address, evm_network) == 2_000_000 - spent
 
 
 def test_codex_builtin_provider_falls_back_from_websocket_at_once(

@@ -132,6 +132,7 @@ async def test_unreachable_redis_fails_closed() -> None:
 
 
 async def test_pause_policy_resumes_when_money_arrives(redis_url: str) -> None:
+    """Without credit notices the paused meter re-checks the balance every poll_interval."""
     ledger = make_ledger(redis_url)
     await ledger.heartbeat()
     account, _ = await ledger.create_account(10)
@@ -141,19 +142,22 @@ async def test_pause_policy_resumes_when_money_arrives(redis_url: str) -> None:
     while (granted := await meter.acquire(1)) == 1:
         meter.delivered_tokens(granted)
     assert meter.delivered == 10
-
-    async def top_up() -> None:
-        await asyncio.sleep(0.3)
-        await ledger.credit(account.id, 5)
-
-    started = asyncio.get_running_loop().time()
-    _, granted = await asyncio.gather(top_up(), meter.wait_for(3))
-    assert granted == 3 and asyncio.get_running_loop().time() - started >= 0.3
+    loop = asyncio.get_running_loop()
+    waiting = asyncio.create_task(meter.wait_for(3, until=time.monotonic() + 10))
+    await asyncio.sleep(0.2)
+    assert not waiting.done()  # nothing to grant: it waits
+    await ledger.credit(account.id, 5)
+    started = loop.time()
+    assert await asyncio.wait_for(waiting, 5) == 3
+    assert loop.time() - started < 1.0  # found by the next re-check
     meter.delivered_tokens(3)
-    # Nothing more arrives: the pause ends after its timeout with what can be paid (2 tokens).
-    meter.pause_timeout = 0.3
-    assert await meter.wait_for(5) == 2
+    # Part of what is asked can be paid: granted at once, without waiting for the rest.
+    assert await meter.wait_for(5, until=time.monotonic() + 5) == 2
     meter.delivered_tokens(2)
+    # Nothing more arrives: the pause ends at its deadline with nothing granted.
+    started = loop.time()
+    assert await meter.wait_for(1, until=time.monotonic() + 0.3) == 0
+    assert loop.time() - started >= 0.3
     await meter.close(Outcome.CUT)
     state = await ledger.get_account(account.id)
     assert (state.balance, state.held, state.spent) == (0, 0, 15)

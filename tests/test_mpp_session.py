@@ -44,7 +44,7 @@ def session_config(chain: DevChain, **extra: Any) -> dict[str, Any]:
         "charge": False, "session": True, "escrow": chain.escrow,
         "suggested_deposit": "0.001", "min_deposit": "0.0001",
         "min_voucher_delta": "0.00001", "settle_interval_seconds": 3600,
-        "settle_threshold": "0.0001", **extra})
+        "settle_threshold": "0.0001", "session_pause_timeout_seconds": 2, **extra})
 
 
 @pytest.fixture

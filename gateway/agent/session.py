@@ -123,7 +123,8 @@ class SessionWallet:
                                            "signature": signed.signature})
 
     def top_up(self, additional: int, challenge: mpp.Challenge | None = None) -> str:
-        """Add ``additional`` to the channel's deposit (relayed by the gateway)."""
+        """Add ``additional`` to the channel's deposit (relayed by the gateway); the caller
+        adds it to :attr:`channel_deposit` once the gateway took it."""
         challenge = challenge or self.challenge
         if challenge is None or self.channel_id is None:
             raise RuntimeError("open a channel first")
@@ -135,7 +136,6 @@ class SessionWallet:
                                          channel_id=self.channel_id,
                                          additional_deposit=additional, top_up_salt=salt,
                                          valid_after=0, valid_before=int(time.time()) + 600)
-        self.channel_deposit += additional
         return self.credential(challenge, {
             "action": "topUp", "type": "authorization", "channelId": self.channel_id,
             "additionalDeposit": str(additional), "salt": salt, "signature": auth.signature,

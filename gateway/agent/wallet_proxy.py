@@ -7,10 +7,16 @@ Claude Code, Codex and most agents speak neither x402 nor MPP. Point them at thi
 * forwards every request to the gateway as it came (method, path, query, body, headers), except
   the agent's own credentials, which the gateway would not know: it sends the API key the
   gateway issued to this wallet instead, once it has one;
-* answers the gateway's 402 by paying (an x402 deposit signed by the wallet's key, through
-  :class:`gateway.agent.x402.AsyncPayingTransport`, the same code an SDK-based agent uses),
-  then sends the request again, never past its spending cap: past it, the agent gets the 402
-  and stops, no retry loop keeps paying;
+* answers the gateway's 402 by paying, with the same transports an SDK-based agent uses,
+  never past its spending cap (past it, the agent gets the 402 and stops: no retry loop keeps
+  paying), then sends the request again:
+
+  - ``--rail x402``: an x402 deposit signed by the wallet's key
+    (:class:`gateway.agent.x402.AsyncPayingTransport`); the gateway issues a key it reuses;
+  - ``--rail mpp``: an MPP session (:class:`gateway.agent.session_client.
+    AsyncSessionTransport`): it opens one escrow channel, pays each paused stream with a
+    voucher (``payment-need-voucher``), tops the channel up when asked, and closes it when
+    the proxy stops, printing what was spent and refunded;
 * streams the answer back as it arrives, without the gateway's payment control events
   (``: tollstream payment-...`` comments, ``event: payment-...`` events), so the agent sees
   only model events;
@@ -25,7 +31,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -35,7 +41,10 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
-from gateway.agent.x402 import AsyncPayingTransport, SpendCapExceeded, Wallet, httpx
+from gateway.agent.events import EventSplitter, is_payment_control
+from gateway.agent.session_client import SessionCapExceeded, SessionPayer, SessionRefused
+from gateway.agent.x402 import SpendCapExceeded, Wallet, httpx
+from meters.money import format_decimal
 
 log = logging.getLogger("tollstream.wallet")
 
@@ -59,35 +68,17 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def _is_payment_control(event: bytes) -> bool:
-    """A gateway event meant for a payment client, not for the agent's SDK."""
-    for line in event.splitlines():
-        if line.startswith(b": tollstream payment") or line.startswith(b"event: payment-"):
-            return True
-    return False
-
-
 async def strip_payment_events(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
     """An SSE byte stream without its payment control events; everything else byte for
     byte, forwarded as soon as an event is complete."""
-    buffer = b""
+    splitter = EventSplitter()
     async for chunk in chunks:
-        buffer += chunk
-        out: list[bytes] = []
-        while True:
-            end, size = buffer.find(b"\n\n"), 2
-            crlf = buffer.find(b"\r\n\r\n")
-            if crlf >= 0 and (end < 0 or crlf < end):
-                end, size = crlf, 4
-            if end < 0:
-                break
-            event, buffer = buffer[:end + size], buffer[end + size:]
-            if not _is_payment_control(event):
-                out.append(event)
+        out = [event for event in splitter.feed(chunk) if not is_payment_control(event)]
         if out:
             yield b"".join(out)
-    if buffer and not _is_payment_control(buffer):
-        yield buffer
+    rest = splitter.rest()
+    if rest and not is_payment_control(rest):
+        yield rest
 
 
 def _error(status: int, code: str, message: str) -> JSONResponse:
@@ -98,26 +89,29 @@ def _error(status: int, code: str, message: str) -> JSONResponse:
         "message": message}}, status_code=status)
 
 
-def create_proxy(gateway_url: str, wallet: Wallet, *, timeout: float = 600.0,
-                 transport: httpx.AsyncBaseTransport | None = None,
-                 on_shutdown: Callable[[], None] | None = None) -> Starlette:
-    """The proxy as an ASGI app forwarding to ``gateway_url`` and paying with ``wallet``;
-    ``on_shutdown`` runs when the server stops (uvicorn re-raises SIGTERM after its graceful
-    shutdown, so code after ``uvicorn.run`` may never run)."""
+def create_proxy(gateway_url: str, paying: httpx.AsyncBaseTransport, *,
+                 timeout: float = 600.0,
+                 on_shutdown: Callable[[], Awaitable[None]] | None = None) -> Starlette:
+    """The proxy as an ASGI app forwarding to ``gateway_url`` through ``paying`` (an
+    :class:`~gateway.agent.x402.AsyncPayingTransport` or an
+    :class:`~gateway.agent.session_client.AsyncSessionTransport`); ``on_shutdown`` runs when
+    the server stops, before the transport closes (uvicorn re-raises SIGTERM after its
+    graceful shutdown, so code after ``uvicorn.run`` may never run)."""
     base = gateway_url.rstrip("/")
     state: dict[str, httpx.AsyncClient] = {}
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        state["client"] = httpx.AsyncClient(
-            transport=AsyncPayingTransport(wallet, transport),
-            timeout=httpx.Timeout(timeout, connect=10.0))
+        state["client"] = httpx.AsyncClient(transport=paying,
+                                            timeout=httpx.Timeout(timeout, connect=10.0))
         try:
             yield
         finally:
-            await state["client"].aclose()
-            if on_shutdown is not None:
-                on_shutdown()
+            try:
+                if on_shutdown is not None:
+                    await on_shutdown()
+            finally:
+                await state["client"].aclose()
 
     async def forward(request: Request) -> Response:
         client = state["client"]
@@ -128,9 +122,11 @@ def create_proxy(gateway_url: str, wallet: Wallet, *, timeout: float = 600.0,
                                         content=await request.body())
         try:
             response = await client.send(outgoing, stream=True)
-        except SpendCapExceeded as exc:
+        except (SpendCapExceeded, SessionCapExceeded) as exc:
             log.warning("not paying: %s", exc)
             return _error(402, "wallet_cap_reached", f"tollstream wallet: {exc}")
+        except SessionRefused as exc:
+            return _error(502, "payment_refused", f"tollstream wallet: {exc}")
         except httpx.TransportError as exc:
             return _error(502, "gateway_unreachable",
                           f"tollstream wallet: the gateway at {base} is unreachable "
@@ -143,6 +139,10 @@ def create_proxy(gateway_url: str, wallet: Wallet, *, timeout: float = 600.0,
             try:
                 async for chunk in body:
                     yield chunk
+            except (SessionCapExceeded, SessionRefused) as exc:
+                # A paused stream the wallet will not (or cannot) pay for: the agent gets
+                # what was paid, and the gateway ends the stream after its pause timeout.
+                log.warning("stream not paid further: %s", exc)
             finally:
                 await response.aclose()
 
@@ -159,22 +159,32 @@ def create_proxy(gateway_url: str, wallet: Wallet, *, timeout: float = 600.0,
 
 
 def describe(payment: dict[str, Any], decimals: int) -> str:
-    amount = int(payment["amount"])
-    whole, frac = divmod(amount, 10**decimals)
     status = "settled" if payment.get("success") else "NOT settled"
-    return (f"paid {whole}.{str(frac).rjust(decimals, '0')} on {payment['network']}: "
-            f"{status}, transaction {payment.get('transaction') or '-'}")
+    return (f"paid {format_decimal(int(payment['amount']), decimals)} on "
+            f"{payment['network']}: {status}, transaction {payment.get('transaction') or '-'}")
 
 
 def summary(wallet: Wallet, decimals: int) -> str:
     settled = [p for p in wallet.payments if p.get("success")]
     total = sum(int(p["amount"]) for p in settled)
-    whole, frac = divmod(total, 10**decimals)
     return (f"tollstream wallet: {len(settled)} payment(s), "
-            f"{whole}.{str(frac).rjust(decimals, '0')} in all "
-            f"(cap {wallet.spend_cap / 10**decimals:g}); "
+            f"{format_decimal(total, decimals)} in all "
+            f"(cap {format_decimal(wallet.spend_cap, decimals)}); "
             + orjson.dumps([{k: p.get(k) for k in ("amount", "network", "transaction")}
                             for p in settled]).decode())
+
+
+def session_summary(closed: dict[str, Any] | None, payer: SessionPayer, decimals: int) -> str:
+    """What an MPP session cost, once closed (or why it was not)."""
+    if payer.channel_id is None:
+        return "tollstream wallet: no session was opened, nothing paid"
+    if closed is None:
+        return (f"tollstream wallet: session {payer.channel_id} NOT closed: the gateway "
+                "keeps what was spent, the rest comes back with requestClose + withdraw")
+    return (f"tollstream wallet: session {closed['channelId']} closed (transaction "
+            f"{closed['txHash']}): spent {format_decimal(closed['spent'], decimals)} of a "
+            f"deposit of {format_decimal(closed['deposit'], decimals)}, refunded "
+            f"{format_decimal(closed['refund'], decimals)}")
 
 
 def printer(decimals: int, emit: Callable[[str], None]) -> Callable[[dict[str, Any]], None]:

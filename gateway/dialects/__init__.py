@@ -102,7 +102,7 @@ class DialectStream(Protocol):
 
     def cut(self, reason: Mapping[str, Any], usage: Usage) -> list[bytes]:
         """The events that end the stream cleanly after a cut, carrying ``reason`` and the
-        usage actually delivered."""
+        usage actually delivered; the last one is the protocol's end marker."""
         ...
 
     def error(self, info: ErrorInfo) -> list[bytes]:

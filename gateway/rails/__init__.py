@@ -8,6 +8,6 @@ side; :mod:`gateway.rails.base` is the seam the routes talk to.
 * :class:`Rails` (``base``): several of them at once, one 402 offering all.
 """
 
-from gateway.rails.base import Offer, PaymentRail, Rails, render
+from gateway.rails.base import Offer, Paid, PaymentRail, Rails, StreamPayment, render
 
-__all__ = ["Offer", "PaymentRail", "Rails", "render"]
+__all__ = ["Offer", "Paid", "PaymentRail", "Rails", "StreamPayment", "render"]

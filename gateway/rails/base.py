@@ -18,14 +18,16 @@ that do not look at the media type parse it all the same.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
+from prometheus_client.core import Metric
 from starlette.requests import Request
 from starlette.responses import Response
 
 from gateway.errors import GatewayError, PaymentRequired
+from meters.meter import Bill, StreamMeter
 from meters.rates import Rate
 
 PROBLEM_JSON = "application/problem+json"
@@ -41,6 +43,37 @@ class Offer:
     payment_scheme: bool = False
 
 
+class StreamPayment(Protocol):
+    """How a stream paid by a pre-authorized allowance (an MPP session) asks for more money
+    when it runs out, and how it ends: the stream pauses (never cuts at once) for up to
+    :attr:`pause_timeout` seconds."""
+
+    pause_timeout: float
+
+    async def need(self, meter: StreamMeter, tokens: int) -> list[bytes]:
+        """The SSE events asking the client to pay for ``tokens`` more output tokens."""
+        ...
+
+    async def receipt(self, meter: StreamMeter, bill: Bill) -> list[bytes]:
+        """The SSE events that end a paid stream (after its final charge)."""
+        ...
+
+    async def shortfall(self, meter: StreamMeter, needed: int) -> dict[str, Any]:
+        """Fields for the 402 of a request the allowance cannot start (``needed`` atomic
+        units more are required)."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class Paid:
+    """A request's payment credential, accepted: the account it spends from, headers for
+    the response, and, for a pre-authorized allowance, how its stream pauses and ends."""
+
+    account_id: str
+    headers: dict[str, str]
+    stream: StreamPayment | None = None
+
+
 class PaymentRail:
     """No payment rail: the operator funds accounts through the admin API."""
 
@@ -54,16 +87,20 @@ class PaymentRail:
     async def aclose(self) -> None:
         """Called once at shutdown."""
 
+    def metrics(self) -> Iterable[Metric]:
+        """Metrics the rail keeps itself, read at each scrape of ``/metrics``."""
+        return ()
+
     def claims(self, request: Request) -> bool:
         """Whether ``request`` carries a credential of this rail."""
         return False
 
     async def authenticate(self, request: Request, *, needed: int, rate: Rate | None = None
-                           ) -> tuple[str, dict[str, str]] | None:
+                           ) -> Paid | None:
         """Settle a payment credential carried by ``request``.
 
-        Returns the account id it credited (or that the credential stands for) and headers
-        for the response, or None when the request carries no payment. ``needed`` is what the
+        Returns the account it credited (or that the credential stands for) with headers for
+        the response, or None when the request carries no payment. ``needed`` is what the
         request's prompt plus :attr:`min_output_tokens` cost, in atomic units; ``rate`` the
         requested model's prices.
         """
@@ -136,11 +173,15 @@ class Rails(PaymentRail):
         for rail in self.rails:
             await rail.aclose()
 
+    def metrics(self) -> Iterable[Metric]:
+        for rail in self.rails:
+            yield from rail.metrics()
+
     def claims(self, request: Request) -> bool:
         return any(rail.claims(request) for rail in self.rails)
 
     async def authenticate(self, request: Request, *, needed: int, rate: Rate | None = None
-                           ) -> tuple[str, dict[str, str]] | None:
+                           ) -> Paid | None:
         for rail in self.rails:
             if rail.claims(request):
                 try:

@@ -35,7 +35,7 @@ from gateway.errors import (
     ServiceUnavailable,
 )
 from gateway.rail_settings import X402NetworkSettings
-from gateway.rails.base import Offer, PaymentRail, render
+from gateway.rails.base import Offer, Paid, PaymentRail, render
 from gateway.rails.evm import EvmNetwork, EvmSettler, SettlementNotSubmitted, SettlementResult
 from gateway.rails.facilitator import LocalSettlement, RemoteFacilitator, Settlement
 from gateway.rails.x402 import (
@@ -209,7 +209,7 @@ class X402Deposits(PaymentRail):
         return PAYMENT_SIGNATURE_HEADER in headers or X_PAYMENT_HEADER in headers
 
     async def authenticate(self, request: Request, *, needed: int, rate: Rate | None = None
-                           ) -> tuple[str, dict[str, str]] | None:
+                           ) -> Paid | None:
         header = request.headers.get(PAYMENT_SIGNATURE_HEADER)
         version = 2
         if header is None:
@@ -225,8 +225,8 @@ class X402Deposits(PaymentRail):
             raise self._fresh(request, needed, exc, PaymentRejected) from exc
         result, account_id = await self.pay(request, payload, needed)
         api_key = await self.ledger.issue_key(account_id)
-        return account_id, {**settlement_headers(result, version=version),
-                            API_KEY_HEADER: api_key}
+        return Paid(account_id, {**settlement_headers(result, version=version),
+                                 API_KEY_HEADER: api_key})
 
     async def pay(self, request: Request, payload: AnyPaymentPayload, needed: int
                   ) -> tuple[SettlementResult, str]:

@@ -2,6 +2,7 @@
 -- KEYS[1] account hash   KEYS[2] idempotency key (may equal KEYS[1] .. ':nokey' for none)
 -- ARGV[1] amount   ARGV[2] 1 if KEYS[2] is a real idempotency key   ARGV[3] idempotency TTL (s)
 -- ARGV[4] the most an account may ever be credited (MAX_AMOUNT: sums stay exact in Lua)
+-- ARGV[5] the channel credits are announced on   ARGV[6] the account id (the message)
 -- Returns {status, balance}; status 1 = credited, 0 = already credited with this key (same
 -- amount), -1 = no such account, -2 = key already used with a different amount, -3 = the
 -- credit would take the account past the maximum (nothing written, the key included).
@@ -24,4 +25,7 @@ if ARGV[2] == '1' then
   redis.call('SET', KEYS[2], amount, 'EX', tonumber(ARGV[3]))
 end
 redis.call('HINCRBY', KEYS[1], 'credited', amount)
-return {1, redis.call('HINCRBY', KEYS[1], 'balance', amount)}
+local balance = redis.call('HINCRBY', KEYS[1], 'balance', amount)
+-- Wakes the streams paused on this account, in every process (meters/notices.py).
+redis.call('PUBLISH', ARGV[5], ARGV[6])
+return {1, balance}

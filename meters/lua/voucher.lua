@@ -3,6 +3,7 @@
 -- KEYS[1] channel hash   KEYS[2] channel's voucher set (score = cumulative amount)
 -- KEYS[3] channel's ledger account hash
 -- ARGV[1] cumulative amount   ARGV[2] signature   ARGV[3] minVoucherDelta
+-- ARGV[4] the channel credits are announced on   ARGV[5] the channel's account id
 -- Returns {status, acceptedCumulative}: 1 = accepted now, 0 = not above the accepted amount
 -- (an idempotent replay: nothing changes), -1 = below minVoucherDelta, -2 = above the
 -- deposit, -3 = a close is pending, -4 = unknown channel, -5 = channel finalized.
@@ -19,4 +20,6 @@ redis.call('HINCRBY', KEYS[3], 'balance', delta)
 redis.call('HINCRBY', KEYS[3], 'credited', delta)
 redis.call('HSET', KEYS[1], 'accepted', cumulative)
 redis.call('ZADD', KEYS[2], cumulative, ARGV[1] .. ':' .. ARGV[2])
+-- Wakes the streams paused for a voucher, in every process (meters/notices.py).
+redis.call('PUBLISH', ARGV[4], ARGV[5])
 return {1, cumulative}

@@ -18,6 +18,7 @@ from eth_utils import keccak, to_checksum_address
 from pydantic import ConfigDict, Field, StrictStr, ValidationError
 
 from gateway.errors import InvalidPayment, PaymentRejected
+from gateway.rails.base import Paid
 from gateway.rails.evm import EvmNetwork
 from gateway.rails.mpp.scheme import (
     MALFORMED_CREDENTIAL,
@@ -139,9 +140,8 @@ class EvmCharge:
                 "validAfter": payload.validAfter, "validBefore": payload.validBefore,
                 "nonce": payload.nonce})))
 
-    async def pay(self, payment: PaymentPayload, echo: ChallengeEcho
-                  ) -> tuple[str, dict[str, str]]:
-        """Settle a checked payment and credit it; (account, headers)."""
+    async def pay(self, payment: PaymentPayload, echo: ChallengeEcho) -> Paid:
+        """Settle a checked payment and credit it: the account and the response headers."""
         try:
             result, account_id = await self.engine.collect(payment, payment.accepted,
                                                            label="mpp")
@@ -154,5 +154,5 @@ class EvmCharge:
         receipt = encode_receipt({"method": self.method, "intent": self.intent,
                                   "challengeId": echo.id, "reference": result.tx_hash,
                                   "chainId": self.network.chain_id})
-        return account_id, {"Payment-Receipt": receipt, API_KEY_HEADER: api_key,
-                            "Cache-Control": "private"}
+        return Paid(account_id, {"Payment-Receipt": receipt, API_KEY_HEADER: api_key,
+                                 "Cache-Control": "private"})

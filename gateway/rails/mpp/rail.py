@@ -15,14 +15,16 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+from collections.abc import Iterable
 from typing import Any
 
 import orjson
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from starlette.requests import Request
 from starlette.responses import Response
 
 from gateway.rail_settings import X402Settings
-from gateway.rails.base import Offer, PaymentRail, render
+from gateway.rails.base import Offer, Paid, PaymentRail, render
 from gateway.rails.mpp.charge import EvmCharge
 from gateway.rails.mpp.escrow import EscrowClient
 from gateway.rails.mpp.scheme import (
@@ -31,7 +33,9 @@ from gateway.rails.mpp.scheme import (
     METHOD_UNSUPPORTED,
     PAYMENT_EXPIRED,
     WWW_AUTHENTICATE,
+    ChallengeEcho,
     ChallengeSigner,
+    Credential,
     Problem,
     b64url_decode,
     credential_value,
@@ -41,6 +45,7 @@ from gateway.rails.mpp.scheme import (
     parse_timestamp,
 )
 from gateway.rails.mpp.session import EvmSession, SessionResult
+from gateway.rails.mpp.session_stream import SessionStream
 from gateway.rails.mpp.settler import ChannelSettler
 from gateway.rails.x402_deposits import X402Deposits, evm_network
 from gateway.settings import Settings
@@ -69,6 +74,21 @@ class MppRail(PaymentRail):
         self.ledger = ledger
         self.charge = charge
         self.min_output_tokens = min_output_tokens
+
+    def metrics(self) -> Iterable[Metric]:
+        """Vouchers taken by result, and what open channels spent beyond their settlement."""
+        if self.session is None:
+            return
+        vouchers = CounterMetricFamily("tollstream_mpp_vouchers", "Session vouchers by "
+                                       "result (accepted, replayed, rejected)",
+                                       labels=["result"])
+        for result in ("accepted", "replayed", "rejected"):
+            vouchers.add_metric([result], self.session.vouchers[result])
+        yield vouchers
+        if self.settler is not None:
+            yield GaugeMetricFamily("tollstream_mpp_unsettled_atomic_units", "Spent on open "
+                                    "channels beyond what the chain settled (last pass)",
+                                    value=self.settler.unsettled)
 
     async def aclose(self) -> None:
         if self.settler is not None:
@@ -112,7 +132,7 @@ class MppRail(PaymentRail):
         return credential_value(request.headers) is not None
 
     async def authenticate(self, request: Request, *, needed: int, rate: Rate | None = None
-                           ) -> tuple[str, dict[str, str]] | None:
+                           ) -> Paid | None:
         token = credential_value(request.headers)
         if token is None:
             return None
@@ -120,7 +140,12 @@ class MppRail(PaymentRail):
             result = await self._authenticate(token)
         except Problem as exc:
             raise self._answer(request, exc, needed=needed, rate=rate) from exc
-        return result.account_id, result.headers
+        if isinstance(result, Paid):
+            return result
+        # A session credential: the stream pauses for vouchers instead of being cut.
+        assert self.session is not None
+        return Paid(result.account_id, result.headers,
+                    SessionStream(self.session, result.channel_id, result.challenge_id))
 
     async def manage(self, request: Request) -> Response | None:
         """A session action that needs no model call (``close``, or any action on ``HEAD``):
@@ -139,6 +164,8 @@ class MppRail(PaymentRail):
             result = await self._authenticate(token)
         except Problem as exc:
             raise self._answer(request, exc, needed=0, rate=None) from exc
+        if isinstance(result, Paid):  # pragma: no cover - only session credentials get here
+            raise AssertionError("a charge credential is never a management action")
         receipt = result.headers.get("Payment-Receipt", "")
         body = b"" if request.method == "HEAD" else orjson.dumps(
             orjson.loads(b64url_decode(receipt)) if receipt else {})
@@ -157,7 +184,21 @@ class MppRail(PaymentRail):
         assert isinstance(rendered, Problem)
         return rendered
 
-    async def _authenticate(self, token: str) -> SessionResult:
+    async def _authenticate(self, token: str) -> Paid | SessionResult:
+        credential, echo = self._checked(token)
+        if echo.intent == "charge" and self.charge is not None:
+            payment = self.charge.check(credential, echo)
+            await self.burn(echo.id)
+            return await self.charge.pay(payment, echo)
+        if echo.intent == "session" and self.session is not None:
+            # Session challenges are not burned: every voucher of a channel echoes one, and
+            # vouchers are replay-safe by themselves (cumulative, idempotent below the
+            # accepted amount); the HMAC and expiry still bind them to this gateway.
+            return await self.session.handle(credential, echo)
+        raise Problem(INVALID_CHALLENGE, f"intent {echo.intent!r} is not offered here")
+
+    def _checked(self, token: str) -> tuple[Credential, ChallengeEcho]:
+        """A credential whose challenge this gateway issued, unchanged and unexpired."""
         credential = parse_credential(token)
         echo = credential.challenge
         if echo.method != self.method:
@@ -179,17 +220,7 @@ class MppRail(PaymentRail):
         except ValueError as exc:
             raise Problem(MALFORMED_CREDENTIAL, "challenge.request is not base64url of a "
                           "JSON object", param="challenge.request") from exc
-        if echo.intent == "charge" and self.charge is not None:
-            payment = self.charge.check(credential, echo)
-            await self.burn(echo.id)
-            account_id, headers = await self.charge.pay(payment, echo)
-            return SessionResult(account_id, headers, "")
-        if echo.intent == "session" and self.session is not None:
-            # Session challenges are not burned: every voucher of a channel echoes one, and
-            # vouchers are replay-safe by themselves (cumulative, idempotent below the
-            # accepted amount); the HMAC and expiry still bind them to this gateway.
-            return await self.session.handle(credential, echo)
-        raise Problem(INVALID_CHALLENGE, f"intent {echo.intent!r} is not offered here")
+        return credential, echo
 
     async def burn(self, challenge_id: str) -> None:
         """Use a challenge id up, atomically; ``invalid-challenge`` if it already was."""
@@ -238,7 +269,8 @@ def create_mpp_rail(settings: Settings, ledger: Ledger,
                                                      field="mpp.suggested_deposit"),
                              min_deposit=parse(cfg.min_deposit, field="mpp.min_deposit"),
                              min_voucher_delta=parse(cfg.min_voucher_delta,
-                                                     field="mpp.min_voucher_delta"))
+                                                     field="mpp.min_voucher_delta"),
+                             pause_timeout=cfg.session_pause_timeout_seconds)
         settler = ChannelSettler(escrow=escrow, channels=session.channels, ledger=ledger,
                                  payee_key=payee_key, interval=cfg.settle_interval_seconds,
                                  threshold=parse(cfg.settle_threshold,

@@ -28,6 +28,7 @@ grace period.
 
 from __future__ import annotations
 
+import collections
 import datetime as dt
 from dataclasses import dataclass
 from typing import Any
@@ -61,7 +62,7 @@ from gateway.rails.mpp.session_wire import (
     VoucherPayload,
     parse_payload,
 )
-from meters.channels import Channels, ChannelState, VoucherStatus, account_of
+from meters.channels import Channels, ChannelState, VoucherStatus
 from meters.ledger import Ledger
 from meters.money import Asset
 from meters.rates import MTOK, Rate
@@ -75,6 +76,7 @@ class SessionResult:
     account_id: str
     headers: dict[str, str]
     channel_id: str
+    challenge_id: str = ""
     final: bool = False
 
 
@@ -101,7 +103,7 @@ class EvmSession:
 
     def __init__(self, *, escrow: EscrowClient, ledger: Ledger, network: EvmNetwork,
                  payee_key: str, asset: Asset, suggested_deposit: int, min_deposit: int,
-                 min_voucher_delta: int) -> None:
+                 min_voucher_delta: int, pause_timeout: float = 60.0) -> None:
         self.escrow = escrow
         self.channels = Channels(ledger)
         self.ledger = ledger
@@ -112,6 +114,10 @@ class EvmSession:
         self.suggested_deposit = suggested_deposit
         self.min_deposit = min_deposit
         self.min_voucher_delta = min_voucher_delta
+        #: How long a stream waits, paused, for a voucher (``payment-need-voucher``).
+        self.pause_timeout = pause_timeout
+        #: Vouchers taken since start, by result (accepted, replayed, rejected): metrics.
+        self.vouchers: collections.Counter[str] = collections.Counter()
 
     # -- the challenge ------------------------------------------------------------------------
     def request(self, rate: Rate | None) -> dict[str, Any]:
@@ -140,7 +146,7 @@ class EvmSession:
             assert isinstance(payload, VoucherPayload)
             return await self._close(payload, echo)
         return SessionResult(state.account_id, await self._receipt(state, echo),
-                             state.channel_id)
+                             state.channel_id, echo.id)
 
     def _check_challenge(self, echo: ChallengeEcho) -> None:
         request = echo.request_object()
@@ -288,9 +294,19 @@ class EvmSession:
         return await self._accept(state, int(payload.cumulativeAmount), payload.signature)
 
     async def _accept(self, state: ChannelState, amount: int, signature: str) -> ChannelState:
+        try:
+            return await self._take_voucher(state, amount, signature)
+        except Problem:
+            self.vouchers["rejected"] += 1
+            raise
+
+    async def _take_voucher(self, state: ChannelState, amount: int, signature: str
+                            ) -> ChannelState:
         self._verified(state, amount, signature)  # before any idempotent short-circuit
         status, _ = await self.channels.accept(state.channel_id, amount, signature,
                                                min_delta=self.min_voucher_delta)
+        if status in (VoucherStatus.ACCEPTED, VoucherStatus.REPLAY):
+            self.vouchers["accepted" if status is VoucherStatus.ACCEPTED else "replayed"] += 1
         problems = {
             VoucherStatus.DELTA_TOO_SMALL: ("delta-too-small", f"a voucher must add at least "
                                             f"minVoucherDelta ({self.min_voucher_delta})"),
@@ -332,17 +348,31 @@ class EvmSession:
         final = await self.channels.get(state.channel_id)
         assert final is not None
         headers = await self._receipt(final, echo, tx_hash=outcome.tx_hash)
-        return SessionResult(state.account_id, headers, state.channel_id, final=True)
+        return SessionResult(state.account_id, headers, state.channel_id, echo.id, final=True)
 
     async def _receipt(self, state: ChannelState, echo: ChallengeEcho, *,
                        tx_hash: str | None = None) -> dict[str, str]:
-        account = await self.ledger.get_account(account_of(state.channel_id))
+        fields = await self.receipt_fields(state.channel_id, echo.id, tx_hash=tx_hash)
+        return {"Payment-Receipt": encode_receipt(fields), "Cache-Control": "private"}
+
+    async def receipt_fields(self, channel_id: str, challenge_id: str, *,
+                             tx_hash: str | None = None, units: int | None = None
+                             ) -> dict[str, Any]:
+        """A session receipt ("Receipt Generation"). ``spent`` is what was charged for
+        delivered tokens, monotonic as the spec wants it; what streams in flight hold on the
+        channel (reserved before delivery, returned if not delivered) is not in it."""
+        state = await self.channels.get(channel_id)
+        assert state is not None
+        account = await self.ledger.get_account(state.account_id)
         fields: dict[str, Any] = {
-            "method": self.method, "intent": self.intent, "challengeId": echo.id,
-            "reference": state.channel_id, "channelId": state.channel_id,
-            "chainId": self.network.chain_id, "acceptedCumulative": str(state.accepted),
-            "spent": str(account.spent + account.held),
+            "method": self.method, "intent": self.intent, "status": "success",
+            "challengeId": challenge_id, "reference": state.channel_id,
+            "channelId": state.channel_id, "chainId": self.network.chain_id,
+            "acceptedCumulative": str(state.accepted),
+            "spent": str(account.spent),
             "timestamp": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")}
+        if units is not None:
+            fields["units"] = units
         if tx_hash:
             fields["txHash"] = tx_hash
-        return {"Payment-Receipt": encode_receipt(fields), "Cache-Control": "private"}
+        return fields

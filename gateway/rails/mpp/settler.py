@@ -42,6 +42,8 @@ class ChannelSettler:
         self.interval = interval
         self.threshold = threshold
         self.settlements = 0
+        #: What was spent on open channels beyond what the chain settled, at the last pass.
+        self.unsettled = 0
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -66,9 +68,15 @@ class ChannelSettler:
     async def settle_all(self, *, force: bool = False) -> int:
         """One pass over the open channels; returns how many settlements were submitted."""
         done = 0
+        unsettled = 0
         for channel_id in await self.channels.open_ids():
             if await self.settle(channel_id, force=force):
                 done += 1
+            state = await self.channels.get(channel_id)
+            if state is not None and not state.finalized:
+                account = await self.ledger.get_account(state.account_id)
+                unsettled += max(account.spent - state.settled, 0)
+        self.unsettled = unsettled
         return done
 
     async def settle(self, channel_id: str, *, force: bool = False) -> bool:
