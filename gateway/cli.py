@@ -53,7 +53,7 @@ def _upstream_sim(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from gateway.demo import run_demo
 
-    return run_demo(deposit=args.deposit, prompt=args.prompt)
+    return run_demo(deposit=args.deposit, prompt=args.prompt, rail=args.rail)
 
 
 def _wallet(args: argparse.Namespace) -> int:
@@ -178,8 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
     sim.set_defaults(func=_upstream_sim)
 
     demo = sub.add_parser("demo", help="run the whole paid loop locally, in one command")
-    demo.add_argument("--deposit", default="0.0001",
-                      help="the x402 deposit the gateway asks for, in USDC (default 0.0001)")
+    demo.add_argument("--deposit", default=None,
+                      help="the x402 deposit the gateway asks for, or the MPP channel's "
+                           "deposit, in USDC (default 0.0001 / 0.002)")
+    demo.add_argument("--rail", choices=["x402", "mpp"], default="x402",
+                      help="how the agent pays: x402 deposits, or one MPP session")
     demo.add_argument("--prompt", default="Tell me a long story about a toll bridge.")
     demo.set_defaults(func=_demo)
 

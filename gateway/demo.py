@@ -7,6 +7,10 @@ wallet (:mod:`gateway.agent`), streams an answer: its first request is answered 
 small deposit on-chain, streams until the deposit is spent and the stream is cut at the last
 paid token, tops up once, and streams again. Everything printed is real: tokens, the cut's
 machine-readable reason, on-chain balances and the ledger's balance.
+
+With ``--rail mpp`` the agent pays by an MPP session instead: it opens an escrow channel once,
+streams two answers that pause for vouchers (and a top-up) and resume on the next token, then
+closes the channel; the escrow pays the gateway exactly what was spent and refunds the rest.
 """
 
 from __future__ import annotations
@@ -23,14 +27,18 @@ import openai
 from eth_account import Account
 
 from gateway.agent import Wallet, paying_client
+from gateway.agent.session import SessionWallet
+from gateway.agent.session_client import SessionPayer, close_session, session_client
 from gateway.app import create_app
 from gateway.background import serve
 from gateway.chain.devchain import DevChain, start_chain
+from gateway.dialects import get_dialect
 from gateway.embedded import EmbeddedRedis
 from gateway.rails.evm import EvmNetwork, EvmSettler
 from gateway.settings import Settings
 from gateway.simulator import SimConfig
 from gateway.simulator import create_app as create_sim
+from meters.rates import Rate
 
 MODEL = "gpt-6.1-sol"
 PAY_TO = "0x000000000000000000000000000000000000dEaD"
@@ -40,8 +48,10 @@ def _say(text: str = "") -> None:
     print(text, flush=True)
 
 
-def run_demo(*, deposit: str = "0.0001", prompt: str = "Tell me a story.") -> int:
-    """Run the demo; returns the process exit code."""
+def run_demo(*, deposit: str | None = None, prompt: str = "Tell me a story.",
+             rail: str = "x402") -> int:
+    """Run the demo (``rail``: ``x402`` deposits, or an ``mpp`` session); returns the
+    process exit code."""
     data_dir = Path(tempfile.mkdtemp(prefix="tollstream-demo-"))
     redis = EmbeddedRedis(data_dir)
     redis_url = redis.start()
@@ -53,21 +63,33 @@ def run_demo(*, deposit: str = "0.0001", prompt: str = "Tell me a story.") -> in
             raw = Settings.load(None, env={}).model_dump(mode="python")
             raw["data_dir"] = str(data_dir)
             raw["upstreams"]["sim"].update(base_url=f"{sim_url}/v1", api_key=sim_key)
-            raw["x402"] = {"enabled": True, "pay_to": PAY_TO, "deposit": deposit,
-                           "min_output_tokens": 16, "networks": {"local": {
-                               "network": chain.network, "chain_id": chain.chain_id,
-                               "rpc_url": chain.rpc_url, "asset": chain.token,
-                               "token_name": chain.token_name,
-                               "token_version": chain.token_version,
-                               "relayer_key": chain.relayer_key}}}
+            network = {"network": chain.network, "chain_id": chain.chain_id,
+                       "rpc_url": chain.rpc_url, "asset": chain.token,
+                       "token_name": chain.token_name, "token_version": chain.token_version,
+                       "relayer_key": chain.relayer_key}
+            if rail == "mpp":
+                raw["mpp"] = {"enabled": True, "secret": secrets.token_urlsafe(24),
+                              "charge": False, "session": True, "network": network,
+                              "escrow": chain.escrow, "suggested_deposit": deposit or "0.002",
+                              "min_deposit": "0.001", "min_voucher_delta": "0.0001",
+                              "session_pause_timeout_seconds": 30}
+            else:
+                raw["x402"] = {"enabled": True, "pay_to": PAY_TO,
+                               "deposit": deposit or "0.0001", "min_output_tokens": 16,
+                               "networks": {"local": network}}
             settings = Settings.from_mapping(raw)
-            with serve(create_app(settings, redis_url)) as url:
-                return _agent(url, settings, chain, prompt)
+            app = create_app(settings, redis_url)
+            # Priced as the gateway prices it: by its route, from the shipped price table.
+            rate = app.state.gateway.router.resolve(MODEL, get_dialect("openai_chat")).rate
+            with serve(app) as url:
+                if rail == "mpp":
+                    return _session_agent(url, settings, rate, chain, prompt)
+                return _agent(url, settings, rate, chain, prompt)
     finally:
         redis.stop()
 
 
-def _balances(chain: DevChain, address: str) -> tuple[int, int]:
+def _balances(chain: DevChain, address: str, merchant: str = PAY_TO) -> tuple[int, int]:
     network = EvmNetwork(network=chain.network, chain_id=chain.chain_id,
                          rpc_url=chain.rpc_url, asset=chain.token, token_name=chain.token_name,
                          token_version=chain.token_version, relayer_key=chain.relayer_key)
@@ -76,16 +98,15 @@ def _balances(chain: DevChain, address: str) -> tuple[int, int]:
         settler = EvmSettler()
         try:
             return (await settler.balance_of(address, network),
-                    await settler.balance_of(PAY_TO, network))
+                    await settler.balance_of(merchant, network))
         finally:
             await settler.aclose()
 
     return asyncio.run(read())
 
 
-def _agent(url: str, settings: Settings, chain: DevChain, prompt: str) -> int:
+def _agent(url: str, settings: Settings, rate: Rate, chain: DevChain, prompt: str) -> int:
     asset = settings.asset_obj()
-    rate = settings.rate(MODEL)
     payer = chain.wallets[0]
     wallet = Wallet(Account.from_key(payer.private_key), spend_cap=10**6,
                     allowed=[(chain.network, chain.token)])
@@ -123,4 +144,61 @@ def _agent(url: str, settings: Settings, chain: DevChain, prompt: str) -> int:
          "(atomic units)")
     _say(f"on-chain  wallet {asset.format(before)} -> {asset.format(after)} {asset.symbol}; "
          f"gateway's payTo received {asset.format(merchant_after - merchant_before)}")
+    return 0
+
+
+def _session_agent(url: str, settings: Settings, rate: Rate, chain: DevChain,
+                   prompt: str) -> int:
+    """The MPP story: open a channel once, stream twice through pauses for vouchers (and a
+    top-up), close, and show what the chain settled."""
+    asset = settings.asset_obj()
+    payer = chain.wallets[0]
+    payee = str(Account.from_key(chain.relayer_key).address)  # the session's recipient
+    per_token = rate.charge(0, 1)
+    deposit = asset.parse(settings.mpp.suggested_deposit, field="deposit")
+
+    def observe(kind: str, data: dict[str, Any]) -> None:
+        if kind == "open":
+            _say(f"open      channel {data['channelId']} with a deposit of "
+                 f"{asset.format(data['amount'])} {asset.symbol} (relayed: the wallet pays "
+                 "no gas)")
+        elif kind == "need":
+            _say(f"\n  [paused: payment-need-voucher, required {data['requiredCumulative']}"
+                 f"{', top-up first' if data.get('topUpRequired') else ''}]")
+        elif kind == "topUp":
+            _say(f"  [top-up +{asset.format(data['amount'])} {asset.symbol} on-chain]")
+        elif kind == "voucher":
+            _say(f"  [voucher signed for {data['amount']} in all: resumed]")
+
+    wallet = SessionWallet(payer.private_key, token_name=chain.token_name,
+                           token_version=chain.token_version, spend_cap=10 * deposit,
+                           deposit=deposit)
+    session = SessionPayer(wallet, increment=40 * per_token, observer=observe)
+    http = session_client(session, timeout=60)
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0,
+                           http_client=http)
+    before, payee_before = _balances(chain, payer.address, payee)
+    _say(f"gateway   {url}  (embedded Redis, simulated model, local chain {chain.backend})")
+    _say(f"price     {MODEL}: {asset.format(rate.output_per_mtok)} {asset.symbol} out per "
+         f"million tokens = {per_token} atomic units per token; vouchers add 40 tokens' "
+         "worth at a time")
+    _say(f"wallet    {payer.address}: {asset.format(before)} {asset.symbol} on-chain")
+    for attempt in (1, 2):
+        _say(f"\nagent     request {attempt}, openai SDK streaming through an MPP session: "
+             f"{prompt!r}")
+        for chunk in client.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": prompt}], stream=True,
+                max_tokens=150):
+            if chunk.choices and chunk.choices[0].delta.content:
+                sys.stdout.write(chunk.choices[0].delta.content)
+                sys.stdout.flush()
+        _say(f"\nreceipt   spent {session.spent} of {session.accepted} authorized "
+             "(atomic units)")
+    closed = close_session(http)
+    after, payee_after = _balances(chain, payer.address, payee)
+    _say(f"\nclose     transaction {closed['txHash']}: the escrow paid the gateway "
+         f"{asset.format(closed['spent'])} and refunded {asset.format(closed['refund'])} "
+         f"{asset.symbol}")
+    _say(f"on-chain  wallet {asset.format(before)} -> {asset.format(after)} {asset.symbol}; "
+         f"the gateway (payee) received {asset.format(payee_after - payee_before)}")
     return 0

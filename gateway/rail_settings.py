@@ -75,6 +75,9 @@ class X402Settings(_Frozen):
     facilitator_timeout_seconds: float = Field(default=30.0, gt=0)
     pay_to: str = ""
     deposit: str = "1.00"
+    #: The largest deposit one payment may make: a payer may pay more than a 402 asked (the
+    #: amount asked depends on the request), up to this.
+    max_deposit: str = "100.00"
     min_output_tokens: int = Field(default=256, ge=1)
     max_timeout_seconds: int = Field(default=300, ge=10)
     networks: dict[str, X402NetworkSettings] = {}

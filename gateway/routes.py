@@ -15,7 +15,7 @@ from gateway.dialects import Dialect, ErrorInfo, ParsedRequest, get_dialect
 from gateway.dialects.anthropic_messages import AnthropicMessages
 from gateway.errors import PaymentRequired, UpstreamError
 from gateway.idempotency import Record, RequestIdempotency
-from gateway.rails import StreamPayment
+from gateway.rails import Paid
 from gateway.relay import RelayContext, relay
 from gateway.sse import EventStreamResponse
 from gateway.state import Gateway, Model
@@ -60,38 +60,33 @@ async def handle(request: Request, dialect: Dialect) -> Response:
     except PaymentRequired:
         await gw.challenged(request)  # a rejected payment is one more challenge
         raise
-    paying: StreamPayment | None = None
     if paid is not None:
-        account_id, payment_headers, paying = paid.account_id, paid.headers, paid.stream
         # From here on every answer, errors included, carries the settlement and the key:
         # the payment was taken, the payer must be able to use it (see app.py). Except an
         # MPP Payment-Receipt: "Servers MUST NOT return a Payment-Receipt header on error
         # responses" (draft-httpauth-payment, "Receipt Status Semantics"); the key suffices.
-        request.state.payment_headers = {k: v for k, v in payment_headers.items()
+        request.state.payment_headers = {k: v for k, v in paid.headers.items()
                                          if k.lower() != "payment-receipt"}
     else:
-        payment_headers = {}
-        account_id = await gw.authenticate(request, needed=needed, rate=model.rate)
+        paid = Paid(await gw.authenticate(request, needed=needed, rate=model.rate), {})
     if idempotency_key is None:
-        return await _serve(request, gw, dialect, parsed, model, account_id, payment_headers,
-                            paying, None)
-    claim = await gw.idempotency.begin(account_id, idempotency_key, request.url.path,
+        return await _serve(request, gw, dialect, parsed, model, paid, needed, None)
+    claim = await gw.idempotency.begin(paid.account_id, idempotency_key, request.url.path,
                                        parsed.body)
     if isinstance(claim, Response):
         return claim  # answered before: not metered again
     try:
-        return await _serve(request, gw, dialect, parsed, model, account_id,
-                            payment_headers, paying, claim)
+        return await _serve(request, gw, dialect, parsed, model, paid, needed, claim)
     except BaseException:
         await gw.idempotency.abandon(claim)  # nothing was charged: a retry runs anew
         raise
 
 
 async def _serve(request: Request, gw: Gateway, dialect: Dialect, parsed: ParsedRequest,
-                 model: Model, account_id: str, payment_headers: dict[str, str],
-                 paying: StreamPayment | None, claim: Record | None) -> Response:
+                 model: Model, paid: Paid, needed: int, claim: Record | None) -> Response:
     """Hold, forward, meter and bill one authenticated request (its answer kept for
-    ``claim``'s retries)."""
+    ``claim``'s retries). ``needed``: what a payment for it was asked (402s ask as much)."""
+    account_id, payment_headers, paying = paid.account_id, paid.headers, paid.stream
     # Only an authenticated (or paying) caller gets the tokenizer's time.
     input_tokens = model.tokenizer.count(parsed.prompt_text) + parsed.prompt_overhead
     cap = parsed.max_output or model.max_output_tokens
@@ -113,8 +108,10 @@ async def _serve(request: Request, gw: Gateway, dialect: Dialect, parsed: Parsed
         await meter.open(input_tokens)
     except InsufficientFunds as exc:
         await gw.challenged(request)
-        error = gw.insufficient(request, exc, needed=model.rate.charge(
-            input_tokens, gw.rail.min_output_tokens), rate=model.rate)
+        # At least what a payment for this request is verified against (``needed``, from
+        # the request alone): its paid retry must find the amount this 402 asked acceptable.
+        error = gw.insufficient(request, exc, needed=max(needed, model.rate.charge(
+            input_tokens, gw.rail.min_output_tokens)), rate=model.rate)
         if paying is not None and error.body is not None:
             # What the next voucher must reach for this request to start.
             error.body.update(await paying.shortfall(meter, exc.needed))

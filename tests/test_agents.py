@@ -27,6 +27,7 @@ from gateway.chain.devchain import DevChain
 from gateway.rails.evm import EvmNetwork, EvmSettler
 from gateway.rails.x402_deposits import payer_account_id
 from meters.channels import account_of
+from meters.money import parse_decimal
 from meters.rates import Prompt, Rate
 from tests.chain_fixtures import *  # noqa: F403  (session fixtures: chain, evm_network, settler)
 from tests.chain_fixtures import new_account
@@ -249,8 +250,8 @@ async def test_agent_pays_by_itself_through_the_wallet_proxy(
     state = xagw.balance(account)
     assert state["credited"] == str(deposit) and state["held"] == "0"
     assert int(state["balance"]) + int(state["spent"]) == deposit
-    assert any("paid 0.100000" in line and "settled" in line for line in lines), lines
-    assert any("1 payment(s), 0.100000 in all" in line for line in lines), lines
+    assert any("paid 0.1 on" in line and "settled" in line for line in lines), lines
+    assert any("1 payment(s), 0.1 in all" in line for line in lines), lines
 
 
 @pytest.fixture
@@ -283,7 +284,7 @@ async def test_agent_pays_by_itself_through_an_mpp_session(
         assert front.count(path, 200) >= 2
     closed = [line for line in lines if "closed (transaction 0x" in line]
     assert len(closed) == 1, "\n".join(lines)
-    spent = int(float(closed[0].split("spent ")[1].split(" ")[0]) * 1_000_000 + 0.5)
+    spent = parse_decimal(closed[0].split("spent ")[1].split(" ")[0], 6)
     channel = next(line for line in lines if "session 0x" in line).split("session ")[1][:66]
     state = magw.balance(account_of(channel))
     assert int(state["spent"]) == spent > 0 and state["held"] == "0"

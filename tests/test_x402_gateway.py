@@ -35,7 +35,7 @@ from meters.deposits import Deposit
 from meters.ledger import Ledger, connect
 from meters.tokens import get_tokenizer
 from tests.chain_fixtures import *  # noqa: F403  (session fixtures: chain, evm_network, settler)
-from tests.chain_fixtures import PAY_TO, make_auth
+from tests.chain_fixtures import PAY_TO, make_auth, new_account
 from tests.conftest import RunningGateway, make_settings
 
 pytestmark = [pytest.mark.timeout(90), pytest.mark.asyncio(loop_scope="session")]
@@ -298,6 +298,45 @@ async def test_deposit_exhausted_then_top_up_resumes(xgw: RunningGateway, chain:
         stream()  # a fourth deposit would pass the cap: the agent refuses to pay it
     state = account_state(xgw, evm_network, wallet.account.address)
     assert (state["balance"], state["spent"]) == ("0", str(3 * DEPOSIT))
+
+
+async def test_a_keyed_top_up_pays_what_its_402_asked(xgw: RunningGateway,
+                                                     chain: DevChain) -> None:
+    """The deposit a 402 asks for depends on the request. A keyed account short of money is
+    asked at least what the paid retry of the same request is verified against (a prompt whose
+    rough size prices above the deposit: the demo's second request used to be refused)."""
+    payer = new_account(chain, tokens=10_000)
+    wallet = Wallet(payer, spend_cap=10_000, allowed=[(chain.network, chain.token)])
+    client = openai.OpenAI(base_url=f"{xgw.url}/v1", api_key="none-yet", max_retries=0,
+                           http_client=paying_client(wallet, timeout=30))
+    prompt = "The keeper of the toll bridge counts every coin twice. " * 110
+    texts = []
+    for _ in range(2):
+        chunks = list(client.chat.completions.create(
+            model="priced", messages=[{"role": "user", "content": prompt}], stream=True,
+            max_tokens=20))
+        texts.append("".join(c.choices[0].delta.content or "" for c in chunks if c.choices))
+    assert [O200K.count(t) for t in texts] == [20, 20]
+    assert len(wallet.payments) == 2 and all(p["success"] for p in wallet.payments)
+    assert wallet.payments[0]["amount"] > DEPOSIT  # the rough prompt size priced it
+    # Digits count more tokens than their rough size: the first deposit (priced roughly)
+    # cannot hold the exact prompt, and the 402 after it asks more than a payment for this
+    # request is verified against. Paying more than asked is a larger deposit: accepted.
+    digits = [{"role": "user", "content": " 1" * 2000}]
+    fresh = Wallet(new_account(chain, tokens=10_000), spend_cap=10_000,
+                   allowed=[(chain.network, chain.token)])
+    other = openai.OpenAI(base_url=f"{xgw.url}/v1", api_key="none-yet", max_retries=0,
+                          http_client=paying_client(fresh, timeout=30))
+    with pytest.raises(openai.APIStatusError) as short:
+        list(other.chat.completions.create(model="priced", messages=digits, stream=True,
+                                           max_tokens=20))
+    asked = int(short.value.response.json()["needed"])
+    assert short.value.status_code == 402 and asked > fresh.payments[0]["amount"]
+    chunks = list(other.chat.completions.create(model="priced", messages=digits, stream=True,
+                                                max_tokens=20))
+    assert O200K.count("".join(c.choices[0].delta.content or "" for c in chunks
+                               if c.choices)) == 20
+    assert [p["amount"] for p in fresh.payments][1] == asked  # more than verified: taken
 
 
 async def test_remote_facilitator_mode(

@@ -42,6 +42,7 @@ from gateway.rails.x402 import (
     PAYMENT_SIGNATURE_HEADER,
     X_PAYMENT_HEADER,
     AnyPaymentPayload,
+    PaymentPayload,
     PaymentRequirements,
     ResourceInfo,
     build_payment_required,
@@ -99,6 +100,8 @@ class X402Deposits(PaymentRail):
         cfg = settings.x402
         self.asset: Asset = settings.asset_obj()
         self.deposit = self.asset.parse(cfg.deposit, field="x402.deposit")
+        self.max_deposit = max(self.asset.parse(cfg.max_deposit, field="x402.max_deposit"),
+                               self.deposit)
         self.min_output_tokens = cfg.min_output_tokens
         self.pay_to = cfg.pay_to
         self.max_timeout_seconds = cfg.max_timeout_seconds
@@ -232,8 +235,15 @@ class X402Deposits(PaymentRail):
                   ) -> tuple[SettlementResult, str]:
         """Verify, claim, settle and credit one payment; returns the settlement and account.
         Rejections come back with a fresh challenge."""
+        offered = self.accepts(needed)
+        if isinstance(payload, PaymentPayload) and \
+                offered[0].amount < payload.accepted.amount <= self.max_deposit:
+            # More than asked is a larger deposit, welcome: the amount a 402 asks depends on
+            # the request that got it (its prompt, the balance then), and the paid retry
+            # must not be refused for having paid what that 402 said.
+            offered = self.accepts(payload.accepted.amount)
         try:
-            requirements = match_requirements(payload, self.accepts(needed))
+            requirements = match_requirements(payload, offered)
         except (InvalidPayment, PaymentRejected) as exc:
             raise self._fresh(request, needed, exc, type(exc)) from exc
         try:

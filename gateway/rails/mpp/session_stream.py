@@ -68,4 +68,7 @@ class SessionStream:
         return [sse_event(RECEIPT, fields)]
 
     async def shortfall(self, meter: StreamMeter, needed: int) -> dict[str, Any]:
-        return await self._required(needed)
+        fields = await self._required(needed)
+        # In a 402 body "deposit" is the x402 offer's: the channel's goes by another name.
+        fields["channelDeposit"] = fields.pop("deposit")
+        return fields

@@ -1,0 +1,41 @@
+"""The README's first command runs the demo: both stories, as a user runs them (the CLI in its
+own process, on embedded defaults), each checked by what it prints."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.timeout(240)
+
+
+def demo(*args: str) -> str:
+    result = subprocess.run([sys.executable, "-m", "gateway.cli", "demo", *args],
+                            capture_output=True, text=True, timeout=200)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_the_x402_demo_pays_is_cut_tops_up_and_streams_again() -> None:
+    out = demo()
+    assert out.count("finish_reason=length reason=allowance_exhausted") == 2, out
+    assert "paid      2 x402 deposit(s)" in out, out
+    ledger = re.search(r"credited (\d+), spent (\d+), balance (\d+), held 0", out)
+    assert ledger is not None, out
+    credited, spent, balance = map(int, ledger.groups())
+    assert credited == spent + balance and spent > 0
+    assert re.search(r"gateway's payTo received 0\.0004\b", out), out
+
+
+def test_the_mpp_demo_opens_pauses_resumes_tops_up_and_closes() -> None:
+    out = demo("--rail", "mpp")
+    assert "open      channel 0x" in out, out
+    assert out.count("[paused: payment-need-voucher") == out.count(": resumed]") >= 4, out
+    assert "top-up first]" in out and "[top-up +0.002 USDC on-chain]" in out, out
+    closed = re.search(r"the escrow paid the gateway ([\d.]+) and refunded ([\d.]+)", out)
+    received = re.search(r"the gateway \(payee\) received ([\d.]+)", out)
+    assert closed is not None and received is not None, out
+    assert closed.group(1) == received.group(1)  # what the ledger spent is what the chain paid
