@@ -117,7 +117,7 @@ async def session_stream(client: httpx.AsyncClient, channel: Channel, tokens: in
     """One stream paid ``step`` tokens at a time; returns the content tokens received."""
     received = 0
     sent_at: float | None = None
-    channel.amount = max(channel.amount, step)
+    channel.amount += step  # the first `step` tokens ride on the request itself
     headers = {"authorization": channel.voucher(channel.amount),
                "x-sim-output-tokens": str(tokens)}
     async with client.stream("POST", CHAT, headers=headers, json=body(tokens)) as response:

@@ -148,8 +148,9 @@ async def relay(ctx: RelayContext, response: UpstreamResponse) -> AsyncIterator[
                         if granted < n:
                             granted += await meter.acquire(n - granted)
                         if granted < n and meter.policy is Policy.PAUSE and ctx.pause_events:
-                            # Pause: what was paid goes out with the request for money; the
-                            # upstream is not read meanwhile (its flow control holds it).
+                            # Pause: what was paid goes out first, then the request for
+                            # money; the upstream is not read meanwhile (its flow control
+                            # holds it) and a disconnect cancels the wait.
                             if out:
                                 yield b"".join(out)
                                 meter.delivered_tokens(pending)

@@ -45,6 +45,15 @@ def rough_prompt_tokens(parsed: ParsedRequest) -> int:
     return -(-len(parsed.prompt_text) // 3) + parsed.prompt_overhead
 
 
+def keep_payment_headers(request: Request, paid: Paid) -> None:
+    """From here on every answer, errors included, carries the settlement and the key: the
+    payment was taken, the payer must be able to use it (see app.py). Except an MPP
+    Payment-Receipt: "Servers MUST NOT return a Payment-Receipt header on error responses"
+    (draft-httpauth-payment, "Receipt Status Semantics"); the key suffices."""
+    request.state.payment_headers = {k: v for k, v in paid.headers.items()
+                                     if k.lower() != "payment-receipt"}
+
+
 async def handle(request: Request, dialect: Dialect) -> Response:
     """Authenticate, hold, forward, meter and bill one model request."""
     gw: Gateway = request.app.state.gateway
@@ -61,12 +70,7 @@ async def handle(request: Request, dialect: Dialect) -> Response:
         await gw.challenged(request)  # a rejected payment is one more challenge
         raise
     if paid is not None:
-        # From here on every answer, errors included, carries the settlement and the key:
-        # the payment was taken, the payer must be able to use it (see app.py). Except an
-        # MPP Payment-Receipt: "Servers MUST NOT return a Payment-Receipt header on error
-        # responses" (draft-httpauth-payment, "Receipt Status Semantics"); the key suffices.
-        request.state.payment_headers = {k: v for k, v in paid.headers.items()
-                                         if k.lower() != "payment-receipt"}
+        keep_payment_headers(request, paid)
     else:
         paid = Paid(await gw.authenticate(request, needed=needed, rate=model.rate), {})
     if idempotency_key is None:
@@ -270,8 +274,8 @@ async def count_tokens(request: Request) -> Response:
     if paid is None:
         await gw.authenticate(request)
     answer_headers = paid.headers if paid is not None else {}
-    request.state.payment_headers = {k: v for k, v in answer_headers.items()
-                                     if k.lower() != "payment-receipt"}  # as in handle()
+    if paid is not None:
+        keep_payment_headers(request, paid)
     upstream_body = {k: v for k, v in parsed.body.items() if k not in ("max_tokens", "stream")}
     upstream_body["model"] = model.upstream_model
     headers = dialect.upstream_headers(request.headers,

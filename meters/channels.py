@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from meters.errors import InvalidAmount
-from meters.ledger import Ledger, as_text, redis_errors, script
+from meters.ledger import Account, Ledger, account_from, as_text, redis_errors, script
 from meters.money import MAX_AMOUNT
 
 
@@ -48,6 +48,18 @@ class ChannelState:
     settled: int
     close_requested: bool
     finalized: bool
+
+
+def _state_from(channel_id: str, raw: dict[Any, Any]) -> ChannelState | None:
+    if not raw:
+        return None
+    data = {as_text(k): as_text(v) for k, v in raw.items()}
+    return ChannelState(channel_id=channel_id.lower(), account_id=account_of(channel_id),
+                        payer=data["payer"], signer=data["signer"], token=data["token"],
+                        deposit=int(data["deposit"]), accepted=int(data["accepted"]),
+                        settled=int(data["settled"]),
+                        close_requested=data["close_requested"] != "0",
+                        finalized=data["finalized"] == "1")
 
 
 def account_of(channel_id: str) -> str:
@@ -87,15 +99,17 @@ class Channels:
     async def get(self, channel_id: str) -> ChannelState | None:
         with redis_errors():
             raw = await self.redis.hgetall(self._key(channel_id))
-        if not raw:
-            return None
-        data = {as_text(k): as_text(v) for k, v in raw.items()}
-        return ChannelState(channel_id=channel_id.lower(), account_id=account_of(channel_id),
-                            payer=data["payer"], signer=data["signer"], token=data["token"],
-                            deposit=int(data["deposit"]), accepted=int(data["accepted"]),
-                            settled=int(data["settled"]),
-                            close_requested=data["close_requested"] != "0",
-                            finalized=data["finalized"] == "1")
+        return _state_from(channel_id, raw)
+
+    async def snapshot(self, channel_id: str) -> tuple[ChannelState, Account] | None:
+        """The channel and its ledger account, read together (one round trip)."""
+        with redis_errors():
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.hgetall(self._key(channel_id))
+                pipe.hgetall(f"{self.prefix}acct:{account_of(channel_id)}")
+                raw, account = await pipe.execute()
+        state = _state_from(channel_id, raw)
+        return None if state is None else (state, account_from(state.account_id, account))
 
     async def accept(self, channel_id: str, cumulative: int, signature: str, *,
                      min_delta: int) -> tuple[VoucherStatus, int]:

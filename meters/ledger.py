@@ -248,12 +248,7 @@ class Ledger:
     async def get_account(self, account_id: str) -> Account:
         with redis_errors():
             raw: dict[Any, Any] = await self.redis.hgetall(self._acct(account_id))
-        if not raw:
-            raise AccountNotFound(f"no account {account_id}", param="account_id")
-        data = {as_text(k): as_text(v) for k, v in raw.items()}
-        return Account(id=account_id, balance=int(data["balance"]), held=int(data["held"]),
-                       spent=int(data["spent"]), credited=int(data["credited"]),
-                       shortfall=int(data.get("shortfall", 0)), label=data.get("label", ""))
+        return account_from(account_id, raw)
 
     async def credit(self, account_id: str, amount: int, *,
                      idempotency_key: str | None = None, purpose: str = "credit",
@@ -320,6 +315,16 @@ class Ledger:
 #: Account ids are opaque tokens ("acct_<hex>", "x402_<hex>") that never contain ":", the
 #: separator of the ledger's keys.
 _ACCOUNT_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
+
+
+def account_from(account_id: str, raw: dict[Any, Any]) -> Account:
+    """An account from its hash as Redis returned it (``HGETALL``)."""
+    if not raw:
+        raise AccountNotFound(f"no account {account_id}", param="account_id")
+    data = {as_text(k): as_text(v) for k, v in raw.items()}
+    return Account(id=account_id, balance=int(data["balance"]), held=int(data["held"]),
+                   spent=int(data["spent"]), credited=int(data["credited"]),
+                   shortfall=int(data.get("shortfall", 0)), label=data.get("label", ""))
 
 
 def _new_key() -> tuple[str, str]:

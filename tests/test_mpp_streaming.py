@@ -109,6 +109,7 @@ async def test_the_sdks_stream_through_pauses_and_resume_on_the_next_token(
     payer = payer_for(chain, increment=10)
     pauses, resumes = metric(sgw, "tollstream_stream_pauses_total"), \
         metric(sgw, "tollstream_stream_resumes_total")
+    accepted = metric(sgw, 'tollstream_mpp_vouchers_total{result="accepted"}')
     with session_client(payer, timeout=60) as http:
         # 10 authorized with the first request, 10 more per voucher: four pauses.
         text = await asyncio.to_thread(read, sgw, http, 45)
@@ -124,6 +125,10 @@ async def test_the_sdks_stream_through_pauses_and_resume_on_the_next_token(
             assert payer.wallet.authorized >= 50 and paused >= 4
         else:
             assert payer.wallet.authorized == 50 and paused == 4
+        # The open's voucher (0) is a replay; then 10 with the request and one per pause.
+        assert metric(sgw, 'tollstream_mpp_vouchers_total{result="accepted"}') - accepted \
+            == 1 + paused
+        assert "tollstream_mpp_unsettled_atomic_units" in httpx.get(f"{sgw.url}/metrics").text
         assert payer.receipts[-1]["spent"] == "45" and payer.receipts[-1]["units"] == 45
         payee_before = await settler.balance_of(chain.relayer_address, evm_network)
         closed = await asyncio.to_thread(close_session, http)
@@ -359,3 +364,44 @@ async def test_a_crash_mid_stream_leaves_spent_and_the_settlement_in_agreement(
     assert on_chain.finalized and on_chain.settled == spent
     assert await settler.balance_of(chain.relayer_address, evm_network) == payee_before + spent
     assert await settler.balance_of(payer.wallet.address, evm_network) == 10_000 - spent
+
+
+async def test_a_client_gone_during_a_pause_ends_it_at_once(
+        sgw: RunningGateway, chain: DevChain, sim: str) -> None:
+    """The pause waits for a voucher, not for a client that left: the disconnect ends the
+    stream (upstream closed, hold returned, delivered billed) long before the timeout."""
+    payer = payer_for(chain)
+    with session_client(payer, timeout=60) as http:  # opens the channel, spends 5
+        assert await asyncio.to_thread(chat_text, sgw, http, 5) == text_of(0, 5)
+    before = sim_stats(sim)["streams_cancelled"]
+    account = account_of(payer.channel_id or "")
+    with httpx.Client(timeout=30) as client, client.stream(
+            "POST", f"{sgw.url}{CHAT}",
+            headers={"authorization": payer.wallet.voucher(40),
+                     "x-sim-tokens-per-second": "100", "x-sim-output-tokens": "2000"},
+            json={"model": "exact", "messages": MESSAGES, "stream": True,
+                  "max_tokens": 2000}) as response:
+        for line in response.iter_lines():
+            if line == "event: payment-need-voucher":
+                break  # paused: go away without paying
+    left = time.monotonic()
+    deadline = left + PAUSE_TIMEOUT / 2
+    while sim_stats(sim)["streams_cancelled"] == before or \
+            sgw.balance(account)["held"] != "0":
+        assert time.monotonic() < deadline, "the paused stream outlived its client"
+        time.sleep(0.02)
+    assert sgw.balance(account)["spent"] == "40"
+
+
+async def test_a_402_without_a_session_offer_reaches_the_sdk_unpaid(
+        gateway_factory: Factory, chain: DevChain) -> None:
+    from tests.test_x402_gateway import x402_config
+
+    payer = payer_for(chain)
+    with gateway_factory(x402=x402_config(chain)) as xgw, \
+            session_client(payer, timeout=60) as http:
+        with pytest.raises(openai.APIStatusError) as refused:
+            await asyncio.to_thread(chat_text, xgw, http, 5)
+    assert refused.value.status_code == 402
+    assert refused.value.response.json()["x402Version"] == 1  # the gateway's own body
+    assert payer.channel_id is None and payer.wallet.authorized == 0  # nothing signed

@@ -58,6 +58,14 @@ def _prepare(request: httpx.Request, payer: SessionPayer) -> None:
         request.headers["authorization"] = credential
 
 
+def _unpaid(request: httpx.Request, response: httpx.Response, body: bytes) -> httpx.Response:
+    """A 402 this session will not pay, already read: handed to the SDK as it came."""
+    headers = [(k, v) for k, v in response.headers.multi_items()
+               if k.lower() not in ("content-encoding", "content-length", "transfer-encoding")]
+    return httpx.Response(response.status_code, headers=headers, content=body,
+                          request=request, extensions=response.extensions)
+
+
 def _head(request: httpx.Request, credential: str) -> httpx.Request:
     return httpx.Request("HEAD", request.url, headers={"authorization": credential})
 
@@ -73,21 +81,20 @@ class SessionTransport(httpx.BaseTransport):
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         request.read()  # buffered: a paid retry sends the same body
-        for _ in range(MAX_PAID_RETRIES):
+        for attempt in range(MAX_PAID_RETRIES + 1):
             _prepare(request, self.payer)
             response = self.inner.handle_request(request)
             self.payer.route(request, response)
-            if response.status_code != 402:
+            if response.status_code != 402 or attempt == MAX_PAID_RETRIES:
                 return self._paid(request, response)
             body = response.read()
             response.close()
             steps = self.payer.after_402(response.headers, body)
             if steps is None:
-                break
+                return _unpaid(request, response, body)
             for step in steps:
                 self._send(request, step)
-        _prepare(request, self.payer)
-        return self._paid(request, self.inner.handle_request(request))
+        raise AssertionError("unreachable: the last attempt returns")
 
     def _send(self, request: httpx.Request, step: Step) -> None:
         """One payment action on HEAD (no body: a 402 is retried once with the fresh
@@ -179,21 +186,20 @@ class AsyncSessionTransport(httpx.AsyncBaseTransport):
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         await request.aread()
-        for _ in range(MAX_PAID_RETRIES):
+        for attempt in range(MAX_PAID_RETRIES + 1):
             _prepare(request, self.payer)
             response = await self.inner.handle_async_request(request)
             self.payer.route(request, response)
-            if response.status_code != 402:
+            if response.status_code != 402 or attempt == MAX_PAID_RETRIES:
                 return self._paid(request, response)
             body = await response.aread()
             await response.aclose()
             steps = self.payer.after_402(response.headers, body)
             if steps is None:
-                break
+                return _unpaid(request, response, body)
             for step in steps:
                 await self._send(request, step)
-        _prepare(request, self.payer)
-        return self._paid(request, await self.inner.handle_async_request(request))
+        raise AssertionError("unreachable: the last attempt returns")
 
     async def _send(self, request: httpx.Request, step: Step) -> None:
         async with self._opening if step.opens else contextlib.nullcontext():

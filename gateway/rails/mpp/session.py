@@ -41,10 +41,7 @@ from gateway.rails.evm import EvmNetwork
 from gateway.rails.mpp.channel import (
     ZERO_ADDRESS,
     Voucher,
-    compute_channel_id,
-    open_nonce,
     recover_voucher_signer,
-    top_up_nonce,
 )
 from gateway.rails.mpp.escrow import EscrowClient
 from gateway.rails.mpp.outcomes import EscrowError
@@ -60,7 +57,10 @@ from gateway.rails.mpp.session_wire import (
     OpenPayload,
     TopUpPayload,
     VoucherPayload,
+    open_authorization,
     parse_payload,
+    source_address,
+    top_up_authorization,
 )
 from meters.channels import Channels, ChannelState, VoucherStatus
 from meters.ledger import Ledger
@@ -174,7 +174,7 @@ class EvmSession:
                 if payload.type == "authorization":
                     payer = await self._relay_open(payload, signer)
                 else:
-                    payer = self._source_address(source)
+                    payer = source_address(source)
                     await self.escrow.check_open_transaction(
                         payload.hash or "", channel_id=channel_id, payee=self.payee)
                 chain = await self.escrow.get_channel(channel_id)
@@ -198,26 +198,9 @@ class EvmSession:
         return await self._accept(known, int(payload.cumulativeAmount), voucher_signature)
 
     async def _relay_open(self, payload: OpenPayload, signer: str) -> str:
-        auth_fields = payload.authorization
-        if auth_fields is None:
-            raise Problem(MALFORMED_CREDENTIAL, "payload.authorization is required",
-                          param="payload.authorization")
-        try:
-            auth = auth_fields.signed(payload.signature)
-        except InvalidPayment as exc:
-            raise Problem(MALFORMED_CREDENTIAL, exc.message, param=exc.param) from exc
-        expected = compute_channel_id(payer=auth.payer, payee=self.payee,
-                                      token=self.network.asset, salt=payload.salt,
-                                      authorized_signer=signer, escrow=self.escrow.escrow,
-                                      chain_id=self.network.chain_id)
-        if expected.lower() != payload.channelId.lower():
-            raise Problem(VERIFICATION_FAILED, "channelId is not the id of this payer, payee, "
-                          "token, salt and signer on this escrow")
-        nonce = open_nonce(from_=auth.payer, payee=self.payee, token=self.network.asset,
-                           salt=payload.salt, authorized_signer=signer)
-        if auth.to.lower() != self.escrow.escrow.lower() or auth.nonce.lower() != nonce.lower():
-            raise Problem(VERIFICATION_FAILED, "the authorization must pay the escrow with "
-                          "the nonce derived from the channel parameters")
+        auth = open_authorization(payload, signer=signer, payee=self.payee,
+                                  token=self.network.asset, escrow=self.escrow.escrow,
+                                  chain_id=self.network.chain_id)
         if auth.value < self.min_deposit:
             raise _problem("insufficient-balance", f"the deposit is below this gateway's "
                            f"minimum of {self.min_deposit}")
@@ -225,33 +208,16 @@ class EvmSession:
                                                   authorized_signer=signer)
         return auth.payer
 
-    @staticmethod
-    def _source_address(source: str | None) -> str:
-        parts = (source or "").split(":")
-        if len(parts) != 5 or parts[:3] != ["did", "pkh", "eip155"]:
-            raise Problem(MALFORMED_CREDENTIAL, "source must be did:pkh:eip155:<chain>:<payer>"
-                          " for a hash open", param="source")
-        return parts[4]
-
     async def _top_up(self, payload: TopUpPayload) -> ChannelState:
         channel_id = payload.channelId.lower()
         state = await self._known(channel_id)
         amount = int(payload.additionalDeposit)
         try:
             if payload.type == "authorization":
-                if payload.authorization is None or payload.salt is None \
-                        or payload.signature is None:
-                    raise Problem(MALFORMED_CREDENTIAL, "an authorization top-up needs "
-                                  "authorization, signature and salt", param="payload")
-                auth = payload.authorization.signed(payload.signature)
-                nonce = top_up_nonce(channel_id=channel_id, additional_deposit=amount,
-                                     from_=auth.payer, top_up_salt=payload.salt)
-                if auth.value != amount or auth.nonce.lower() != nonce.lower() \
-                        or auth.to.lower() != self.escrow.escrow.lower():
-                    raise Problem(VERIFICATION_FAILED, "the authorization must pay "
-                                  "additionalDeposit to the escrow with the derived nonce")
+                auth, salt = top_up_authorization(payload, channel_id=channel_id,
+                                                  escrow=self.escrow.escrow)
                 await self.escrow.top_up_with_authorization(auth, channel_id=channel_id,
-                                                            top_up_salt=payload.salt)
+                                                            top_up_salt=salt)
             else:
                 await self.escrow.check_top_up_transaction(
                     payload.hash or "", channel_id=channel_id, additional_deposit=amount)
@@ -320,9 +286,7 @@ class EvmSession:
             kind, detail = problems[status]
             raise _problem(kind, detail, channel=state.channel_id,
                            status=410 if kind.startswith("channel-") else 402)
-        refreshed = await self.channels.get(state.channel_id)
-        assert refreshed is not None
-        return refreshed
+        return state  # its ids are what callers use; amounts are read again for receipts
 
     async def _close(self, payload: VoucherPayload, echo: ChallengeEcho) -> SessionResult:
         state = await self._known(payload.channelId.lower())
@@ -361,9 +325,9 @@ class EvmSession:
         """A session receipt ("Receipt Generation"). ``spent`` is what was charged for
         delivered tokens, monotonic as the spec wants it; what streams in flight hold on the
         channel (reserved before delivery, returned if not delivered) is not in it."""
-        state = await self.channels.get(channel_id)
-        assert state is not None
-        account = await self.ledger.get_account(state.account_id)
+        found = await self.channels.snapshot(channel_id)
+        assert found is not None  # a channel is never forgotten
+        state, account = found
         fields: dict[str, Any] = {
             "method": self.method, "intent": self.intent, "status": "success",
             "challengeId": challenge_id, "reference": state.channel_id,

@@ -40,10 +40,9 @@ class SessionStream:
     async def _required(self, more: int) -> dict[str, Any]:
         """The voucher the client must sign next: ``more`` atomic units beyond what the
         channel's account can still give (and never less than ``minVoucherDelta``)."""
-        channels, ledger = self.session.channels, self.session.ledger
-        state = await channels.get(self.channel_id)
-        assert state is not None  # a channel is never forgotten while a stream runs on it
-        account = await ledger.get_account(state.account_id)
+        found = await self.session.channels.snapshot(self.channel_id)
+        assert found is not None  # a channel is never forgotten while a stream runs on it
+        state, account = found
         step = max(more - account.balance, self.session.min_voucher_delta, 1)
         required = state.accepted + step
         fields: dict[str, Any] = {"channelId": self.channel_id,
