@@ -104,7 +104,9 @@ class Channels:
     async def snapshot(self, channel_id: str) -> tuple[ChannelState, Account] | None:
         """The channel and its ledger account, read together (one round trip)."""
         with redis_errors():
-            async with self.redis.pipeline(transaction=True) as pipe:
+            # Not a transaction (MULTI costs more than it buys here): each hash is read
+            # whole, and a receipt needs no instant across the two.
+            async with self.redis.pipeline(transaction=False) as pipe:
                 pipe.hgetall(self._key(channel_id))
                 pipe.hgetall(f"{self.prefix}acct:{account_of(channel_id)}")
                 raw, account = await pipe.execute()

@@ -399,9 +399,9 @@ async def test_a_402_without_a_session_offer_reaches_the_sdk_unpaid(
 
     payer = payer_for(chain)
     with gateway_factory(x402=x402_config(chain)) as xgw, \
-            session_client(payer, timeout=60) as http:
-        with pytest.raises(openai.APIStatusError) as refused:
-            await asyncio.to_thread(chat_text, xgw, http, 5)
+            session_client(payer, timeout=60) as http, \
+            pytest.raises(openai.APIStatusError) as refused:
+        await asyncio.to_thread(chat_text, xgw, http, 5)
     assert refused.value.status_code == 402
     assert refused.value.response.json()["x402Version"] == 1  # the gateway's own body
     assert payer.channel_id is None and payer.wallet.authorized == 0  # nothing signed

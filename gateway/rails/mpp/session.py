@@ -118,6 +118,8 @@ class EvmSession:
         self.pause_timeout = pause_timeout
         #: Vouchers taken since start, by result (accepted, replayed, rejected): metrics.
         self.vouchers: collections.Counter[str] = collections.Counter()
+        #: Channels vouchers were taken on, for their ids and signer (see _voucher).
+        self._seen: dict[str, ChannelState] = {}
 
     # -- the challenge ------------------------------------------------------------------------
     def request(self, rate: Rate | None) -> dict[str, Any]:
@@ -256,7 +258,15 @@ class EvmSession:
         return voucher
 
     async def _voucher(self, payload: VoucherPayload) -> ChannelState:
-        state = await self._known(payload.channelId.lower())
+        # A channel's id and signer never change: a voucher on a channel seen here before
+        # skips reading it (voucher.lua still refuses one closed or finalized meanwhile).
+        channel_id = payload.channelId.lower()
+        state = self._seen.get(channel_id)
+        if state is None:
+            state = await self._known(channel_id)
+            if len(self._seen) >= 100_000:  # bound memory; a miss costs one read
+                self._seen.clear()
+            self._seen[channel_id] = state
         return await self._accept(state, int(payload.cumulativeAmount), payload.signature)
 
     async def _accept(self, state: ChannelState, amount: int, signature: str) -> ChannelState:
