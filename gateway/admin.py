@@ -43,7 +43,7 @@ class CreditAccount(BaseModel):
 
 
 def account_view(gw: Gateway, account: Account) -> dict[str, Any]:
-    asset = gw.asset
+    asset = gw.settings.asset_of(account.id)  # the gateway's asset, or a fiat currency
     return {"account_id": account.id, "label": account.label, "asset": asset.symbol,
             "decimals": asset.decimals, "balance": str(account.balance),
             "balance_decimal": asset.format(account.balance), "held": str(account.held),

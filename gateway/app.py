@@ -197,6 +197,12 @@ def info_router() -> APIRouter:
                 value = getattr(rate, key)
                 if value is not None:
                     info[key] = asset.format(value)
+            fiat = gw.settings.fiat_asset()
+            if fiat is not None:  # what a fiat balance pays, converted and rounded up
+                converted = gw.router.fiat_rate(m)
+                info[fiat.symbol.lower()] = {
+                    "input_per_mtok": fiat.format(converted.input_per_mtok),
+                    "output_per_mtok": fiat.format(converted.output_per_mtok)}
             if pattern is not None:
                 info["route"] = pattern
             data.append({"id": m.name, "object": "model", "created": 0,

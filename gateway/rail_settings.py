@@ -1,5 +1,5 @@
-"""Payment rail settings: ``[x402]`` (with its ``[x402.networks.<name>]`` chains) and
-``[mpp]``. Part of the one settings object (:mod:`gateway.settings`), kept apart because each
+"""Payment rail settings: ``[x402]`` (with its ``[x402.networks.<name>]`` chains), ``[mpp]``
+and ``[stripe]``. Part of the one settings object (:mod:`gateway.settings`), kept apart because each
 rail's keys and checks grow with the rail."""
 
 from __future__ import annotations
@@ -153,8 +153,11 @@ class MppSettings(_Frozen):
         if not secrets or any(len(s) < 16 for s in secrets):
             raise ValueError(f"secret (or the variable {self.secret_env}) must hold one or "
                              "more comma-separated secrets of at least 16 characters")
+        if self.network is None and (self.charge or self.session):
+            raise ValueError("network is required for the evm charge and session (set "
+                             "charge = false and session = false for a Stripe-only rail)")
         if self.network is None:
-            raise ValueError("network is required when mpp is enabled")
+            return self
         if self.charge:
             if not (self.pay_to.startswith("0x") and len(self.pay_to) == 42):
                 raise ValueError("pay_to must be the 0x address charges are paid to")
@@ -170,3 +173,45 @@ class MppSettings(_Frozen):
             if not self.payee_key():
                 raise ValueError("payee_key_env names no key (the payee settles channels)")
         return self
+
+
+class StripeSettings(_Frozen):
+    """MPP's ``stripe`` charge (specs/mpp/draft-stripe-charge-00.md): an agent pays with a
+    Stripe Shared Payment Token; the gateway confirms a PaymentIntent with it and credits a
+    balance in ``currency`` (its minor units, never mixed with the asset's). Needs ``[mpp]``
+    enabled (its realm and challenge secrets). The secret key is read from the environment
+    variable ``secret_key_env`` and never logged."""
+
+    enabled: bool = False
+    secret_key_env: str = "TOLLSTREAM_STRIPE_SECRET_KEY"
+    #: Stripe's API base address (tests point it at a local Stripe-compatible server).
+    api_base: str = "https://api.stripe.com"
+    timeout_seconds: float = Field(default=20.0, gt=0)
+    #: The seller's Stripe Business Network profile (``methodDetails.networkId``).
+    network_id: str = ""
+    payment_method_types: list[str] = ["card"]
+    currency: str = Field(default="usd", pattern=r"^[a-z]{3}$")
+    #: Digits of the currency's minor unit (2 for usd and eur, 0 for jpy).
+    decimals: int = Field(default=2, ge=0, le=4)
+    #: Currency units per unit of the gateway's asset: model prices (asset units per million
+    #: tokens) convert at this rate, rounded up to a whole minor unit per million tokens.
+    per_asset_unit: str = "1.00"
+    #: What one payment buys, in currency units (more when a request needs more).
+    credit: str = "5.00"
+
+    def secret_key(self) -> str | None:
+        return os.environ.get(self.secret_key_env) or None
+
+    @model_validator(mode="after")
+    def _check(self) -> StripeSettings:
+        if not self.enabled:
+            return self
+        if not self.secret_key():
+            raise ValueError(f"the variable {self.secret_key_env} must hold the Stripe secret "
+                             "key (secret_key_env names another variable)")
+        if not self.network_id:
+            raise ValueError("network_id (the Stripe Business Network profile) is required")
+        if not self.payment_method_types:
+            raise ValueError("payment_method_types must name at least one type")
+        return self
+

@@ -104,7 +104,9 @@ async def _serve(request: Request, gw: Gateway, dialect: Dialect, parsed: Parsed
         policy, pause_timeout = Policy.PAUSE, paying.pause_timeout
     elif parsed.stream:
         policy = Policy(gw.settings.exhausted_policy)
-    meter = StreamMeter(gw.ledger, account_id, model.rate,
+    rate = gw.router.rate_for(model, account_id)  # in what the account holds
+    asset = gw.settings.asset_of(account_id)
+    meter = StreamMeter(gw.ledger, account_id, rate,
                         lease_tokens=gw.settings.lease_tokens if parsed.stream else cap,
                         max_output=parsed.max_output if parsed.stream else cap,
                         policy=policy, pause_timeout=pause_timeout, notices=gw.notices)
@@ -119,6 +121,11 @@ async def _serve(request: Request, gw: Gateway, dialect: Dialect, parsed: Parsed
         if paying is not None and error.body is not None:
             # What the next voucher must reach for this request to start.
             error.body.update(await paying.shortfall(meter, exc.needed))
+        if asset != gw.asset:
+            # The balance and what it lacks are in the account's fiat currency, not in the
+            # asset the offers (x402, evm) ask for.
+            for target in (error.extra, error.body if error.body is not None else {}):
+                target.update(balance_asset=asset.symbol, balance_decimals=asset.decimals)
         raise error from exc
     try:
         upstream_max = None if parsed.stream else min(meter.covered, cap)
@@ -146,7 +153,7 @@ async def _serve(request: Request, gw: Gateway, dialect: Dialect, parsed: Parsed
             if m.policy is Policy.CUT else f"no payment arrived within {m.pause_timeout:g} s "
             "of the pause: the stream was stopped at the last paid token",
             "balance": str(bill.balance if bill is not None else m.balance_seen),
-            "asset": gw.asset.symbol, "decimals": gw.asset.decimals,
+            "asset": asset.symbol, "decimals": asset.decimals,
             "delivered_tokens": m.delivered,
             "top_up": dict(await gw.rail.top_up_hint(account_id, request))}
         if bill is not None:

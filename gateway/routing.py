@@ -27,9 +27,9 @@ from importlib import resources
 from typing import Any
 
 from gateway.dialects import Dialect, get_dialect
-from gateway.errors import BadRequest, NotFound
+from gateway.errors import BadRequest, NotFound, PaymentRequired
 from gateway.settings import ModelSettings, PriceSettings, RouteSettings, Settings
-from meters.money import Asset
+from meters.money import Asset, account_currency
 from meters.rates import Rate
 from meters.tokens import Tokenizer, get_tokenizer
 
@@ -82,6 +82,29 @@ class ModelRouter:
         self._rates = {name: price.rate(self.asset, f"prices.{name}")
                        for name, price in self.prices.items()}
         self._cache: dict[tuple[str, str], Model] = {}
+        #: A fiat currency balances may be held in, and how asset prices convert to it.
+        self.fiat = settings.stripe.currency if settings.stripe.enabled else None
+        self._conversion = settings.fiat_conversion() if self.fiat else (1, 1)
+        self._fiat_rates: dict[Rate, Rate] = {}
+
+    def rate_for(self, model: Model, account_id: str) -> Rate:
+        """``model``'s rate in what ``account_id`` holds: the gateway's asset, or the fiat
+        currency, its prices converted and rounded up to a whole minor unit per million
+        tokens (:meth:`~meters.rates.Rate.converted`)."""
+        currency = account_currency(account_id)
+        if currency is None:
+            return model.rate
+        if currency != self.fiat:
+            raise PaymentRequired(f"this account holds {currency}, which this gateway does "
+                                  "not take", code="currency_not_accepted")
+        return self.fiat_rate(model)
+
+    def fiat_rate(self, model: Model) -> Rate:
+        """``model``'s rate in the fiat currency (see :meth:`rate_for`)."""
+        rate = self._fiat_rates.get(model.rate)
+        if rate is None:
+            rate = self._fiat_rates[model.rate] = model.rate.converted(*self._conversion)
+        return rate
 
     def _table_rate(self, name: str) -> Rate | None:
         while True:

@@ -31,10 +31,11 @@ from pydantic import (
 
 from gateway.rail_settings import (
     MppSettings,
+    StripeSettings,
     X402Settings,
 )
 from meters.errors import ConfigError, InvalidAmount
-from meters.money import Asset
+from meters.money import Asset, account_currency, parse_decimal
 from meters.rates import Rate
 from meters.tokens import ENCODINGS
 
@@ -187,6 +188,7 @@ class Settings(_Frozen):
     rate_limit: RateLimitSettings = RateLimitSettings()
     x402: X402Settings = X402Settings()
     mpp: MppSettings = MppSettings()
+    stripe: StripeSettings = StripeSettings()
 
     @field_validator("admin_token")
     @classmethod
@@ -235,10 +237,40 @@ class Settings(_Frozen):
                 self.asset_obj().parse(self.x402.deposit, field="x402.deposit")
             except InvalidAmount as exc:
                 raise ValueError(exc.message) from exc
+        if self.stripe.enabled:
+            if not self.mpp.enabled:
+                raise ValueError("stripe needs [mpp] enabled (its realm and challenge "
+                                 "secrets sign the stripe challenges)")
+            fiat = self.fiat_asset()
+            assert fiat is not None
+            try:
+                fiat.parse(self.stripe.credit, field="stripe.credit")
+                parse_decimal(self.stripe.per_asset_unit, 6, field="stripe.per_asset_unit")
+            except InvalidAmount as exc:
+                raise ValueError(exc.message) from exc
         return self
 
     def asset_obj(self) -> Asset:
         return Asset(symbol=self.asset.symbol, decimals=self.asset.decimals)
+
+    def fiat_asset(self) -> Asset | None:
+        """The fiat currency balances may be held in (``[stripe]``), if enabled."""
+        if not self.stripe.enabled:
+            return None
+        return Asset(symbol=self.stripe.currency.upper(), decimals=self.stripe.decimals)
+
+    def asset_of(self, account_id: str) -> Asset:
+        """The asset an account's amounts are in: a fiat currency or the gateway's asset."""
+        currency = account_currency(account_id)
+        if currency is not None and self.stripe.enabled and currency == self.stripe.currency:
+            return Asset(symbol=currency.upper(), decimals=self.stripe.decimals)
+        return self.asset_obj()
+
+    def fiat_conversion(self) -> tuple[int, int]:
+        """(numerator, denominator) turning the asset's atomic units into the fiat
+        currency's minor units: ``per_asset_unit`` (6 decimals) scaled between the two."""
+        per = parse_decimal(self.stripe.per_asset_unit, 6, field="stripe.per_asset_unit")
+        return per * 10**self.stripe.decimals, 10**(6 + self.asset.decimals)
 
     def rate(self, model: str) -> Rate:
         """The rate of the exactly named model ``model``."""

@@ -99,3 +99,23 @@ def format_decimal(atomic: int, decimals: int) -> str:
         return f"{sign}{whole}"
     digits = str(frac).rjust(decimals, "0").rstrip("0")
     return f"{sign}{whole}.{digits or '0'}"
+
+
+#: Accounts holding a fiat currency are named ``fiat_<currency>_<key>`` (``fiat_usd_...``);
+#: every other account holds the gateway's asset. Fiat and the asset are never mixed: an
+#: account's balance is in one of them, and its requests are priced in it.
+FIAT_PREFIX = "fiat_"
+
+
+def fiat_account(currency: str, key: str) -> str:
+    """The id of a fiat account (``currency`` as ISO 4217 lowercase letters)."""
+    return f"{FIAT_PREFIX}{currency.lower()}_{key}"
+
+
+def account_currency(account_id: str) -> str | None:
+    """The fiat currency an account holds (``"usd"``), None for the gateway's asset."""
+    if not account_id.startswith(FIAT_PREFIX):
+        return None
+    currency, _, rest = account_id[len(FIAT_PREFIX):].partition("_")
+    return currency if currency.isalpha() and rest else None
+

@@ -63,6 +63,19 @@ class Rate:
         return cls(input_per_mtok=rin, output_per_mtok=rout, cache_read_per_mtok=read,
                    cache_write_per_mtok=write)
 
+    def converted(self, numerator: int, denominator: int) -> Rate:
+        """The same prices in another unit: each price times ``numerator / denominator``,
+        rounded up (:func:`~meters.money.round_up`) to a whole atomic unit per million tokens
+        of the other unit. A fiat price derived from a USDC one: ``10**(2 + 6)`` cents per
+        ``10**(6 + 6)`` USDC atomic units at one dollar per USDC."""
+        def each(price: int | None) -> int | None:
+            return None if price is None else round_up(price * numerator, denominator)
+        converted_in, converted_out = each(self.input_per_mtok), each(self.output_per_mtok)
+        assert converted_in is not None and converted_out is not None
+        return Rate(input_per_mtok=converted_in, output_per_mtok=converted_out,
+                    cache_read_per_mtok=each(self.cache_read_per_mtok),
+                    cache_write_per_mtok=each(self.cache_write_per_mtok))
+
     def prompt_cost(self, prompt: Prompt | int) -> int:
         """The prompt's exact cost, in atomic units times one million (not yet rounded)."""
         if isinstance(prompt, int):

@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 
 from meters.errors import ConfigError, InvalidAmount
-from meters.money import Asset, format_decimal, parse_atomic, parse_decimal, round_up
+from meters.money import (
+    Asset,
+    account_currency,
+    fiat_account,
+    format_decimal,
+    parse_atomic,
+    parse_decimal,
+    round_up,
+)
 from meters.rates import Rate
 
 USDC = Asset()
@@ -87,3 +95,18 @@ def test_rate_refuses_sub_atomic_prices() -> None:
     with pytest.raises(ConfigError) as info:
         Rate.parse(USDC, input_per_mtok="0", output_per_mtok="0.0000001", where="models.x")
     assert info.value.param == "models.x.output_per_mtok"
+
+
+def test_fiat_accounts_are_named_by_their_currency() -> None:
+    assert account_currency(fiat_account("USD", "abc")) == "usd"
+    assert account_currency("acct_0123") is None and account_currency("x402_ab") is None
+    assert account_currency("fiat_usd_") is None and account_currency("fiat_u5d_x") is None
+
+
+def test_a_rate_converts_to_fiat_rounding_each_price_up() -> None:
+    usdc = Rate.parse(Asset(), input_per_mtok="0.075", output_per_mtok="10.00",
+                      cache_read_per_mtok="0.01")
+    cents = usdc.converted(100 * 10**6, 10**12)  # 1 USD per USDC, 2 decimals against 6
+    assert (cents.input_per_mtok, cents.output_per_mtok) == (8, 1000)  # 7.5 -> 8 cents
+    assert cents.cache_read_per_mtok == 1 and cents.cache_write_per_mtok is None
+

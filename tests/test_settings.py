@@ -10,6 +10,8 @@ import pytest
 
 from gateway.settings import Settings, SettingsError
 
+#: An [mpp] section with no evm intent: what a Stripe-only gateway needs (no chain).
+MPP = {"enabled": True, "secret": "s" * 32, "charge": False, "session": False}
 BASE = {"upstreams": {"u": {"base_url": "http://127.0.0.1:1/v1"}},
         "models": {"m": {"upstream": "u", "output_per_mtok": "0.60"}}}
 
@@ -55,6 +57,15 @@ def test_env_overrides_toml(tmp_path: Path) -> None:
     ({"admin_token": ""}, "admin_token"),
     ({"admin_token": "short"}, "admin_token"),
     ({"admin_token": "   padded-with-blanks-0123   "}, "admin_token"),
+    ({"stripe": {"enabled": True, "secret_key_env": "TOLLSTREAM_TEST_NO_SUCH_VAR"}},
+     "TOLLSTREAM_TEST_NO_SUCH_VAR"),
+    ({"stripe": {"enabled": True, "secret_key_env": "PATH", "network_id": "p"}}, "[mpp]"),
+    ({"stripe": {"enabled": True, "secret_key_env": "PATH"}, "mpp": MPP}, "network_id"),
+    ({"stripe": {"enabled": True, "secret_key_env": "PATH", "network_id": "p",
+                 "credit": "1.001"}, "mpp": MPP}, "stripe.credit"),
+    ({"stripe": {"enabled": True, "secret_key_env": "PATH", "network_id": "p",
+                 "currency": "USD"}, "mpp": MPP}, "stripe.currency"),
+    ({"mpp": {**MPP, "charge": True}}, "network"),
 ])
 def test_bad_config_is_refused_naming_the_key(patch: dict[str, object], key: str) -> None:
     with pytest.raises(SettingsError) as info:

@@ -47,6 +47,8 @@ from gateway.rails.mpp.scheme import (
 from gateway.rails.mpp.session import EvmSession, SessionResult
 from gateway.rails.mpp.session_stream import SessionStream
 from gateway.rails.mpp.settler import ChannelSettler
+from gateway.rails.stripe.charge import StripeCharge
+from gateway.rails.stripe.client import StripeApi
 from gateway.rails.x402_deposits import X402Deposits, evm_network
 from gateway.settings import Settings
 from meters.ledger import Ledger, redis_errors
@@ -65,7 +67,8 @@ class MppRail(PaymentRail):
     def __init__(self, *, realm: str, signer: ChallengeSigner, ledger: Ledger,
                  charge: EvmCharge | None, min_output_tokens: int = 256,
                  owns_engine: bool = True, session: EvmSession | None = None,
-                 settler: ChannelSettler | None = None) -> None:
+                 settler: ChannelSettler | None = None,
+                 stripe: StripeCharge | None = None) -> None:
         self.owns_engine = owns_engine
         self.session = session
         self.settler = settler
@@ -73,6 +76,9 @@ class MppRail(PaymentRail):
         self.signer = signer
         self.ledger = ledger
         self.charge = charge
+        self.stripe = stripe
+        #: The methods credentials may use: evm (charge, session), stripe (charge).
+        self.methods = {m for m, on in (("evm", charge or session), ("stripe", stripe)) if on}
         self.min_output_tokens = min_output_tokens
 
     def metrics(self) -> Iterable[Metric]:
@@ -97,6 +103,8 @@ class MppRail(PaymentRail):
             await self.session.escrow.aclose()
         if self.charge is not None and self.owns_engine:
             await self.charge.engine.aclose()
+        if self.stripe is not None:
+            await self.stripe.api.aclose()
 
     async def start(self) -> None:
         if self.charge is not None and self.owns_engine:
@@ -116,6 +124,10 @@ class MppRail(PaymentRail):
             challenges.append(self.signer.issue(realm=self.realm, method=self.method,
                                                 intent=self.charge.intent,
                                                 request=self.charge.request(needed)))
+        if self.stripe is not None:
+            challenges.append(self.signer.issue(realm=self.realm, method=self.stripe.method,
+                                                intent=self.stripe.intent,
+                                                request=self.stripe.request(needed)))
         if not challenges:
             return None
         ranked = order_challenges(challenges,
@@ -137,7 +149,7 @@ class MppRail(PaymentRail):
         if token is None:
             return None
         try:
-            result = await self._authenticate(token)
+            result = await self._authenticate(token, request)
         except Problem as exc:
             raise self._answer(request, exc, needed=needed, rate=rate) from exc
         if isinstance(result, Paid):
@@ -161,11 +173,10 @@ class MppRail(PaymentRail):
                 request.method != "HEAD" and credential.payload.get("action") != "close"):
             return None
         try:
-            result = await self._authenticate(token)
+            checked, echo = self._checked(token)
+            result = await self.session.handle(checked, echo)
         except Problem as exc:
             raise self._answer(request, exc, needed=0, rate=None) from exc
-        if isinstance(result, Paid):  # pragma: no cover - only session credentials get here
-            raise AssertionError("a charge credential is never a management action")
         receipt = result.headers.get("Payment-Receipt", "")
         body = b"" if request.method == "HEAD" else orjson.dumps(
             orjson.loads(b64url_decode(receipt)) if receipt else {})
@@ -184,8 +195,15 @@ class MppRail(PaymentRail):
         assert isinstance(rendered, Problem)
         return rendered
 
-    async def _authenticate(self, token: str) -> Paid | SessionResult:
+    async def _authenticate(self, token: str, request: Request) -> Paid | SessionResult:
         credential, echo = self._checked(token)
+        if echo.method == "stripe" and echo.intent == "charge" and self.stripe is not None:
+            payload = self.stripe.check(credential, echo)
+            return await self.stripe.pay(payload, echo,
+                                         account_id=await self._key_account(request))
+        if echo.method != "evm":
+            raise Problem(INVALID_CHALLENGE, f"intent {echo.intent!r} of {echo.method!r} is "
+                          "not offered here")
         if echo.intent == "charge" and self.charge is not None:
             payment = self.charge.check(credential, echo)
             await self.burn(echo.id)
@@ -197,13 +215,23 @@ class MppRail(PaymentRail):
             return await self.session.handle(credential, echo)
         raise Problem(INVALID_CHALLENGE, f"intent {echo.intent!r} is not offered here")
 
+    async def _key_account(self, request: Request) -> str | None:
+        """The account of an API key sent beside the credential (``Authorization: Bearer``,
+        the credential in ``Payment-Authorization``): a payment then tops it up."""
+        value = request.headers.get("authorization", "")
+        scheme, _, key = value.partition(" ")
+        if scheme.lower() != "bearer" or not key.strip():
+            return None
+        return await self.ledger.authenticate(key.strip())
+
     def _checked(self, token: str) -> tuple[Credential, ChallengeEcho]:
         """A credential whose challenge this gateway issued, unchanged and unexpired."""
         credential = parse_credential(token)
         echo = credential.challenge
-        if echo.method != self.method:
+        if echo.method not in self.methods:
             raise Problem(METHOD_UNSUPPORTED, f"payment method {echo.method!r} is not "
-                          f"accepted here (only {self.method!r})", status=400)
+                          f"accepted here (only {', '.join(sorted(self.methods))})",
+                          status=400)
         if echo.realm != self.realm or not self.signer.verify(echo):
             raise Problem(INVALID_CHALLENGE, "the challenge was not issued by this gateway, "
                           "or its parameters were changed")
@@ -238,11 +266,11 @@ def create_mpp_rail(settings: Settings, ledger: Ledger,
     engine when it serves the same network (one engine per deposit store: its recovery must
     not run twice), else by an engine of its own."""
     cfg = settings.mpp
-    assert cfg.network is not None  # the settings refuse mpp without a network
     asset = settings.asset_obj()
     charge = None
     owned = False
     if cfg.charge:
+        assert cfg.network is not None  # the settings refuse an evm charge without one
         network_id = cfg.network.network
         if x402 is not None and network_id in x402.networks:
             engine = x402
@@ -259,7 +287,7 @@ def create_mpp_rail(settings: Settings, ledger: Ledger,
     session = settler = None
     if cfg.session:
         payee_key = cfg.payee_key()
-        assert payee_key is not None  # the settings refuse a session without one
+        assert cfg.network is not None and payee_key is not None  # the settings refuse it
         network = evm_network(cfg.network)
         escrow = EscrowClient(network, cfg.escrow)
         parse = asset.parse
@@ -275,7 +303,20 @@ def create_mpp_rail(settings: Settings, ledger: Ledger,
                                  payee_key=payee_key, interval=cfg.settle_interval_seconds,
                                  threshold=parse(cfg.settle_threshold,
                                                  field="mpp.settle_threshold"))
+    stripe = None
+    fiat = settings.fiat_asset()
+    if fiat is not None:
+        stripe_cfg = settings.stripe
+        secret = stripe_cfg.secret_key()
+        assert secret is not None  # the settings refuse stripe without one
+        stripe = StripeCharge(
+            api=StripeApi(secret, api_base=stripe_cfg.api_base,
+                          timeout=stripe_cfg.timeout_seconds),
+            ledger=ledger, currency=fiat, credit=fiat.parse(stripe_cfg.credit,
+                                                            field="stripe.credit"),
+            conversion=settings.fiat_conversion(), network_id=stripe_cfg.network_id,
+            payment_method_types=stripe_cfg.payment_method_types)
     return MppRail(realm=cfg.realm, ledger=ledger, charge=charge, owns_engine=owned,
-                   session=session, settler=settler,
+                   session=session, settler=settler, stripe=stripe,
                    signer=ChallengeSigner(cfg.secrets(), ttl_seconds=cfg.challenge_ttl_seconds),
                    min_output_tokens=cfg.min_output_tokens)
