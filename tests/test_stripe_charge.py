@@ -273,3 +273,40 @@ async def test_pympp_pays_the_stripe_challenge(sgw: RunningGateway,
         "500", "usd", "profile_tollstream_test")
     reference = mpp.Receipt.from_payment_receipt(paid.headers["payment-receipt"]).reference
     assert stripe_state()["payment_intents"][reference]["status"] == "succeeded"
+
+
+async def test_a_key_of_another_asset_does_not_receive_fiat(sgw: RunningGateway) -> None:
+    usdc, key = sgw.create_account(1000)
+    paid = httpx.post(f"{sgw.url}{CHAT}", json=BODY, timeout=20, headers={
+        "authorization": f"Bearer {key}",
+        "payment-authorization": credential(challenge(sgw), spt())})
+    assert paid.status_code == 200, paid.text
+    fiat = httpx.get(f"{sgw.url}/v1/balance", timeout=10, headers={
+        "authorization": f"Bearer {paid.headers['tollstream-api-key']}"}).json()
+    assert fiat["account_id"].startswith("fiat_usd_") and fiat["credited"] == "500"
+    assert sgw.balance(usdc)["credited"] == "1000"  # cents never land on a USDC account
+
+
+async def test_stripe_refusing_our_key_is_503_not_the_payers_fault(
+        gateway_factory: Factory, stripe_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TOLLSTREAM_STRIPE_SECRET_KEY", "sk_test_revoked")
+    with gateway_factory(models={**TEST_MODELS, "cents": CENTS},
+                         mpp={"enabled": True, "realm": "tollstream.test", "secret": "s" * 32,
+                              "charge": False, "session": False},
+                         stripe=stripe_config(stripe_url)) as gw:
+        refused = pay(gw, credential(challenge(gw), spt()))
+    assert refused.status_code == 503
+    assert refused.json()["error"]["code"] == "stripe_unavailable"
+
+
+async def test_a_challenge_for_another_currency_is_refused(
+        gateway_factory: Factory, stripe_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TOLLSTREAM_STRIPE_SECRET_KEY", SECRET)
+    mpp_cfg = {"enabled": True, "realm": "tollstream.test", "secret": "s" * 32,
+               "charge": False, "session": False}
+    with gateway_factory(models={**TEST_MODELS, "cents": CENTS}, mpp=mpp_cfg,
+                         stripe=stripe_config(stripe_url)) as usd:
+        found = challenge(usd)
+    with gateway_factory(models={**TEST_MODELS, "cents": CENTS}, mpp=mpp_cfg,
+                         stripe=stripe_config(stripe_url, currency="eur")) as eur:
+        problem_of(pay(eur, credential(found, spt())), "verification-failed")

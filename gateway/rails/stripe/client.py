@@ -3,9 +3,10 @@ SDK's exceptions translated here, once:
 
 * a refusal about the payment itself (a declined card, an SPT that is invalid or spent, an
   idempotency conflict) is :class:`StripeRefused` (the payer can do something about it);
-* Stripe unreachable, timing out, rate limiting or failing (5xx), or refusing our own
-  credentials, is :class:`~gateway.errors.ServiceUnavailable` (503: nothing happened that the
-  same request cannot safely retry, thanks to the idempotency keys every call carries).
+* every other Stripe error (unreachable, timing out, rate limiting, failing with a 5xx, or
+  refusing our own credentials) is :class:`~gateway.errors.ServiceUnavailable` (503: nothing
+  happened that the same request cannot safely retry, thanks to the idempotency keys every
+  call carries).
 
 Shared Payment Tokens need Stripe's preview API version (``PREVIEW_VERSION``, what both MPP
 SDKs pin); the SPT goes in as the ``shared_payment_granted_token`` parameter, which the GA SDK
@@ -62,10 +63,6 @@ class StripeApi:
             payment_intent, {}, {"idempotency_key": idempotency_key,
                                  "stripe_version": PREVIEW_VERSION}))
 
-    async def retrieve(self, payment_intent: str) -> dict[str, Any]:
-        return await self._call(self.client.v1.payment_intents.retrieve_async(
-            payment_intent, {}, {"stripe_version": PREVIEW_VERSION}))
-
     async def meter_event(self, event_name: str, customer: str, value: int, *,
                           identifier: str, timestamp: int) -> dict[str, Any]:
         return await self._call(self.client.v1.billing.meter_events.create_async(
@@ -82,20 +79,12 @@ class StripeApi:
             raise StripeRefused(f"Stripe declined the payment: {exc.user_message or exc.code}",
                                 code=exc.code or "card_declined",
                                 decline_code=getattr(error, "decline_code", None)) from exc
-        except stripe.IdempotencyError as exc:
-            raise StripeRefused("Stripe refused the call: the idempotency key was used with "
-                                "other parameters", code="idempotency_error") from exc
-        except stripe.InvalidRequestError as exc:
-            if exc.http_status is not None and exc.http_status >= 500:
-                raise ServiceUnavailable("Stripe failed; retry later",
-                                         code="stripe_unavailable") from exc
+        except (stripe.InvalidRequestError, stripe.IdempotencyError) as exc:
             raise StripeRefused(f"Stripe refused the payment: {exc.user_message or exc.code}",
                                 code=exc.code or "invalid_request") from exc
-        except stripe.AuthenticationError as exc:
-            # Our secret key, not the payer's doing: an outage from the payer's side.
-            raise ServiceUnavailable("the gateway's Stripe credentials were refused",
-                                     code="stripe_unavailable") from exc
-        except (stripe.APIConnectionError, stripe.RateLimitError, stripe.APIError) as exc:
+        except stripe.StripeError as exc:
+            # Unreachable, timing out, rate limiting, failing (5xx), or refusing our own key
+            # or permissions: nothing the payer did, nothing that happened twice.
             raise ServiceUnavailable("Stripe is unreachable or failing; nothing was charged "
                                      "or credited: retry later",
                                      code="stripe_unavailable") from exc
