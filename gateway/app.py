@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
@@ -15,7 +15,7 @@ from starlette.types import Receive, Scope, Send
 
 from gateway import admin, routes
 from gateway.dialects import ErrorInfo, get_dialect
-from gateway.errors import GatewayError, ServiceUnavailable
+from gateway.errors import GatewayError, NotFound, ServiceUnavailable
 from gateway.idempotency import RequestIdempotency
 from gateway.metrics import Metrics
 from gateway.rails import PaymentRail, Rails
@@ -214,6 +214,18 @@ def info_router() -> APIRouter:
         gw: Gateway = request.app.state.gateway
         account = await gw.ledger.get_account(await gw.authenticate(request))
         return admin.account_view(gw, account)
+
+    @router.post("/v1/balance/close")
+    async def close_balance(request: Request) -> Mapping[str, Any]:
+        """The caller is done: a pre-authorized hold funding its account is captured for
+        exactly what was spent and the rest released (404 for other accounts)."""
+        gw: Gateway = request.app.state.gateway
+        account_id = await gw.authenticate(request)
+        closed = await gw.rail.close_balance(account_id)
+        if closed is None:
+            raise NotFound("this account is not funded by a hold: nothing to close",
+                           code="no_hold")
+        return closed
 
     @router.get("/healthz")
     async def healthz() -> dict[str, str]:

@@ -198,6 +198,15 @@ class StripeSettings(_Frozen):
     per_asset_unit: str = "1.00"
     #: What one payment buys, in currency units (more when a request needs more).
     credit: str = "5.00"
+    #: ``automatic``: a charge, credited at once. ``manual``: a hold, authorized up to the
+    #: credit, metered, then captured for exactly what was spent (needs the Stripe account's
+    #: SPT capabilities to allow manual capture).
+    capture: Literal["automatic", "manual"] = "automatic"
+    #: A hold is closed (captured, or cancelled if nothing was spent) after this long without
+    #: spending, or this long after it was authorized (before the authorization lapses).
+    hold_idle_seconds: float = Field(default=900.0, gt=0)
+    hold_max_seconds: float = Field(default=6 * 86400.0, gt=0)
+    hold_sweep_seconds: float = Field(default=30.0, gt=0)
 
     def secret_key(self) -> str | None:
         return os.environ.get(self.secret_key_env) or None

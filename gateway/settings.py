@@ -311,6 +311,10 @@ def _overlay_env(data: dict[str, Any], env: Mapping[str, str]) -> None:
         if not name.startswith(ENV_PREFIX) or name == ENV_PREFIX + "CONFIG":
             continue
         path = name[len(ENV_PREFIX):].lower().split("__")
+        if path[0] not in Settings.model_fields:
+            # Not a setting: a variable a setting names (TOLLSTREAM_MPP_SECRET,
+            # TOLLSTREAM_STRIPE_SECRET_KEY, TOLLSTREAM_RELAYER_KEY, ...).
+            continue
         node = data
         for part in path[:-1]:
             child = node.setdefault(part, {})

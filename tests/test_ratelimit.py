@@ -16,9 +16,10 @@ pytestmark = pytest.mark.timeout(60)
 
 Factory = Callable[..., contextlib.AbstractContextManager[RunningGateway]]
 BODY = {"model": "exact", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}
-#: Small limits so a test meets them: 3 failures at once, then 4 per second.
-TIGHT = {"auth_failures_burst": 3, "auth_failures_per_second": 4.0,
-         "challenges_burst": 3, "challenges_per_second": 4.0}
+#: Small limits so a test meets them: 3 failures at once, then one every 5 s (slow enough
+#: that a busy machine never refills a bucket between one test's requests).
+TIGHT = {"auth_failures_burst": 3, "auth_failures_per_second": 0.2,
+         "challenges_burst": 3, "challenges_per_second": 0.2}
 
 
 def chat(gw: RunningGateway, key: str, **headers: str) -> httpx.Response:

@@ -100,3 +100,13 @@ def test_the_example_config_is_valid() -> None:
     example = Path(__file__).resolve().parents[1] / "tollstream.example.toml"
     settings = Settings.load(example, env={"TOLLSTREAM_ADMIN_TOKEN": "x" * 20})
     assert settings.routes and settings.prices and settings.rate_limit.enabled
+
+
+def test_variables_settings_name_are_not_settings() -> None:
+    """TOLLSTREAM_MPP_SECRET and friends are read by the settings that name them; they are no
+    setting of their own (they used to be refused as unknown keys)."""
+    settings = Settings.load(None, env={"TOLLSTREAM_MPP_SECRET": "x" * 32,
+                                        "TOLLSTREAM_STRIPE_SECRET_KEY": "sk_test_1",
+                                        "TOLLSTREAM_RELAYER_KEY": "0x" + "11" * 32,
+                                        "TOLLSTREAM_LEASE_TOKENS": "8"})
+    assert settings.lease_tokens == 8

@@ -124,6 +124,11 @@ class PaymentRail:
         voucher on ``HEAD``) before the body is read; None for every other request."""
         return None
 
+    async def close_balance(self, account_id: str) -> Mapping[str, Any] | None:
+        """Close what funds ``account_id`` (a pre-authorized hold: captured for what was
+        spent, the rest released); None when no rail funds it that way."""
+        return None
+
     async def top_up_hint(self, account_id: str, request: Request) -> Mapping[str, Any]:
         """How to add money, for the machine-readable reason of a cut stream."""
         return {"method": "operator", "how": "ask the operator to credit this account",
@@ -202,6 +207,13 @@ class Rails(PaymentRail):
                     if exc.status != 402:
                         raise
                     raise self.rechallenge(request, exc, needed=0, rate=None) from exc
+        return None
+
+    async def close_balance(self, account_id: str) -> Mapping[str, Any] | None:
+        for rail in self.rails:
+            closed = await rail.close_balance(account_id)
+            if closed is not None:
+                return closed
         return None
 
     def offers(self, request: Request, *, needed: int, reason: str, code: str,

@@ -49,6 +49,7 @@ from gateway.rails.mpp.session_stream import SessionStream
 from gateway.rails.mpp.settler import ChannelSettler
 from gateway.rails.stripe.charge import StripeCharge
 from gateway.rails.stripe.client import StripeApi
+from gateway.rails.stripe.holds import HoldKeeper
 from gateway.rails.x402_deposits import X402Deposits, evm_network
 from gateway.settings import Settings
 from meters.ledger import Ledger, redis_errors
@@ -104,6 +105,8 @@ class MppRail(PaymentRail):
         if self.charge is not None and self.owns_engine:
             await self.charge.engine.aclose()
         if self.stripe is not None:
+            if self.stripe.holds is not None:
+                await self.stripe.holds.stop()
             await self.stripe.api.aclose()
 
     async def start(self) -> None:
@@ -111,6 +114,8 @@ class MppRail(PaymentRail):
             await self.charge.engine.start()
         if self.settler is not None:
             await self.settler.start()
+        if self.stripe is not None and self.stripe.holds is not None:
+            await self.stripe.holds.start()
 
     # -- the 402 --------------------------------------------------------------------------------
     def offer(self, request: Request, *, needed: int, reason: str, code: str,
@@ -134,6 +139,11 @@ class MppRail(PaymentRail):
                                   parse_accept_payment(request.headers.get("accept-payment")))
         return Offer(headers=[(WWW_AUTHENTICATE, c.header()) for c in ranked],
                      payment_scheme=True)
+
+    async def close_balance(self, account_id: str) -> dict[str, Any] | None:
+        if self.stripe is None or self.stripe.holds is None:
+            return None
+        return await self.stripe.holds.close_account(account_id)
 
     async def top_up_hint(self, account_id: str, request: Request) -> dict[str, Any]:
         return {"method": "mpp", "header": WWW_AUTHENTICATE,
@@ -309,13 +319,17 @@ def create_mpp_rail(settings: Settings, ledger: Ledger,
         stripe_cfg = settings.stripe
         secret = stripe_cfg.secret_key()
         assert secret is not None  # the settings refuse stripe without one
+        api = StripeApi(secret, api_base=stripe_cfg.api_base,
+                        timeout=stripe_cfg.timeout_seconds)
+        holds = HoldKeeper(api=api, ledger=ledger, idle_seconds=stripe_cfg.hold_idle_seconds,
+                           max_seconds=stripe_cfg.hold_max_seconds,
+                           interval=stripe_cfg.hold_sweep_seconds) \
+            if stripe_cfg.capture == "manual" else None
         stripe = StripeCharge(
-            api=StripeApi(secret, api_base=stripe_cfg.api_base,
-                          timeout=stripe_cfg.timeout_seconds),
-            ledger=ledger, currency=fiat, credit=fiat.parse(stripe_cfg.credit,
-                                                            field="stripe.credit"),
+            api=api, ledger=ledger, currency=fiat,
+            credit=fiat.parse(stripe_cfg.credit, field="stripe.credit"),
             conversion=settings.fiat_conversion(), network_id=stripe_cfg.network_id,
-            payment_method_types=stripe_cfg.payment_method_types)
+            payment_method_types=stripe_cfg.payment_method_types, holds=holds)
     return MppRail(realm=cfg.realm, ledger=ledger, charge=charge, owns_engine=owned,
                    session=session, settler=settler, stripe=stripe,
                    signer=ChallengeSigner(cfg.secrets(), ttl_seconds=cfg.challenge_ttl_seconds),

@@ -25,6 +25,7 @@ from gateway.errors import GatewayError
 from gateway.rails.mpp.channel import Voucher
 from gateway.rails.mpp.escrow import EscrowClient
 from meters.channels import Channels
+from meters.errors import MeterError
 from meters.ledger import Ledger, redis_errors
 
 log = logging.getLogger("tollstream.mpp.settler")
@@ -60,7 +61,7 @@ class ChannelSettler:
         while True:
             try:
                 await self.settle_all()
-            except GatewayError as exc:
+            except (GatewayError, MeterError) as exc:  # the chain or Redis: next pass
                 log.error("channel settlement pass failed (%s); retried in %ss", exc.code,
                           self.interval)
             await asyncio.sleep(self.interval)

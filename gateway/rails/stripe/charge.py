@@ -24,12 +24,15 @@ failing is a 503, nothing credited, and the claim released: the same credential 
 
 Accounts: ``fiat_<currency>_<hash of the PaymentIntent>``, or the caller's own fiat account
 when the request also carries its API key (``Authorization: Bearer``, the credential then in
-``Payment-Authorization``): a top-up.
+``Payment-Authorization``): a top-up. With holds (``capture = "manual"``) the PaymentIntent is
+only authorized (``requires_capture``), always funds an account of its own, and
+:mod:`gateway.rails.stripe.holds` captures what that account spent when the hold closes.
 """
 
 from __future__ import annotations
 
 import hashlib
+import time
 from typing import Any, cast
 
 from pydantic import ConfigDict, Field, StrictStr, ValidationError
@@ -46,6 +49,7 @@ from gateway.rails.mpp.scheme import (
     encode_receipt,
 )
 from gateway.rails.stripe.client import StripeApi, StripeRefused
+from gateway.rails.stripe.holds import HoldKeeper
 from gateway.rails.x402_deposits import API_KEY_HEADER
 from meters.ledger import Ledger, as_text, redis_errors
 from meters.money import Asset, account_currency, fiat_account, round_up
@@ -70,7 +74,7 @@ class StripeCharge:
 
     def __init__(self, *, api: StripeApi, ledger: Ledger, currency: Asset, credit: int,
                  conversion: tuple[int, int], network_id: str,
-                 payment_method_types: list[str]) -> None:
+                 payment_method_types: list[str], holds: HoldKeeper | None = None) -> None:
         self.api = api
         self.ledger = ledger
         self.currency = currency
@@ -79,6 +83,9 @@ class StripeCharge:
         self.conversion = conversion
         self.network_id = network_id
         self.payment_method_types = list(payment_method_types)
+        #: With holds (manual capture), each payment funds an account of its own, captured
+        #: for what it spent when closed.
+        self.holds = holds
 
     def to_fiat(self, amount: int) -> int:
         """An amount of the gateway's asset in the currency's minor units, rounded up."""
@@ -114,8 +121,9 @@ class StripeCharge:
                   account_id: str | None) -> Paid:
         """Take the payment once (see the module docstring); ``account_id``: the caller's
         own fiat account to top up, if it sent its key."""
-        if account_id is not None and account_currency(account_id) != self.code:
-            account_id = None  # a key of another currency: a new fiat account
+        if account_id is not None and (self.holds is not None
+                                       or account_currency(account_id) != self.code):
+            account_id = None  # a key of another currency, or a hold: an account of its own
         claim = await self._claim(echo.id, payload.spt, account_id)
         request = echo.request_object()
         params: dict[str, Any] = {
@@ -123,6 +131,8 @@ class StripeCharge:
             "shared_payment_granted_token": payload.spt,
             "payment_method_types": self.payment_method_types,
             "metadata": {"challenge_id": echo.id}}
+        if self.holds is not None:
+            params["capture_method"] = "manual"
         try:
             intent = await self.api.create_payment_intent(
                 params, idempotency_key=f"mpp_{echo.id}_{payload.spt}")
@@ -135,7 +145,8 @@ class StripeCharge:
         except BaseException:
             await self._release(echo.id)  # nothing happened, or it repeats idempotently
             raise
-        if intent["status"] != "succeeded":
+        funded = "requires_capture" if self.holds is not None else "succeeded"
+        if intent["status"] != funded:
             await self._finish(echo.id, claim, intent["id"])
             raise Problem(VERIFICATION_FAILED, f"the PaymentIntent is {intent['status']}: "
                           "the payment method needs the payer's action (3-D Secure); pay a "
@@ -144,12 +155,20 @@ class StripeCharge:
         account = claim.get("account") or fiat_account(
             self.code, hashlib.sha256(intent["id"].encode()).hexdigest()[:24])
         await self.ledger.ensure_account(account, label=f"stripe {self.code}")
-        await self.ledger.credit(account, intent["amount_received"] or intent["amount"],
-                                 idempotency_key=intent["id"], purpose="stripe")
+        amount = intent["amount_capturable"] if self.holds is not None \
+            else intent["amount_received"]
+        await self.ledger.credit(account, amount, idempotency_key=intent["id"],
+                                 purpose="stripe")
+        if self.holds is not None:
+            now = int(time.time())
+            await self.holds.holds.open(intent["id"], account_id=account, amount=amount,
+                                        expires=now + int(self.holds.max_seconds), now=now)
         api_key = await self.ledger.issue_key(account)
         await self._finish(echo.id, claim, intent["id"])
         fields: dict[str, Any] = {"method": self.method, "intent": self.intent,
                                   "challengeId": echo.id, "reference": intent["id"]}
+        if self.holds is not None:
+            fields["capture"] = "manual"  # authorized now, captured for what is spent
         if payload.externalId is not None:
             fields["externalId"] = payload.externalId
         return Paid(account, {"Payment-Receipt": encode_receipt(fields),

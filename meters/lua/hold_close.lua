@@ -1,0 +1,26 @@
+-- Begin or finish closing a pre-authorized hold (a manual-capture payment). Atomic with the
+-- streams' leases on the account it funds.
+-- KEYS[1] hold hash   KEYS[2] its account's hash   KEYS[3] set of open holds
+-- ARGV[1] "begin" | "finish"   ARGV[2] hold id   ARGV[3] final state (finish: captured|canceled)
+-- begin: the amount to capture. A hold already closing answers its recorded amount again (a
+--   retried close captures the same). -1: a stream holds money on the account (close when it
+--   has ended); -2: no such hold, or it is closed already. Otherwise the account stops being
+--   spendable: its unspent balance leaves it (credited and balance; the payment method is
+--   charged only what was spent) and the amount to capture is everything the account spent.
+-- finish: records the final state and takes the hold out of the open set. Returns 1.
+if redis.call('EXISTS', KEYS[1]) == 0 then return -2 end
+local state = redis.call('HGET', KEYS[1], 'state')
+if ARGV[1] == 'finish' then
+  redis.call('HSET', KEYS[1], 'state', ARGV[3])
+  redis.call('SREM', KEYS[3], ARGV[2])
+  return 1
+end
+if state == 'closing' then return tonumber(redis.call('HGET', KEYS[1], 'capture')) end
+if state ~= 'open' then return -2 end
+if tonumber(redis.call('HGET', KEYS[2], 'held') or '0') > 0 then return -1 end
+local left = tonumber(redis.call('HGET', KEYS[2], 'balance') or '0')
+redis.call('HINCRBY', KEYS[2], 'balance', -left)
+redis.call('HINCRBY', KEYS[2], 'credited', -left)
+local spent = tonumber(redis.call('HGET', KEYS[2], 'spent') or '0')
+redis.call('HSET', KEYS[1], 'state', 'closing', 'capture', spent)
+return spent
