@@ -34,6 +34,8 @@ class CreateAccount(BaseModel):
     model_config = ConfigDict(extra="forbid")
     balance: str | int = "0"
     label: str = Field(default="", max_length=200)
+    #: The Stripe customer the account's usage is reported for (Stripe meter events).
+    stripe_customer: str | None = Field(default=None, pattern=r"^cus_[A-Za-z0-9]{1,64}$")
 
 
 class CreditAccount(BaseModel):
@@ -56,8 +58,12 @@ async def create_account(request: Request) -> dict[str, Any]:
     gw: Gateway = request.app.state.gateway
     body = parse(CreateAccount, await read_json(request, ADMIN_BODY_LIMIT))
     balance = parse_atomic(body.balance, field="balance")
-    account, api_key = await gw.ledger.create_account(balance, label=body.label)
-    return {**account_view(gw, account), "api_key": api_key}
+    account, api_key = await gw.ledger.create_account(balance, label=body.label,
+                                                      stripe_customer=body.stripe_customer)
+    view = {**account_view(gw, account), "api_key": api_key}
+    if body.stripe_customer is not None:
+        view["stripe_customer"] = body.stripe_customer
+    return view
 
 
 @router.post("/accounts/{account_id}/credit")

@@ -20,6 +20,8 @@ from gateway.idempotency import RequestIdempotency
 from gateway.metrics import Metrics
 from gateway.rails import PaymentRail, Rails
 from gateway.rails.mpp.rail import create_mpp_rail
+from gateway.rails.stripe.client import StripeApi
+from gateway.rails.stripe.meter_events import MeterEventSender
 from gateway.rails.x402_deposits import X402Deposits
 from gateway.ratelimit import Limit, RateLimiter
 from gateway.routing import ModelRouter
@@ -50,13 +52,24 @@ def build_gateway(settings: Settings, redis_url: str, *,
                                             limits.auth_failures_per_second),
                               "challenge": Limit(limits.challenges_burst,
                                                  limits.challenges_per_second)})
+    usage = None
+    stripe = settings.stripe
+    if stripe.enabled and stripe.meter_event_name:
+        secret = stripe.secret_key()
+        assert secret is not None  # the settings refuse stripe without one
+        usage = MeterEventSender(api=StripeApi(secret, api_base=stripe.api_base,
+                                               timeout=stripe.timeout_seconds),
+                                 ledger=ledger, event_name=stripe.meter_event_name,
+                                 interval=stripe.meter_events_interval_seconds)
+        ledger.usage_queue = usage.queue  # final charges queue their usage records
     metrics = Metrics()
     metrics.add(rail.metrics)
     return Gateway(settings=settings, redis=client, ledger=ledger, keeper=Keeper(ledger),
                    upstreams=Upstreams(settings), metrics=metrics,
                    router=ModelRouter(settings), limiter=limiter, rail=rail,
                    notices=CreditNotices(ledger),
-                   idempotency=RequestIdempotency(client, settings.key_prefix))
+                   idempotency=RequestIdempotency(client, settings.key_prefix),
+                   usage=usage)
 
 
 class GatewayApp(FastAPI):
@@ -91,9 +104,14 @@ def create_app(settings: Settings, redis_url: str, *, rail: PaymentRail | None =
         await gw.keeper.start()
         await gw.notices.start()
         await gw.rail.start()
+        if gw.usage is not None:
+            await gw.usage.start()
         try:
             yield
         finally:
+            if gw.usage is not None:
+                await gw.usage.stop()
+                await gw.usage.api.aclose()
             await gw.rail.aclose()
             await gw.notices.stop()
             await gw.keeper.stop()

@@ -183,6 +183,8 @@ class StripeSettings(_Frozen):
     variable ``secret_key_env`` and never logged."""
 
     enabled: bool = False
+    #: Offer the SPT charge in 402s (needs ``[mpp]``); off: only usage is reported.
+    charge: bool = True
     secret_key_env: str = "TOLLSTREAM_STRIPE_SECRET_KEY"
     #: Stripe's API base address (tests point it at a local Stripe-compatible server).
     api_base: str = "https://api.stripe.com"
@@ -207,6 +209,10 @@ class StripeSettings(_Frozen):
     hold_idle_seconds: float = Field(default=900.0, gt=0)
     hold_max_seconds: float = Field(default=6 * 86400.0, gt=0)
     hold_sweep_seconds: float = Field(default=30.0, gt=0)
+    #: Report every finished request of an account that has a Stripe customer as a billing
+    #: meter event of this name (value: the tokens billed); empty: off.
+    meter_event_name: str = ""
+    meter_events_interval_seconds: float = Field(default=2.0, gt=0)
 
     def secret_key(self) -> str | None:
         return os.environ.get(self.secret_key_env) or None
@@ -218,7 +224,7 @@ class StripeSettings(_Frozen):
         if not self.secret_key():
             raise ValueError(f"the variable {self.secret_key_env} must hold the Stripe secret "
                              "key (secret_key_env names another variable)")
-        if not self.network_id:
+        if self.charge and not self.network_id:
             raise ValueError("network_id (the Stripe Business Network profile) is required")
         if not self.payment_method_types:
             raise ValueError("payment_method_types must name at least one type")

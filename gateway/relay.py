@@ -84,9 +84,9 @@ class _Settlement:
             except (LedgerUnavailable, TimeoutError):
                 # The charge may or may not have run: settle.lua is idempotent, so the keeper
                 # retries it until Redis answers.
-                _, _, total = meter.final_charge(outcome, reported_input=usage.prompt,
-                                                 reported_output=usage.output_tokens)
-                ctx.keeper.defer(meter.account_id, meter.rid, total)
+                billed_in, billed_out, total = meter.final_charge(
+                    outcome, reported_input=usage.prompt, reported_output=usage.output_tokens)
+                ctx.keeper.defer(meter.account_id, meter.rid, total, billed_in + billed_out)
                 log.error("final charge deferred: ledger unreachable")
                 return None
         self.bill = bill

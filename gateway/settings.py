@@ -238,7 +238,7 @@ class Settings(_Frozen):
             except InvalidAmount as exc:
                 raise ValueError(exc.message) from exc
         if self.stripe.enabled:
-            if not self.mpp.enabled:
+            if self.stripe.charge and not self.mpp.enabled:
                 raise ValueError("stripe needs [mpp] enabled (its realm and challenge "
                                  "secrets sign the stripe challenges)")
             fiat = self.fiat_asset()

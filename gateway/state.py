@@ -12,6 +12,7 @@ from gateway.errors import GatewayError, Unauthorized
 from gateway.idempotency import RequestIdempotency
 from gateway.metrics import Metrics
 from gateway.rails import PaymentRail
+from gateway.rails.stripe.meter_events import MeterEventSender
 from gateway.ratelimit import RateLimiter
 from gateway.routing import Model, ModelRouter
 from gateway.settings import Settings
@@ -43,6 +44,8 @@ class Gateway:
     #: ``Idempotency-Key`` records of model requests.
     idempotency: RequestIdempotency
     rail: PaymentRail = field(default_factory=PaymentRail)
+    #: Sends usage to Stripe billing meters (``[stripe] meter_event_name``), if on.
+    usage: MeterEventSender | None = None
 
     @property
     def asset(self) -> Asset:

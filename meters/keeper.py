@@ -27,6 +27,7 @@ class PendingSettlement:
     account_id: str
     rid: str
     charged_target: int
+    tokens: int = 0
 
 
 class Keeper:
@@ -56,9 +57,9 @@ class Keeper:
         with contextlib.suppress(LedgerUnavailable):
             await self.retry_pending()
 
-    def defer(self, account_id: str, rid: str, charged_target: int) -> None:
+    def defer(self, account_id: str, rid: str, charged_target: int, tokens: int = 0) -> None:
         """Remember a settlement to retry when Redis is back."""
-        self.pending.append(PendingSettlement(account_id, rid, charged_target))
+        self.pending.append(PendingSettlement(account_id, rid, charged_target, tokens))
 
     async def tick(self) -> None:
         await self.ledger.heartbeat()
@@ -74,7 +75,7 @@ class Keeper:
         while self.pending:
             item = self.pending[0]
             await self.ledger.settle(item.account_id, item.rid,
-                                     charged_target=item.charged_target)
+                                     charged_target=item.charged_target, tokens=item.tokens)
             self.pending.pop(0)
 
     async def _run(self) -> None:

@@ -23,7 +23,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any
+from typing import Any, cast
 
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
@@ -109,6 +109,8 @@ class Ledger:
         #: The pub/sub channel the scripts that add money announce the account on
         #: (:mod:`meters.notices` wakes the streams paused on it).
         self.credit_channel = f"{prefix}credited"
+        #: Where the final charge queues usage records for Stripe meter events (None: off).
+        self.usage_queue: str | None = None
         self.owner = f"{uuid.uuid4().hex[:12]}"
         self.owner_ttl_ms = int(owner_ttl_seconds * 1000)
         #: Monotonic time until which this process' holds are provably alive in Redis.
@@ -170,17 +172,21 @@ class Ledger:
     def _keys(self, account_id: str) -> str:
         return f"{self.prefix}acct:{account_id}:keys"
 
-    async def create_account(self, balance: int, *, label: str = "") -> tuple[Account, str]:
+    async def create_account(self, balance: int, *, label: str = "",
+                             stripe_customer: str | None = None) -> tuple[Account, str]:
         """Create an account with its first API key; returns the account and the key (shown
-        once: only its hash is stored)."""
+        once: only its hash is stored). ``stripe_customer``: the Stripe customer its usage
+        is reported for (see :attr:`usage_queue`)."""
         _check_amount(balance, "balance")
         account_id = "acct_" + secrets.token_hex(8)
         api_key, key_hash = _new_key()
+        fields: dict[str, str | int] = {"balance": balance, "held": 0, "spent": 0,
+                                        "credited": balance, "shortfall": 0, "label": label}
+        if stripe_customer is not None:
+            fields["stripe_customer"] = stripe_customer
         with redis_errors():
             async with self.redis.pipeline(transaction=True) as pipe:
-                pipe.hset(self._acct(account_id), mapping={
-                    "balance": balance, "held": 0, "spent": 0, "credited": balance,
-                    "shortfall": 0, "label": label})
+                pipe.hset(self._acct(account_id), mapping=cast(Any, fields))
                 pipe.set(f"{self.prefix}key:{key_hash}", account_id)
                 pipe.sadd(self._keys(account_id), key_hash)
                 await pipe.execute()
@@ -300,12 +306,15 @@ class Ledger:
         return LeaseResult(ok=status == 1, taken=int(taken), balance=int(balance),
                            charged=int(charged))
 
-    async def settle(self, account_id: str, rid: str, *, charged_target: int) -> SettleResult:
-        """Charge the reservation's final total and return the rest of its hold."""
+    async def settle(self, account_id: str, rid: str, *, charged_target: int,
+                     tokens: int = 0) -> SettleResult:
+        """Charge the reservation's final total and return the rest of its hold. With a
+        :attr:`usage_queue`, an account that has a Stripe customer gets one usage record of
+        ``tokens`` queued with the charge (see ``settle.lua``)."""
         with redis_errors():
             status, charged, returned, shortfall, balance = await self._settle(
                 keys=[self._acct(account_id), self._res(rid), self._owner_set()],
-                args=[rid, charged_target])
+                args=[rid, charged_target, self.usage_queue or "", tokens, int(time.time())])
         if status == -1:
             raise AccountNotFound(f"no account {account_id}", param="account_id")
         return SettleResult(int(charged), int(returned), int(shortfall), int(balance),

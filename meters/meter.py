@@ -245,7 +245,8 @@ class StreamMeter:
             outcome, reported_input=reported_input, reported_output=reported_output)
         if not self.opened:
             return Bill(billed_in, 0, 0, 0, 0, outcome, self.balance_seen)
-        result = await self.ledger.settle(self.account_id, self.rid, charged_target=total)
+        result = await self.ledger.settle(self.account_id, self.rid, charged_target=total,
+                                          tokens=billed_in + billed_out)
         self.opened = False
         self.balance_seen = result.balance
         return Bill(input_tokens=billed_in, output_tokens=billed_out,

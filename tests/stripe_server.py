@@ -53,6 +53,7 @@ class StripeState:
     requests: list[dict[str, Any]] = field(default_factory=list)
     down: bool = False
     delay: float = 0.0
+    in_flight: int = 0  # API calls being answered (a delayed one lands late)
     ids: Iterator[int] = field(default_factory=itertools.count)
 
 
@@ -103,6 +104,13 @@ def create_stripe_app(secret_key: str = "sk_test_tollstream") -> Starlette:
     state = StripeState(secret_key)
 
     async def api(request: Request) -> Response:
+        state.in_flight += 1
+        try:
+            return await answer(request)
+        finally:
+            state.in_flight -= 1
+
+    async def answer(request: Request) -> Response:
         raw = await request.body()
         form = parse_qsl(raw.decode(), keep_blank_values=True)
         state.requests.append({"method": request.method, "path": request.url.path,
@@ -248,7 +256,7 @@ def create_stripe_app(secret_key: str = "sk_test_tollstream") -> Starlette:
 
     async def get_state(request: Request) -> Response:
         return ok({"payment_intents": state.payment_intents,
-                   "meter_events": state.meter_events,
+                   "meter_events": state.meter_events, "in_flight": state.in_flight,
                    "requests": state.requests})
 
     app = Starlette(routes=[

@@ -1,6 +1,10 @@
 -- Final charge of a reservation and return of what it still holds. Atomic, idempotent.
 -- KEYS[1] account hash   KEYS[2] reservation hash   KEYS[3] owner's reservation set
 -- ARGV[1] reservation id   ARGV[2] charged_target: the request's total charge
+-- ARGV[3] a usage queue (list) or ""   ARGV[4] tokens billed   ARGV[5] unix time: when the
+--   queue is given, the account has a stripe_customer and tokens were billed, one usage
+--   record {identifier = the reservation id, customer, value, timestamp} is queued with the
+--   charge (once: a replayed settle queues nothing), for the Stripe meter events sender.
 -- Returns {status, charged_total, returned, shortfall, balance_after}; status 1 = settled now,
 -- 0 = nothing to settle (the reservation is gone: this settle already ran), -1 = no account.
 --
@@ -42,4 +46,12 @@ redis.call('HINCRBY', KEYS[1], 'spent', from_hold + from_balance - refund)
 if shortfall > 0 then redis.call('HINCRBY', KEYS[1], 'shortfall', shortfall) end
 redis.call('DEL', KEYS[2])
 redis.call('SREM', KEYS[3], ARGV[1])
+if ARGV[3] ~= nil and ARGV[3] ~= '' and tonumber(ARGV[4]) > 0 then
+  local customer = redis.call('HGET', KEYS[1], 'stripe_customer')
+  if customer then
+    redis.call('RPUSH', ARGV[3], cjson.encode({identifier = ARGV[1], customer = customer,
+                                                value = tonumber(ARGV[4]),
+                                                timestamp = tonumber(ARGV[5])}))
+  end
+end
 return {1, charged - refund + from_hold + from_balance, returned, shortfall, balance}

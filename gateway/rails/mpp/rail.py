@@ -315,7 +315,7 @@ def create_mpp_rail(settings: Settings, ledger: Ledger,
                                                  field="mpp.settle_threshold"))
     stripe = None
     fiat = settings.fiat_asset()
-    if fiat is not None:
+    if fiat is not None and settings.stripe.charge:
         stripe_cfg = settings.stripe
         secret = stripe_cfg.secret_key()
         assert secret is not None  # the settings refuse stripe without one
