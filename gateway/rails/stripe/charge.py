@@ -183,7 +183,7 @@ class StripeCharge:
         key = self._key(challenge_id)
         with redis_errors():
             if await self.ledger.redis.hsetnx(key, "spt", spt):
-                mapping = {"state": "pending", "account": account_id or ""}
+                mapping = {"state": "pending", "account": account_id or "", "spt": spt}
                 await self.ledger.redis.hset(key, mapping=cast(Any, mapping))
                 await self.ledger.redis.expire(key, CLAIM_TTL_SECONDS)
                 return mapping
@@ -196,7 +196,10 @@ class StripeCharge:
     async def _finish(self, challenge_id: str, claim: dict[str, str], reference: str) -> None:
         key = self._key(challenge_id)
         with redis_errors():
-            await self.ledger.redis.hset(key, mapping={"state": "done", "reference": reference})
+            # With the SPT again: a duplicate's outage may have released the claim meanwhile,
+            # and a spent challenge must stay spent.
+            await self.ledger.redis.hset(key, mapping={"state": "done", "reference": reference,
+                                                       "spt": claim.get("spt", "")})
             await self.ledger.redis.expire(key, CLAIM_TTL_SECONDS)
 
     async def _release(self, challenge_id: str) -> None:
