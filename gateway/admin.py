@@ -12,6 +12,7 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.body import parse, read_json
+from gateway.errors import BadRequest
 from gateway.state import Gateway
 from meters.ledger import Account
 from meters.money import parse_atomic
@@ -25,6 +26,9 @@ async def require_admin(request: Request) -> None:
 
 router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])
 
+
+#: The kinds of accounts, by the prefix of their ids ("": every account).
+ACCOUNT_KINDS = ("", "acct", "x402", "mpp", "fiat")
 
 #: Admin bodies are small; anything larger is a mistake.
 ADMIN_BODY_LIMIT = 64 * 1024
@@ -83,6 +87,28 @@ async def rotate_key(request: Request, account_id: str) -> dict[str, Any]:
     gw: Gateway = request.app.state.gateway
     api_key = await gw.ledger.rotate_key(account_id)
     return {"account_id": account_id, "api_key": api_key}
+
+
+@router.get("/accounts")
+async def list_accounts(request: Request, cursor: str = "0", limit: str = "50",
+                        kind: str = "") -> dict[str, Any]:
+    """Accounts, a page at a time: ``cursor`` from the previous page's ``next_cursor``
+    (``null`` after the last), ``kind`` one of ``acct`` (operator), ``x402``, ``mpp``
+    (session channels), ``fiat``."""
+    gw: Gateway = request.app.state.gateway
+    if not cursor.isdigit() or len(cursor) > 20:
+        raise BadRequest("cursor must be the next_cursor of a previous page",
+                         code="invalid_cursor", param="cursor")
+    if not limit.isdigit() or not 1 <= int(limit) <= 500:
+        raise BadRequest("limit must be a whole number from 1 to 500", param="limit")
+    if kind not in ACCOUNT_KINDS:
+        raise BadRequest(f"kind must be one of {', '.join(k for k in ACCOUNT_KINDS if k)}",
+                         param="kind")
+    accounts, following = await gw.ledger.list_accounts(
+        cursor=int(cursor), limit=int(limit), kind=f"{kind}_" if kind else "")
+    return {"object": "list", "data": [account_view(gw, a) for a in accounts],
+            "next_cursor": str(following) if following else None,
+            "asset": gw.asset.symbol, "decimals": gw.asset.decimals}
 
 
 @router.get("/accounts/{account_id}")

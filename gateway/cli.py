@@ -7,7 +7,9 @@ import logging
 import sys
 from pathlib import Path
 
+from gateway import accounts_cli
 from gateway.settings import Settings, SettingsError
+from gateway.summary import effective, models_table, rails, startup, version
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -24,13 +26,15 @@ def _serve(args: argparse.Namespace) -> int:
     embedded = None
     redis_url = settings.redis_url
     if not redis_url:
-        embedded = EmbeddedRedis(Path(settings.data_dir))
+        embedded = EmbeddedRedis(Path(settings.data_dir), port=settings.embedded_redis_port)
         redis_url = embedded.start()
-        print(f"tollstream: embedded Redis at {redis_url}, data in {settings.data_dir}",
-              file=sys.stderr)
+    host, port = args.host or settings.host, args.port or settings.port
+    for line in startup(settings, address=f"http://{host}:{port}", redis_url=redis_url,
+                        embedded=embedded is not None):
+        print(f"tollstream: {line}", file=sys.stderr)
     try:
         app = create_app(settings, redis_url)
-        uvicorn.run(app, host=args.host or settings.host, port=args.port or settings.port,
+        uvicorn.run(app, host=host, port=port,
                     log_level=args.log_level, timeout_graceful_shutdown=5,
                     # uvloop stalled burst streams under concurrency in our tests (see
                     # benchmarks/RESULTS.md); the standard loop with httptools is used.
@@ -41,9 +45,26 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config_check(args: argparse.Namespace) -> int:
+    try:
+        settings = Settings.load(args.config)
+    except SettingsError as exc:
+        print(f"tollstream: {exc}", file=sys.stderr)
+        return 2
+    print(effective(settings))
+    print(f"rails: {rails(settings)}")
+    print("\n".join(models_table(settings)))
+    return 0
+
+
 def _upstream_sim(args: argparse.Namespace) -> int:
     from gateway.simulator import SimConfig, serve
 
+    pace = f"{args.tokens_per_second:g} tokens/s" if args.tokens_per_second else "burst"
+    print(f"tollstream upstream-sim: the simulated model APIs (chat, responses, messages) on "
+          f"http://{args.host}:{args.port}/v1, {pace}, {args.tokens_per_chunk} token(s) per "
+          f"chunk, {'an API key required' if args.api_key else 'no API key'}",
+          file=sys.stderr, flush=True)
     serve(args.host, args.port, SimConfig(tokens_per_second=args.tokens_per_second,
                                           tokens_per_chunk=args.tokens_per_chunk,
                                           api_key=args.api_key))
@@ -155,20 +176,43 @@ def _chain(args: argparse.Namespace) -> int:
     return 0
 
 
+ENVIRONMENT = """Environment: every setting is also TOLLSTREAM_<KEY> (nested keys with __,
+e.g. TOLLSTREAM_UPSTREAMS__SIM__API_KEY); TOLLSTREAM_CONFIG names the config file;
+TOLLSTREAM_ADMIN_TOKEN turns the admin API on. Secrets a setting names by variable
+(TOLLSTREAM_MPP_SECRET, TOLLSTREAM_STRIPE_SECRET_KEY, relayer_key_env, ...) are read from it.
+See tollstream.example.toml for every key."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tollstream",
                                      description="Streaming pay-per-token inference gateway")
+    parser.add_argument("--version", action="version", version=f"tollstream {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
+    defaults = argparse.ArgumentDefaultsHelpFormatter
 
-    serve = sub.add_parser("serve", help="run the gateway")
+    serve = sub.add_parser(
+        "serve", help="run the gateway", formatter_class=defaults, epilog=ENVIRONMENT)
     serve.add_argument("--config", help="TOML config file (default: $TOLLSTREAM_CONFIG, "
                                         "else the built-in simulator config)")
-    serve.add_argument("--host")
-    serve.add_argument("--port", type=int)
+    serve.add_argument("--host", help="listen address (default: the config's host)")
+    serve.add_argument("--port", type=int, help="listen port (default: the config's port)")
     serve.add_argument("--log-level", default="info")
     serve.set_defaults(func=_serve)
 
-    sim = sub.add_parser("upstream-sim", help="run the simulated model API")
+    config = sub.add_parser("config", help="check a configuration without starting anything")
+    config_actions = config.add_subparsers(dest="config_action", required=True)
+    check = config_actions.add_parser(
+        "check", formatter_class=defaults, epilog=ENVIRONMENT,
+        help="validate it, print the effective configuration (secrets masked) and the "
+             "models with their prices; exit 2 naming the key on an error")
+    check.add_argument("--config", help="TOML config file (default: $TOLLSTREAM_CONFIG, "
+                                        "else the built-in simulator config)")
+    check.set_defaults(func=_config_check)
+
+    accounts_cli.add_parser(sub)
+
+    sim = sub.add_parser("upstream-sim", help="run the simulated model API",
+                         formatter_class=defaults)
     sim.add_argument("--host", default="127.0.0.1")
     sim.add_argument("--port", type=int, default=8401)
     sim.add_argument("--tokens-per-second", type=float, default=0.0,
@@ -177,7 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--api-key", default=None, help="require this upstream API key")
     sim.set_defaults(func=_upstream_sim)
 
-    demo = sub.add_parser("demo", help="run the whole paid loop locally, in one command")
+    demo = sub.add_parser("demo", help="run the whole paid loop locally, in one command",
+                          formatter_class=defaults)
     demo.add_argument("--deposit", default=None,
                       help="the x402 deposit the gateway asks for, or the MPP channel's "
                            "deposit, in USDC (default 0.0001 / 0.002)")

@@ -163,6 +163,8 @@ class Settings(_Frozen):
     port: int = Field(default=8402, ge=0, le=65535)
     redis_url: str | None = None
     data_dir: Path = Path(".tollstream")
+    #: The embedded Valkey's port when no ``redis_url`` is set (None: a free one).
+    embedded_redis_port: int | None = Field(default=None, ge=1, le=65535)
     key_prefix: str = "ts:"
     #: Bearer token of the admin API (off when unset). At least MIN_ADMIN_TOKEN characters:
     #: an empty or short token would open the operator API to anyone who guesses it.

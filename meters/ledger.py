@@ -256,6 +256,32 @@ class Ledger:
             raw: dict[Any, Any] = await self.redis.hgetall(self._acct(account_id))
         return account_from(account_id, raw)
 
+    async def list_accounts(self, *, cursor: int = 0, limit: int = 50, kind: str = ""
+                            ) -> tuple[list[Account], int]:
+        """A page of accounts whose id starts with ``kind`` (``acct``, ``x402``, ``mpp``,
+        ``fiat``, or ``""`` for all) and the cursor of the next page (0: the last page).
+        Redis' SCAN walks the keyspace without blocking it: pages may hold fewer than
+        ``limit`` accounts, an account created meanwhile may or may not appear, none appears
+        twice on a stable keyspace."""
+        pattern = f"{self.prefix}acct:{kind}*"
+        found: list[str] = []
+        with redis_errors():
+            while True:
+                cursor, keys = await self.redis.scan(cursor, match=pattern,
+                                                     count=max(limit * 4, 100))
+                found += [as_text(k)[len(self.prefix) + 5:] for k in keys
+                          if not as_text(k).endswith(":keys")]
+                if cursor == 0 or len(found) >= limit:
+                    break
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for account_id in found:
+                    pipe.hgetall(self._acct(account_id))
+                rows = await pipe.execute()
+        accounts = [account_from(account_id, raw) for account_id, raw in zip(found, rows,
+                                                                              strict=True)
+                    if raw]
+        return sorted(accounts, key=lambda a: a.id), int(cursor)
+
     async def credit(self, account_id: str, amount: int, *,
                      idempotency_key: str | None = None, purpose: str = "credit",
                      idempotency_ttl_seconds: int = 30 * 86400) -> tuple[bool, int]:
