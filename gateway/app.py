@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import secrets
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -11,7 +12,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from gateway import admin, routes
 from gateway.dialects import ErrorInfo, get_dialect
@@ -77,8 +78,22 @@ class GatewayApp(FastAPI):
     object for exact delivery accounting (see :class:`gateway.sse.EventStreamResponse`)."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        remember_connection(scope, send)
-        await super().__call__(scope, receive, send)
+        remember_connection(scope, send)  # uvicorn's own send: before it is wrapped
+        if scope["type"] != "http":
+            await super().__call__(scope, receive, send)
+            return
+        # Every answer names its request (X-Request-Id); a metered request's reservation,
+        # log line and Stripe meter event carry the same id.
+        request_id = secrets.token_hex(10)
+        scope.setdefault("state", {})["request_id"] = request_id
+        header = (b"x-request-id", request_id.encode())
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), header]
+            await send(message)
+
+        await super().__call__(scope, receive, send_with_id)
 
 
 def build_rails(settings: Settings, ledger: Ledger) -> PaymentRail:

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from gateway import accounts_cli
+from gateway.logs import configure as configure_logs
 from gateway.settings import Settings, SettingsError
 from gateway.summary import effective, models_table, rails, startup, version
 
@@ -23,6 +24,7 @@ def _serve(args: argparse.Namespace) -> int:
     except SettingsError as exc:
         print(f"tollstream: {exc}", file=sys.stderr)
         return 2
+    configure_logs(settings.log_format, args.log_level)
     embedded = None
     redis_url = settings.redis_url
     if not redis_url:
@@ -34,7 +36,7 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"tollstream: {line}", file=sys.stderr)
     try:
         app = create_app(settings, redis_url)
-        uvicorn.run(app, host=host, port=port,
+        uvicorn.run(app, host=host, port=port, log_config=None,  # our handler (logs.py)
                     log_level=args.log_level, timeout_graceful_shutdown=5,
                     # uvloop stalled burst streams under concurrency in our tests (see
                     # benchmarks/RESULTS.md); the standard loop with httptools is used.

@@ -25,6 +25,7 @@ from typing import Any
 import anyio
 
 from gateway.dialects import DialectStream, ErrorInfo, Usage
+from gateway.logs import request_done
 from gateway.metrics import Metrics
 from gateway.sse import SSEProtocolError, iter_batches
 from gateway.upstream import UpstreamResponse, UpstreamStreamError
@@ -58,6 +59,8 @@ class RelayContext:
     #: Events that end a stream which completed or was cut, after its final charge (an MPP
     #: session's ``payment-receipt``).
     final_events: Callable[[StreamMeter, Bill], Awaitable[list[bytes]]] | None = None
+    #: ``time.monotonic()`` when the request arrived (the log line's duration).
+    started: float = 0.0
 
 
 class _Settlement:
@@ -91,6 +94,8 @@ class _Settlement:
                 return None
         self.bill = bill
         ctx.metrics.record(ctx.model, bill)
+        request_done(request_id=meter.rid, model=ctx.model, account_id=meter.account_id,
+                     bill=bill, started=ctx.started)
         return bill
 
     async def ending(self, outcome: Outcome, usage: Usage) -> list[bytes]:

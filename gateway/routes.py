@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import anyio
@@ -15,6 +16,7 @@ from gateway.dialects import Dialect, ErrorInfo, ParsedRequest, get_dialect
 from gateway.dialects.anthropic_messages import AnthropicMessages
 from gateway.errors import PaymentRequired, UpstreamError
 from gateway.idempotency import Record, RequestIdempotency
+from gateway.logs import request_done
 from gateway.rails import Paid
 from gateway.relay import RelayContext, relay
 from gateway.sse import EventStreamResponse
@@ -90,6 +92,7 @@ async def _serve(request: Request, gw: Gateway, dialect: Dialect, parsed: Parsed
                  model: Model, paid: Paid, needed: int, claim: Record | None) -> Response:
     """Hold, forward, meter and bill one authenticated request (its answer kept for
     ``claim``'s retries). ``needed``: what a payment for it was asked (402s ask as much)."""
+    started = time.monotonic()
     account_id, payment_headers, paying = paid.account_id, paid.headers, paid.stream
     # Only an authenticated (or paying) caller gets the tokenizer's time.
     input_tokens = model.tokenizer.count(parsed.prompt_text) + parsed.prompt_overhead
@@ -106,7 +109,7 @@ async def _serve(request: Request, gw: Gateway, dialect: Dialect, parsed: Parsed
         policy = Policy(gw.settings.exhausted_policy)
     rate = gw.router.rate_for(model, account_id)  # in what the account holds
     asset = gw.settings.asset_of(account_id)
-    meter = StreamMeter(gw.ledger, account_id, rate,
+    meter = StreamMeter(gw.ledger, account_id, rate, rid=request.state.request_id,
                         lease_tokens=gw.settings.lease_tokens if parsed.stream else cap,
                         max_output=parsed.max_output if parsed.stream else cap,
                         policy=policy, pause_timeout=pause_timeout, notices=gw.notices)
@@ -140,7 +143,8 @@ async def _serve(request: Request, gw: Gateway, dialect: Dialect, parsed: Parsed
             await meter.refund_all()
         raise
     if not parsed.stream:
-        answer = await _complete(gw, model, meter, dialect, response, payment_headers)
+        answer = await _complete(gw, model, meter, dialect, response, payment_headers,
+                                 started)
         if claim is not None:
             await gw.idempotency.finish(claim, bytes(answer.body),
                                         media_type="application/json")
@@ -176,7 +180,8 @@ async def _serve(request: Request, gw: Gateway, dialect: Dialect, parsed: Parsed
                        tokenizer=model.tokenizer, keeper=gw.keeper, metrics=gw.metrics,
                        cut_reason=cut_reason,
                        pause_events=paying.need if paying is not None else pause_events,
-                       final_events=paying.receipt if paying is not None else None)
+                       final_events=paying.receipt if paying is not None else None,
+                       started=started)
     events = relay(ctx, response)
     if claim is not None:
         events = gw.idempotency.recording(claim, events, media_type="text/event-stream")
@@ -184,7 +189,8 @@ async def _serve(request: Request, gw: Gateway, dialect: Dialect, parsed: Parsed
 
 
 async def _complete(gw: Gateway, model: Model, meter: StreamMeter, dialect: Dialect,
-                    response: UpstreamResponse, headers: dict[str, str]) -> Response:
+                    response: UpstreamResponse, headers: dict[str, str],
+                    started: float) -> Response:
     """Non-streaming: read the answer, bill its reported usage (or counted output)."""
     try:
         raw = await response.read(MAX_RESPONSE_BYTES)
@@ -201,6 +207,8 @@ async def _complete(gw: Gateway, model: Model, meter: StreamMeter, dialect: Dial
         bill = await meter.close(Outcome.COMPLETED, reported_input=usage.prompt,
                                  reported_output=usage.output_tokens)
     gw.metrics.record(model.name, bill)
+    request_done(request_id=meter.rid, model=model.name, account_id=meter.account_id,
+                 bill=bill, started=started)
     return Response(raw, media_type="application/json", headers=headers)
 
 

@@ -163,6 +163,8 @@ class Settings(_Frozen):
     port: int = Field(default=8402, ge=0, le=65535)
     redis_url: str | None = None
     data_dir: Path = Path(".tollstream")
+    #: ``text`` for people at a terminal, ``json`` (one object per line) for a log pipeline.
+    log_format: Literal["text", "json"] = "text"
     #: The embedded Valkey's port when no ``redis_url`` is set (None: a free one).
     embedded_redis_port: int | None = Field(default=None, ge=1, le=65535)
     key_prefix: str = "ts:"

@@ -71,7 +71,7 @@ class StreamMeter:
     def __init__(self, ledger: Ledger, account_id: str, rate: Rate, *, lease_tokens: int,
                  policy: Policy = Policy.CUT, pause_timeout: float = 60.0,
                  max_output: int | None = None, poll_interval: float = 0.25,
-                 notices: CreditNotices | None = None) -> None:
+                 notices: CreditNotices | None = None, rid: str | None = None) -> None:
         self.ledger = ledger
         self.account_id = account_id
         self.rate = rate
@@ -81,7 +81,8 @@ class StreamMeter:
         self.max_output = max_output
         self.poll_interval = poll_interval
         self.notices = notices
-        self.rid = secrets.token_hex(10)
+        #: The reservation's id (the request's id, when the gateway gives one): unique.
+        self.rid = rid or secrets.token_hex(10)
         self.prompt = Prompt()
         self.granted = 0          # output tokens set aside for delivery
         self.delivered = 0        # output tokens handed to the client

@@ -19,12 +19,13 @@ __all__ = ["free_port", "gateway_process", "serve"]
 
 @contextlib.contextmanager
 def gateway_process(config: str, *, env: dict[str, str] | None = None,
-                    timeout: float = 30.0) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+                    timeout: float = 30.0, log_level: str = "warning"
+                    ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """Run ``tollstream serve --config CONFIG`` in its own process; yield (URL, process)."""
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "gateway.cli", "serve", "--config", config,
-         "--port", str(port), "--log-level", "warning"],
+         "--port", str(port), "--log-level", log_level],
         env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout

@@ -128,3 +128,37 @@ def test_serve_says_what_it_started(tmp_path: Path, sim: str) -> None:
     ("redis://127.0.0.1:6379", "redis://127.0.0.1:6379")])
 def test_redis_passwords_are_never_shown(url: str, shown: str) -> None:
     assert masked_url(url) == shown
+
+
+@pytest.mark.parametrize("fmt", ["json", "text"])
+def test_one_searchable_log_line_per_request(tmp_path: Path, sim: str, redis_url: str,
+                                             fmt: str) -> None:
+    from tests.test_faults import write_config
+
+    config = write_config(sim, redis_url, track_prefix(f"tlog{fmt}:"), log_format=fmt)
+    with gateway_process(config, log_level="info") as (url, proc):
+        with httpx.Client(base_url=url, timeout=10,
+                          headers={"authorization": f"Bearer {ADMIN_TOKEN}"}) as admin:
+            created = admin.post("/admin/accounts", json={"balance": "1000"}).json()
+        key, account = created["api_key"], created["account_id"]
+        answer = httpx.post(f"{url}/v1/chat/completions", timeout=20,
+                            headers={"authorization": f"Bearer {key}"},
+                            json={"model": "exact", "stream": True, "max_tokens": 5,
+                                  "messages": [{"role": "user", "content": "hi"}]})
+        request_id = answer.headers["x-request-id"]
+        missing = httpx.post(f"{url}/v1/chat/completions", json={}, timeout=10)
+        assert missing.status_code == 400 and missing.headers["x-request-id"] != request_id
+        proc.terminate()
+        _, err = proc.communicate(timeout=15)
+    text = err.decode()
+    assert key not in text and "tsk_" not in text  # no key is ever logged
+    if fmt == "json":
+        lines = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+        [line] = [entry for entry in lines if entry["logger"] == "tollstream.request"]
+        assert line["request_id"] == request_id and line["account"] == account
+        assert (line["model"], line["outcome"], line["output_tokens"], line["charged"]) == (
+            "exact", "completed", 5, "5")
+        assert line["duration_ms"] > 0
+    else:
+        assert f"tollstream.request: request {request_id} exact completed account={account}" \
+            in text

@@ -71,10 +71,12 @@ def customer_account(gw: RunningGateway, customer: str | None) -> str:
     return str(created.json()["api_key"])
 
 
-def ask(url: str, key: str) -> None:
+def ask(url: str, key: str) -> str:
+    """One answer; its request id."""
     answer = httpx.post(f"{url}/v1/chat/completions", json=BODY, timeout=20,
                         headers={"authorization": f"Bearer {key}"})
     assert answer.status_code == 200 and b"[DONE]" in answer.content
+    return answer.headers["x-request-id"]
 
 
 def wait_for(count: int, stripe_url: str, customer: str, seconds: float = 15
@@ -110,12 +112,11 @@ def test_one_meter_event_per_request(ugw: RunningGateway, stripe_url: str, sim: 
     customer = f"cus_{secrets.token_hex(6)}"
     key = customer_account(ugw, customer)
     other = customer_account(ugw, None)  # no Stripe customer: nothing reported
-    for _ in range(3):
-        ask(ugw.url, key)
+    requests = {ask(ugw.url, key) for _ in range(3)}
     ask(ugw.url, other)
     found = wait_for(3, stripe_url, customer)
     reported = sim_stats(sim)["reported"]
-    assert len({e["identifier"] for e in found}) == 3
+    assert {e["identifier"] for e in found} == requests  # each request's X-Request-Id
     assert all(e["event_name"] == "tollstream_tokens" for e in found)
     # The value is the tokens billed: the prompt as the model reported it, 7 output tokens.
     assert sorted(int(e["payload"]["value"]) for e in found) == sorted(
