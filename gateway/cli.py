@@ -76,7 +76,8 @@ def _upstream_sim(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from gateway.demo import run_demo
 
-    return run_demo(deposit=args.deposit, prompt=args.prompt, rail=args.rail)
+    return run_demo(deposit=args.deposit, prompt=args.prompt, rail=args.rail,
+                    pause=args.pause)
 
 
 def _wallet(args: argparse.Namespace) -> int:
@@ -231,6 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--rail", choices=["x402", "mpp"], default="x402",
                       help="how the agent pays: x402 deposits, or one MPP session")
     demo.add_argument("--prompt", default="Tell me a long story about a toll bridge.")
+    demo.add_argument("--pause", type=float, default=0.0,
+                      help="seconds to wait between the steps, for people watching")
     demo.set_defaults(func=_demo)
 
     wallet = sub.add_parser(

@@ -16,9 +16,11 @@ closes the channel; the escrow pays the gateway exactly what was spent and refun
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -44,14 +46,28 @@ MODEL = "gpt-6.1-sol"
 PAY_TO = "0x000000000000000000000000000000000000dEaD"
 
 
+#: The demo's second question: another answer, paid by the top-up.
+SECOND_QUESTION = "And how much does crossing it cost?"
+#: Seconds to wait between the steps (``--pause``), for people watching.
+_PAUSE = [0.0]
+
+
 def _say(text: str = "") -> None:
     print(text, flush=True)
 
 
+def _beat() -> None:
+    if _PAUSE[0]:
+        time.sleep(_PAUSE[0])
+
+
 def run_demo(*, deposit: str | None = None, prompt: str = "Tell me a story.",
-             rail: str = "x402") -> int:
-    """Run the demo (``rail``: ``x402`` deposits, or an ``mpp`` session); returns the
-    process exit code."""
+             rail: str = "x402", pause: float = 0.0) -> int:
+    """Run the demo (``rail``: ``x402`` deposits, or an ``mpp`` session; ``pause``: seconds
+    between the steps, for people watching); returns the process exit code."""
+    _PAUSE[0] = pause
+    # The demo tells its own story: the gateway's per-request lines would interleave.
+    logging.getLogger("tollstream").setLevel(logging.WARNING)
     data_dir = Path(tempfile.mkdtemp(prefix="tollstream-demo-"))
     redis = EmbeddedRedis(data_dir)
     redis_url = redis.start()
@@ -108,8 +124,20 @@ def _balances(chain: DevChain, address: str, merchant: str = PAY_TO) -> tuple[in
 def _agent(url: str, settings: Settings, rate: Rate, chain: DevChain, prompt: str) -> int:
     asset = settings.asset_obj()
     payer = chain.wallets[0]
+
+    def asked(req: Any) -> None:
+        _say(f"402       Payment Required: the gateway asks {asset.format(req.amount)} "
+             f"{asset.symbol} on {req.network} to {req.pay_to} (scheme {req.scheme}); the "
+             "wallet signs an EIP-3009 authorization (no gas) and retries")
+        _beat()
+
+    def paid(payment: dict[str, Any]) -> None:
+        _say(f"settled   deposit of {asset.format(int(payment['amount']))} {asset.symbol}: "
+             f"transaction {payment.get('transaction')}")
+
     wallet = Wallet(Account.from_key(payer.private_key), spend_cap=10**6,
-                    allowed=[(chain.network, chain.token)])
+                    allowed=[(chain.network, chain.token)], on_required=asked,
+                    on_payment=paid)
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="no-key-yet", max_retries=0,
                            http_client=paying_client(wallet, timeout=60))
     before, merchant_before = _balances(chain, payer.address)
@@ -117,11 +145,14 @@ def _agent(url: str, settings: Settings, rate: Rate, chain: DevChain, prompt: st
     _say(f"price     {MODEL}: {asset.format(rate.input_per_mtok)} in / "
          f"{asset.format(rate.output_per_mtok)} out {asset.symbol} per million tokens")
     _say(f"wallet    {payer.address}: {asset.format(before)} {asset.symbol} on-chain")
+    questions = (prompt, SECOND_QUESTION)
     for attempt in (1, 2):
-        _say(f"\nagent     request {attempt}, openai SDK streaming: {prompt!r}")
+        question = questions[attempt - 1]
+        _say(f"\nagent     request {attempt}, openai SDK streaming: {question!r}")
+        _beat()
         last: Any = None
         stream = client.chat.completions.create(
-            model=MODEL, messages=[{"role": "user", "content": prompt}], stream=True,
+            model=MODEL, messages=[{"role": "user", "content": question}], stream=True,
             stream_options={"include_usage": True})
         for chunk in stream:
             if chunk.choices and chunk.choices[0].delta.content:
@@ -135,7 +166,8 @@ def _agent(url: str, settings: Settings, rate: Rate, chain: DevChain, prompt: st
         if reason:
             _say(f"cut       finish_reason={last.choices[0].finish_reason} "
                  f"reason={reason['type']} delivered={reason['delivered_tokens']} tokens, "
-                 f"top up via {reason['top_up']['method']}")
+                 f"balance left {reason['balance']}, top up via {reason['top_up']['method']}")
+            _beat()
     account = httpx.get(f"{url}/v1/balance", timeout=10,
                         headers={"authorization": f"Bearer {wallet.api_key}"}).json()
     after, merchant_after = _balances(chain, payer.address)

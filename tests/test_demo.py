@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+from meters.money import parse_decimal
+
 pytestmark = pytest.mark.timeout(240)
 
 
@@ -27,7 +29,15 @@ def test_the_x402_demo_pays_is_cut_tops_up_and_streams_again() -> None:
     assert ledger is not None, out
     credited, spent, balance = map(int, ledger.groups())
     assert credited == spent + balance and spent > 0
-    assert re.search(r"gateway's payTo received 0\.0004\b", out), out
+    # What the 402s asked was paid and settled on-chain, and that is what the payee got.
+    asked = re.findall(r"402       Payment Required: the gateway asks ([\d.]+) USDC", out)
+    settled = re.findall(r"settled   deposit of ([\d.]+) USDC: transaction 0x[0-9a-f]{64}", out)
+    assert len(asked) == 2 and asked == settled, out
+    total = sum(parse_decimal(amount, 6) for amount in settled)
+    assert total == credited
+    received = re.search(r"gateway's payTo received ([\d.]+)", out)
+    assert received is not None and parse_decimal(received.group(1), 6) == total
+    assert "And how much does crossing it cost?" in out  # a second, different question
 
 
 def test_the_mpp_demo_opens_pauses_resumes_tops_up_and_closes() -> None:

@@ -69,6 +69,8 @@ class Wallet:
     payments: list[dict[str, Any]] = field(default_factory=list)
     #: Called with each payment once the gateway answered it (amount, network, transaction).
     on_payment: Callable[[dict[str, Any]], None] | None = None
+    #: Called with what a 402 asks, before it is paid (the requirements chosen).
+    on_required: Callable[[PaymentRequirements], None] | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def choose(self, required: PaymentRequired) -> PaymentRequirements:
@@ -84,6 +86,8 @@ class Wallet:
     def pay(self, required: PaymentRequired) -> str:
         """Sign a payment for ``required``; returns the ``PAYMENT-SIGNATURE`` header value."""
         req = self.choose(required)
+        if self.on_required is not None:
+            self.on_required(req)
         with self._lock:
             if self.spent + req.amount > self.spend_cap:
                 raise SpendCapExceeded(f"paying {req.amount} would exceed the spending cap "
