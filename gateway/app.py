@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 from starlette.types import Message, Receive, Scope, Send
 
-from gateway import admin, routes
+from gateway import admin, routes, status
 from gateway.dialects import ErrorInfo, get_dialect
 from gateway.errors import GatewayError, NotFound, ServiceUnavailable
 from gateway.idempotency import RequestIdempotency
@@ -137,6 +137,7 @@ def create_app(settings: Settings, redis_url: str, *, rail: PaymentRail | None =
                   docs_url=None, redoc_url=None)
     app.state.gateway = gw
     app.include_router(routes.router)
+    app.include_router(status.router)
     app.include_router(admin.router)
     app.include_router(info_router())
     app.add_exception_handler(GatewayError, _handle_error)

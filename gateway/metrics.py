@@ -5,7 +5,10 @@ Counters are updated once per request, never per token, to keep the hot path fre
 
 from __future__ import annotations
 
+import time
+from collections import deque
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.core import Metric
@@ -44,12 +47,20 @@ class Metrics:
         self.pause_timeouts = Counter("tollstream_stream_pause_timeouts", "Paused streams "
                                       "ended because no payment came in time",
                                       registry=self.registry)
+        self.activity = Activity()
+
+    def event(self, kind: str, model: str) -> None:
+        """A pause, resume or pause timeout, for the status page and the counters."""
+        {"pause": self.pauses, "resume": self.resumes,
+         "pause_timeout": self.pause_timeouts}[kind].inc()
+        self.activity.note(kind, model)
 
     def add(self, collect: Callable[[], Iterable[Metric]]) -> None:
         """Metrics a rail keeps itself (vouchers, unsettled amounts), read at each scrape."""
         self.registry.register(_Source(collect))
 
     def record(self, model: str, bill: Bill) -> None:
+        self.activity.add(model, bill)
         self.tokens.labels(model, "input").inc(bill.input_tokens)
         self.tokens.labels(model, "output").inc(bill.output_tokens)
         self.revenue.labels(model).inc(bill.charged)
@@ -71,3 +82,36 @@ class _Source(Collector):
 
     def collect(self) -> Iterable[Metric]:
         return self._collect()
+
+
+class Activity:
+    """The last minutes, for people (the status page): tokens and revenue per model and
+    minute, and the latest cuts, pauses and failures. In memory, per process."""
+
+    MINUTES = 15
+
+    def __init__(self) -> None:
+        #: (minute, {model: [tokens, atomic units charged]}), oldest first.
+        self.minutes: deque[tuple[int, dict[str, list[int]]]] = deque(maxlen=self.MINUTES)
+        #: {"at", "kind", "model"}, newest last.
+        self.recent: deque[dict[str, Any]] = deque(maxlen=25)
+
+    def add(self, model: str, bill: Bill) -> None:
+        minute = int(time.time() // 60)
+        if not self.minutes or self.minutes[-1][0] != minute:
+            self.minutes.append((minute, {}))
+        totals = self.minutes[-1][1].setdefault(model, [0, 0])
+        totals[0] += bill.input_tokens + bill.output_tokens
+        totals[1] += bill.charged
+        if bill.outcome in (Outcome.CUT, Outcome.UPSTREAM_ERROR, Outcome.LEDGER_ERROR):
+            self.note(bill.outcome.value, model)
+
+    def note(self, kind: str, model: str) -> None:
+        self.recent.append({"at": time.time(), "kind": kind, "model": model})
+
+    def series(self, now: float | None = None) -> list[tuple[int, dict[str, list[int]]]]:
+        """One entry per minute of the last :attr:`MINUTES`, empty minutes included."""
+        current = int((time.time() if now is None else now) // 60)
+        known = dict(self.minutes)
+        return [(m, known.get(m, {})) for m in range(current - self.MINUTES + 1, current + 1)]
+

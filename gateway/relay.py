@@ -160,17 +160,17 @@ async def relay(ctx: RelayContext, response: UpstreamResponse) -> AsyncIterator[
                                 yield b"".join(out)
                                 meter.delivered_tokens(pending)
                                 out, pending = [], 0
-                            ctx.metrics.pauses.inc()
+                            ctx.metrics.event("pause", ctx.model)
                             deadline = time.monotonic() + meter.pause_timeout
                             while granted < n:  # asked again while a payment falls short
                                 yield b"".join(await ctx.pause_events(meter, n - granted))
                                 got = await meter.wait_for(n - granted, until=deadline)
                                 if not got:
-                                    ctx.metrics.pause_timeouts.inc()
+                                    ctx.metrics.event("pause_timeout", ctx.model)
                                     break
                                 granted += got
                             else:
-                                ctx.metrics.resumes.inc()
+                                ctx.metrics.event("resume", ctx.model)
                         if granted < n:
                             outcome = Outcome.CUT
                             partial = stream.truncate(granted, counter) if granted else None

@@ -129,6 +129,10 @@ class PaymentRail:
         spent, the rest released); None when no rail funds it that way."""
         return None
 
+    async def status(self) -> dict[str, str]:
+        """What awaits settlement on this rail, for the operator's status page."""
+        return {}
+
     async def top_up_hint(self, account_id: str, request: Request) -> Mapping[str, Any]:
         """How to add money, for the machine-readable reason of a cut stream."""
         return {"method": "operator", "how": "ask the operator to credit this account",
@@ -215,6 +219,12 @@ class Rails(PaymentRail):
             if closed is not None:
                 return closed
         return None
+
+    async def status(self) -> dict[str, str]:
+        merged: dict[str, str] = {}
+        for rail in self.rails:
+            merged.update(await rail.status())
+        return merged
 
     def offers(self, request: Request, *, needed: int, reason: str, code: str,
                rate: Rate | None) -> list[Offer]:

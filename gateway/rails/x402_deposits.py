@@ -206,6 +206,10 @@ class X402Deposits(PaymentRail):
                 required.header, "accepts": [a.model_dump(mode="json", by_alias=True)
                                              for a in accepts]}
 
+    async def status(self) -> dict[str, str]:
+        pending = await self.deposits.unfinished()
+        return {"x402 deposits settling or awaiting credit": str(len(pending))}
+
     # -- paying -------------------------------------------------------------------------------
     def claims(self, request: Request) -> bool:
         headers = request.headers

@@ -140,6 +140,17 @@ class MppRail(PaymentRail):
         return Offer(headers=[(WWW_AUTHENTICATE, c.header()) for c in ranked],
                      payment_scheme=True)
 
+    async def status(self) -> dict[str, str]:
+        found: dict[str, str] = {}
+        if self.session is not None:
+            found["MPP channels open"] = str(len(await self.session.channels.open_ids()))
+        if self.settler is not None:
+            found["MPP spent, not yet settled on-chain (last pass)"] = str(
+                self.settler.unsettled)
+        if self.stripe is not None and self.stripe.holds is not None:
+            found["Stripe holds open"] = str(len(await self.stripe.holds.holds.open_ids()))
+        return found
+
     async def close_balance(self, account_id: str) -> dict[str, Any] | None:
         if self.stripe is None or self.stripe.holds is None:
             return None
