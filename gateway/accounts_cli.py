@@ -58,6 +58,7 @@ def add_parser(sub: Any) -> None:
     show.add_argument("account_id")
     listing = actions.add_parser("list", help="accounts, a page at a time")
     listing.add_argument("--kind", default="", choices=["", "acct", "x402", "mpp", "fiat"])
+    listing.add_argument("--payer", default="", help="only accounts of this payer address")
     listing.add_argument("--limit", type=int, default=50)
     listing.add_argument("--cursor", default="0")
     listing.add_argument("--all", action="store_true", help="every page")
@@ -103,7 +104,8 @@ def _action(client: httpx.Client, args: argparse.Namespace) -> Any:
     cursor: str | None = args.cursor
     while cursor is not None:
         page = _call(client, "GET", "/admin/accounts", params={
-            "cursor": cursor, "limit": str(args.limit), "kind": args.kind})
+            "cursor": cursor, "limit": str(args.limit), "kind": args.kind,
+            "payer": args.payer})
         rows += page["data"]
         cursor = page["next_cursor"] if args.all else None
         if not args.all:

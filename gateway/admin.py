@@ -91,10 +91,11 @@ async def rotate_key(request: Request, account_id: str) -> dict[str, Any]:
 
 @router.get("/accounts")
 async def list_accounts(request: Request, cursor: str = "0", limit: str = "50",
-                        kind: str = "") -> dict[str, Any]:
+                        kind: str = "", payer: str = "") -> dict[str, Any]:
     """Accounts, a page at a time: ``cursor`` from the previous page's ``next_cursor``
     (``null`` after the last), ``kind`` one of ``acct`` (operator), ``x402``, ``mpp``
-    (session channels), ``fiat``."""
+    (session channels), ``fiat``; ``payer``: only accounts whose label names this payer
+    (an x402 or MPP charge payer's address)."""
     gw: Gateway = request.app.state.gateway
     if not cursor.isdigit() or len(cursor) > 20:
         raise BadRequest("cursor must be the next_cursor of a previous page",
@@ -104,8 +105,12 @@ async def list_accounts(request: Request, cursor: str = "0", limit: str = "50",
     if kind not in ACCOUNT_KINDS:
         raise BadRequest(f"kind must be one of {', '.join(k for k in ACCOUNT_KINDS if k)}",
                          param="kind")
+    if payer and (len(payer) > 100 or not payer.isalnum()):
+        raise BadRequest("payer must be an address (letters and digits)", param="payer")
     accounts, following = await gw.ledger.list_accounts(
         cursor=int(cursor), limit=int(limit), kind=f"{kind}_" if kind else "")
+    if payer:
+        accounts = [a for a in accounts if payer.lower() in a.label.lower()]
     return {"object": "list", "data": [account_view(gw, a) for a in accounts],
             "next_cursor": str(following) if following else None,
             "asset": gw.asset.symbol, "decimals": gw.asset.decimals}

@@ -238,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     wallet = sub.add_parser(
         "wallet", help="a loopback proxy that pays the gateway's 402s for an unmodified agent",
+        formatter_class=defaults,
         description="Point an agent (Claude Code, Codex) at this proxy: it forwards to the "
                     "gateway, pays its 402s with the wallet's key, never past --cap.")
     wallet.add_argument("--gateway", required=True, help="the tollstream gateway's URL")
@@ -268,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     wallet.set_defaults(func=_wallet)
 
     chain = sub.add_parser("chain", help="run a local EVM chain with the test USDC token and "
-                                         "the MPP session escrow")
+                                         "the MPP session escrow", formatter_class=defaults)
     chain.add_argument("--wallets", type=int, default=3)
     chain.add_argument("--port", type=int, default=None)
     chain.set_defaults(func=_chain)

@@ -87,8 +87,13 @@ def test_accounts_are_listed_a_page_at_a_time(gw: RunningGateway) -> None:
             cursor = page["next_cursor"]
         assert ids <= set(seen) and len(seen) == len(set(seen))
         assert admin.get("/admin/accounts", params={"kind": "x402"}).json()["data"] == []
+        labelled = admin.post("/admin/accounts", json={"label": "x402 0xAbC123"}).json()
+        found = admin.get("/admin/accounts", params={"payer": "0xabc123", "limit": "500"}
+                          ).json()["data"]
+        assert labelled["account_id"] in [row["account_id"] for row in found]
+        assert all("0xabc123" in row["label"].lower() for row in found)
         for params, param in (({"cursor": "x"}, "cursor"), ({"limit": "0"}, "limit"),
-                              ({"kind": "nope"}, "kind")):
+                              ({"kind": "nope"}, "kind"), ({"payer": "0x 1"}, "payer")):
             bad = admin.get("/admin/accounts", params=params)
             assert bad.status_code == 400 and bad.json()["error"]["param"] == param
     assert httpx.get(f"{gw.url}/admin/accounts", timeout=10).status_code == 401
