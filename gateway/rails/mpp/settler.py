@@ -17,8 +17,6 @@ withdrew or we closed is finalized in the ledger.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 
 from gateway.errors import GatewayError
@@ -27,6 +25,7 @@ from gateway.rails.mpp.escrow import EscrowClient
 from meters.channels import Channels
 from meters.errors import MeterError
 from meters.ledger import Ledger, redis_errors
+from meters.periodic import Periodic
 
 log = logging.getLogger("tollstream.mpp.settler")
 
@@ -45,26 +44,14 @@ class ChannelSettler:
         self.settlements = 0
         #: What was spent on open channels beyond what the chain settled, at the last pass.
         self.unsettled = 0
-        self._task: asyncio.Task[None] | None = None
+        self._loop = Periodic("mpp-settler", interval, self.settle_all,
+                              outages=(GatewayError, MeterError), log=log)
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="mpp-settler")
+        await self._loop.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-
-    async def _run(self) -> None:
-        while True:
-            try:
-                await self.settle_all()
-            except (GatewayError, MeterError) as exc:  # the chain or Redis: next pass
-                log.error("channel settlement pass failed (%s); retried in %ss", exc.code,
-                          self.interval)
-            await asyncio.sleep(self.interval)
+        await self._loop.stop()
 
     async def settle_all(self, *, force: bool = False) -> int:
         """One pass over the open channels; returns how many settlements were submitted."""

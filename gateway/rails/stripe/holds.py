@@ -16,7 +16,6 @@ account's Shared Payment Token capabilities allowing ``capture_method=manual``.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import time
@@ -26,6 +25,7 @@ from gateway.errors import Conflict, GatewayError, NotFound
 from gateway.rails.stripe.client import StripeApi
 from meters.errors import MeterError
 from meters.holds import Hold, HoldBusy, Holds
+from meters.periodic import Periodic
 from meters.ledger import Ledger, redis_errors
 
 log = logging.getLogger("tollstream.stripe.holds")
@@ -42,17 +42,14 @@ class HoldKeeper:
         self.idle_seconds = idle_seconds
         self.max_seconds = max_seconds
         self.interval = interval
-        self._task: asyncio.Task[None] | None = None
+        self._loop = Periodic("stripe-holds", interval, self.sweep,
+                              outages=(GatewayError, MeterError), log=log)
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="stripe-holds")
+        await self._loop.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._loop.stop()
 
     async def close_account(self, account_id: str) -> dict[str, Any]:
         """The agent's close: capture what its account spent, release the rest."""
@@ -119,11 +116,3 @@ class HoldKeeper:
             await self.holds.seen(hold.hold_id, spent=spent, now=now)
             return False
         return now - hold.quiet_since >= self.idle_seconds
-
-    async def _run(self) -> None:
-        while True:
-            try:
-                await self.sweep()
-            except (GatewayError, MeterError) as exc:  # Stripe or Redis down: next pass
-                log.error("hold sweep failed (%s); retried in %ss", exc.code, self.interval)
-            await asyncio.sleep(self.interval)

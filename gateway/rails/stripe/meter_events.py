@@ -14,8 +14,6 @@ is counted twice.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import secrets
 from typing import Any
@@ -26,6 +24,7 @@ from gateway.errors import GatewayError
 from gateway.rails.stripe.client import StripeApi, StripeRefused
 from meters.errors import MeterError
 from meters.ledger import Ledger, as_text, redis_errors
+from meters.periodic import Periodic
 
 log = logging.getLogger("tollstream.stripe.meter")
 
@@ -51,17 +50,14 @@ class MeterEventSender:
         self.lock_ms = int(max(5.0, 3 * interval) * 1000)
         self.sent = 0
         self.passes = 0  # passes this process made as the sender
-        self._task: asyncio.Task[None] | None = None
+        self._loop = Periodic("stripe-meter-events", interval, self.send_pending,
+                              outages=(GatewayError, MeterError), log=log)
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="stripe-meter-events")
+        await self._loop.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._loop.stop()
 
     async def send_pending(self) -> int:
         """One pass, if this process holds the sender lock; returns the events delivered."""
@@ -108,12 +104,3 @@ class MeterEventSender:
         with redis_errors():
             await self.redis.lrem(self.processing, 1, as_text(raw))
         return True
-
-    async def _run(self) -> None:
-        while True:
-            try:
-                await self.send_pending()
-            except (GatewayError, MeterError) as exc:
-                log.error("meter events pass failed (%s); retried in %ss", exc.code,
-                          self.interval)
-            await asyncio.sleep(self.interval)
