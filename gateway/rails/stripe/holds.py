@@ -25,8 +25,8 @@ from gateway.errors import Conflict, GatewayError, NotFound
 from gateway.rails.stripe.client import StripeApi
 from meters.errors import MeterError
 from meters.holds import Hold, HoldBusy, Holds
-from meters.periodic import Periodic
 from meters.ledger import Ledger, redis_errors
+from meters.periodic import Periodic
 
 log = logging.getLogger("tollstream.stripe.holds")
 
