@@ -20,7 +20,7 @@ from gateway.errors import GatewayError, NotFound, ServiceUnavailable
 from gateway.idempotency import RequestIdempotency
 from gateway.metrics import Metrics
 from gateway.rails import PaymentRail, Rails
-from gateway.rails.mpp.rail import create_mpp_rail
+from gateway.rails.mpp.factory import create_mpp_rail
 from gateway.rails.stripe.client import StripeApi
 from gateway.rails.stripe.meter_events import MeterEventSender
 from gateway.rails.x402_deposits import X402Deposits

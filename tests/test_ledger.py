@@ -45,7 +45,11 @@ async def test_accounts_keys_and_credits(redis_url: str) -> None:
 
 async def test_many_meters_never_overspend(redis_url: str) -> None:
     """200 concurrent meters on one balance of 1000 tokens: exactly 1000 are granted."""
-    ledger = make_ledger(redis_url)
+    # A small pool: 200 meters share 16 connections (a gateway's pool, 512, would open 200
+    # connections at once, and a loaded machine may not accept them within the 1 s connect
+    # timeout that makes an unreachable Redis fail closed fast).
+    ledger = Ledger(connect(redis_url, max_connections=16), prefix=new_prefix(),
+                    owner_ttl_seconds=3.0)
     await ledger.heartbeat()
     account, _ = await ledger.create_account(1000)
 
@@ -73,10 +77,10 @@ async def test_many_meters_never_overspend(redis_url: str) -> None:
 
 async def test_sweeper_returns_holds_of_dead_owner(redis_url: str) -> None:
     prefix = new_prefix()
-    dead = make_ledger(redis_url, prefix, ttl=0.6)
-    await dead.heartbeat()
+    dead = make_ledger(redis_url, prefix, ttl=1.5)
     account, _ = await dead.create_account(100)
     meter = StreamMeter(dead, account.id, ONE_PER_TOKEN, lease_tokens=40)
+    await dead.heartbeat()  # proved alive just before the grants (a loaded machine is slow)
     await meter.open(0)
     meter.delivered_tokens(meter.take(10))
     await meter.renew()  # charges the 10 delivered tokens and holds more
@@ -86,7 +90,7 @@ async def test_sweeper_returns_holds_of_dead_owner(redis_url: str) -> None:
     alive = make_ledger(redis_url, prefix)
     await alive.heartbeat()
     assert await alive.sweep() == (0, 0)
-    # Poll until the dead owner's heartbeat (TTL 0.6 s) has expired and its hold is swept.
+    # Poll until the dead owner's heartbeat (TTL 1.5 s) has expired and its hold is swept.
     deadline = time.monotonic() + 5
     while (swept := await alive.sweep()) == (0, 0) and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
@@ -190,10 +194,10 @@ async def test_a_lapsed_heartbeat_makes_meters_recheck_their_hold(redis_url: str
     """A process whose heartbeat lapsed may have had its holds swept; once it beats again,
     its meters grant nothing from a lease before a Redis call shows the hold still stands."""
     prefix = new_prefix()
-    slow = make_ledger(redis_url, prefix, ttl=0.6)
-    await slow.heartbeat()
+    slow = make_ledger(redis_url, prefix, ttl=1.5)
     account, _ = await slow.create_account(100)
     meter = StreamMeter(slow, account.id, ONE_PER_TOKEN, lease_tokens=40)
+    await slow.heartbeat()  # just before the grants: a loaded machine is slow
     await meter.open(0)
     meter.delivered_tokens(meter.take(5))
     # The process stalls past its TTL; another process sweeps its hold.

@@ -460,9 +460,9 @@ async def test_a_retried_final_charge_charges_once(redis_url: str) -> None:
     have run), and the keeper retries it with the same target: it must not charge twice."""
     ledger = Ledger(connect(redis_url), prefix=new_prefix())
     try:
-        await ledger.heartbeat()
         account, _ = await ledger.create_account(100)
         meter = StreamMeter(ledger, account.id, ONE_PER_TOKEN, lease_tokens=16)
+        await ledger.heartbeat()  # just before the grants: a loaded machine is slow
         await meter.open(0)
         meter.delivered_tokens(meter.take(10))
         first = await ledger.settle(account.id, meter.rid, charged_target=10)
@@ -536,11 +536,11 @@ def redis_user(redis_url: str) -> Iterator[tuple[str, Callable[[bool], None]]]:
 
 
 async def test_lapsed_heartbeat_stops_grants_until_liveness_is_proven(redis_url: str) -> None:
-    ledger = Ledger(connect(redis_url), prefix=new_prefix(), owner_ttl_seconds=0.6)
+    ledger = Ledger(connect(redis_url), prefix=new_prefix(), owner_ttl_seconds=1.5)
     try:
-        await ledger.heartbeat()
         account, _ = await ledger.create_account(100)
         meter = StreamMeter(ledger, account.id, ONE_PER_TOKEN, lease_tokens=16)
+        await ledger.heartbeat()  # just before the grants: a loaded machine is slow
         await meter.open(0)
         assert meter.take(4) == 4
         meter.delivered_tokens(4)
@@ -579,12 +579,12 @@ async def test_process_cut_off_from_the_ledger_stops_and_its_swept_lease_is_refu
         redis_url: str) -> None:
     prefix = new_prefix()
     with redis_user(redis_url) as (url, reachable):
-        here = Ledger(connect(url), prefix=prefix, owner_ttl_seconds=0.6)
+        here = Ledger(connect(url), prefix=prefix, owner_ttl_seconds=1.5)
         there = Ledger(connect(redis_url), prefix=prefix)  # another gateway process
         try:
-            await here.heartbeat()
             account, _ = await here.create_account(100)
             meter = StreamMeter(here, account.id, ONE_PER_TOKEN, lease_tokens=16)
+            await here.heartbeat()  # just before the grants: a loaded machine is slow
             await meter.open(0)
             meter.delivered_tokens(meter.take(4))
             reachable(False)
@@ -617,13 +617,13 @@ async def test_no_grant_from_a_swept_lease_after_the_heartbeat_recovers(
         redis_url: str) -> None:
     prefix = new_prefix()
     with redis_user(redis_url) as (url, reachable):
-        here = Ledger(connect(url), prefix=prefix, owner_ttl_seconds=0.6)
+        here = Ledger(connect(url), prefix=prefix, owner_ttl_seconds=1.5)
         there = Ledger(connect(redis_url), prefix=prefix)
         meter = StreamMeter(here, "", ONE_PER_TOKEN, lease_tokens=16)
         try:
-            await here.heartbeat()
             account, _ = await here.create_account(100)
             meter = StreamMeter(here, account.id, ONE_PER_TOKEN, lease_tokens=16)
+            await here.heartbeat()  # just before the grants: a loaded machine is slow
             await meter.open(0)
             meter.delivered_tokens(meter.take(4))
             reachable(False)
