@@ -1,5 +1,8 @@
 """Compile the project's contracts into committed artifacts: ``TestUSDC.vy`` (the EIP-3009 test
-token) into ``TestUSDC.json`` and ``Escrow.vy`` (the MPP session escrow) into ``Escrow.json``.
+token) into ``TestUSDC.json``, ``Escrow.vy`` (the MPP session escrow) into ``Escrow.json``,
+``Permit2.vy`` (Uniswap Permit2's signature transfers) into ``Permit2.json`` and
+``X402UptoPermit2Proxy.vy`` (the x402 ``upto`` scheme's proxy) into
+``X402UptoPermit2Proxy.json``.
 
 The artifacts are committed so the gateway and its tests can deploy the contracts without
 vyper installed; ``--check`` lets CI prove every artifact still matches its source.
@@ -21,11 +24,13 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 #: The contracts built, by name: ``<name>.vy`` compiles to ``<name>.json`` next to it.
-CONTRACTS = ("TestUSDC", "Escrow")
+CONTRACTS = ("TestUSDC", "Escrow", "Permit2", "X402UptoPermit2Proxy")
 SOURCE = HERE / "TestUSDC.vy"
 ARTIFACT = HERE / "TestUSDC.json"
 ESCROW_SOURCE = HERE / "Escrow.vy"
 ESCROW_ARTIFACT = HERE / "Escrow.json"
+PERMIT2_ARTIFACT = HERE / "Permit2.json"
+UPTO_PROXY_ARTIFACT = HERE / "X402UptoPermit2Proxy.json"
 
 
 def paths(name: str) -> tuple[Path, Path]:

@@ -3,7 +3,9 @@
 Used by :mod:`gateway.chain.devchain` when anvil is not installed. It answers like anvil where
 settlement depends on it: reverts carry ``Error(string)`` data, refused transactions use
 geth's wording, blocks follow a clock that ``evm_setTime`` moves, and an empty block is mined
-(lazily) when the head is a block time behind that clock.
+(lazily) when the head is a block time behind that clock. ``anvil_setCode`` and
+``anvil_setBalance`` change an account's state in a new (empty) block, as the dev chain needs
+to place Permit2 and the x402 upto proxy at their canonical addresses.
 """
 
 from __future__ import annotations
@@ -120,6 +122,26 @@ class TesterRpc:
             params = [params[0], "latest", *params[2:]]
         return params
 
+    def _set_account(self, method: str, params: list[Any]) -> None:
+        """``anvil_setCode(address, code)`` / ``anvil_setBalance(address, wei)``: change the
+        pending block's state and mine it, so "latest" sees the change at once (as on anvil).
+        Under the lock."""
+        from eth_utils import to_canonical_address, to_int
+
+        address = to_canonical_address(params[0])
+        self._follow_clock("evm_mine", [])  # the block to be mined carries the clock's time
+        chain = self.backend.chain
+        vm = chain.get_vm(chain.header)
+        if method == "anvil_setCode":
+            vm.state.set_code(address, bytes.fromhex(str(params[1]).removeprefix("0x")))
+        else:
+            value = params[1]
+            vm.state.set_balance(address, to_int(hexstr=value) if isinstance(value, str)
+                                 else int(value))
+        vm.state.persist()
+        chain.header = chain.header.copy(state_root=vm.state.state_root)
+        self.tester.mine_blocks(1)
+
     def handle(self, req: Any) -> Any:
         if isinstance(req, list):
             return [self.handle(item) for item in req]
@@ -139,6 +161,9 @@ class TesterRpc:
                     before = self.now()
                     self._offset = int(params[0]) - time.time()
                     return {"jsonrpc": "2.0", "id": rid, "result": self.now() - before}
+                if method in ("anvil_setCode", "anvil_setBalance"):
+                    self._set_account(method, list(params))
+                    return {"jsonrpc": "2.0", "id": rid, "result": None}
                 params = self._follow_clock(method, list(params))
                 resp = self._request(method, params)
         except Exception as exc:  # any eth-tester failure is a JSON-RPC error to the caller
