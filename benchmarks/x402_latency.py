@@ -30,7 +30,7 @@ from gateway.simulator import SimConfig
 from gateway.simulator import create_app as create_sim
 
 PAY_TO = "0x000000000000000000000000000000000000dEaD"
-BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}],
+BODY = {"model": "gpt-6-luna", "messages": [{"role": "user", "content": "hi"}],
         "max_tokens": 1, "stream": True}
 
 

@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import contextlib
+import errno
+import json
 import logging
+import os
+import resource
 import secrets
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
+# anyio loads its event-loop backend lazily, reading a file: loaded now, not first under
+# load when the process may be out of file descriptors (it then fails as a KeyError).
+import anyio._backends._asyncio  # noqa: F401
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -16,8 +23,9 @@ from starlette.types import Message, Receive, Scope, Send
 
 from gateway import admin, routes, status
 from gateway.dialects import ErrorInfo, get_dialect
-from gateway.errors import GatewayError, NotFound, ServiceUnavailable
+from gateway.errors import GatewayError, NotFound, Overloaded, ServiceUnavailable
 from gateway.idempotency import RequestIdempotency
+from gateway.logs import configure as configure_logs
 from gateway.metrics import Metrics
 from gateway.rails import PaymentRail, Rails
 from gateway.rails.mpp.factory import create_mpp_rail
@@ -40,7 +48,8 @@ log = logging.getLogger("tollstream")
 
 def build_gateway(settings: Settings, redis_url: str, *,
                   rail: PaymentRail | None = None) -> Gateway:
-    client = connect(redis_url)
+    client = connect(redis_url, max_connections=settings.redis_max_connections,
+                     pool_timeout=settings.redis_pool_timeout_seconds)
     ledger = Ledger(client, prefix=settings.key_prefix,
                     owner_ttl_seconds=settings.reservation_ttl_seconds,
                     key_cache_seconds=settings.key_cache_seconds)
@@ -75,13 +84,32 @@ def build_gateway(settings: Settings, redis_url: str, *,
 
 class GatewayApp(FastAPI):
     """The ASGI application: FastAPI, with its entry point noting the server's connection
-    object for exact delivery accounting (see :class:`gateway.sse.EventStreamResponse`)."""
+    object for exact delivery accounting (see :class:`gateway.sse.EventStreamResponse`), and
+    admitting at most :attr:`max_requests` requests at once (the rest: 503 overloaded)."""
+
+    #: Requests served at once by this process (0: no limit); set by :func:`create_app`.
+    max_requests = 0
+    in_flight = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         remember_connection(scope, send)  # uvicorn's own send: before it is wrapped
         if scope["type"] != "http":
             await super().__call__(scope, receive, send)
             return
+        if self.max_requests and self.in_flight >= self.max_requests:
+            # Refused before it takes a Redis connection, an upstream socket or a file.
+            response = render_error(Request(scope), ErrorInfo(
+                503, "overloaded", f"the gateway is serving as many requests as it may at "
+                f"once ({self.max_requests}); retry shortly"), {"retry-after": "1"})
+            await response(scope, receive, send)
+            return
+        self.in_flight += 1
+        try:
+            await self._serve_http(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+
+    async def _serve_http(self, scope: Scope, receive: Receive, send: Send) -> None:
         # Every answer names its request (X-Request-Id); a metered request's reservation,
         # log line and Stripe meter event carry the same id.
         request_id = secrets.token_hex(10)
@@ -136,6 +164,7 @@ def create_app(settings: Settings, redis_url: str, *, rail: PaymentRail | None =
     app = GatewayApp(title="tollstream", version="0.1.0", lifespan=lifespan,
                   docs_url=None, redoc_url=None)
     app.state.gateway = gw
+    app.max_requests = request_limit(settings)
     app.include_router(routes.router)
     app.include_router(status.router)
     app.include_router(admin.router)
@@ -144,7 +173,45 @@ def create_app(settings: Settings, redis_url: str, *, rail: PaymentRail | None =
     app.add_exception_handler(MeterError, _handle_error)
     app.add_exception_handler(RequestValidationError, _handle_validation)
     app.add_exception_handler(HTTPException, _handle_http)
+    app.add_exception_handler(OSError, _handle_os_error)
     return app
+
+
+#: File descriptors a gateway process keeps aside from its streams: the listening socket,
+#: the event loop's, log files, Lua and tokenizer files, the upstreams' DNS and TLS.
+FD_RESERVE = 64
+
+
+def request_limit(settings: Settings) -> int:
+    """How many requests one process serves at once: ``max_concurrent_requests``, or (0)
+    what its open-file limit allows: each stream holds its client's socket and an upstream
+    socket, and the Redis pool holds up to ``redis_max_connections``."""
+    if settings.max_concurrent_requests:
+        return settings.max_concurrent_requests
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 0
+    limit = max(1, (soft - FD_RESERVE - settings.redis_max_connections) // 2)
+    log.info("at most %d concurrent requests in this process (open-file limit %d)", limit,
+             soft)
+    return limit
+
+
+#: The environment variable through which ``tollstream serve --workers N`` tells its spawned
+#: workers how to build the app: JSON ``{"config", "redis_url", "log_level"}``.
+WORKER_ENV = "TOLLSTREAM_WORKER"
+
+
+def worker_app() -> FastAPI:
+    """The app factory a worker of ``tollstream serve --workers N`` calls (uvicorn imports
+    ``gateway.app:worker_app`` in each spawned worker): the parent's settings, read again
+    from the same file and environment, against the parent's Redis (the embedded one it
+    runs, or the configured one). Everything process-wide, the ledger's owner id included,
+    is built here, in the worker."""
+    spec = json.loads(os.environ[WORKER_ENV])
+    settings = Settings.load(spec["config"])
+    configure_logs(settings.log_format, spec["log_level"])
+    return create_app(settings, spec["redis_url"])
 
 
 def _dialect_for(path: str) -> str:
@@ -178,6 +245,13 @@ def _with_payment(request: Request, headers: dict[str, str] | None) -> dict[str,
 
 async def _handle_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, GatewayError | MeterError)
+    if exc.status >= 500 and not isinstance(exc, Overloaded) and _out_of_fds(exc):
+        # A Redis or upstream connection that failed because this process is out of file
+        # descriptors: the process' own limit, not the ledger's or the model's failure.
+        overloaded = Overloaded("the gateway is out of file descriptors; retry shortly",
+                                headers={"retry-after": "1"})
+        overloaded.__cause__ = exc
+        exc = overloaded
     if exc.status >= 500:
         log.warning("%s %s -> %s %s", request.method, request.url.path, exc.status, exc.code)
     headers = exc.headers if isinstance(exc, GatewayError) else None
@@ -193,6 +267,30 @@ async def _handle_error(request: Request, exc: Exception) -> Response:
         for name, value in exc.header_list:  # repeated fields (WWW-Authenticate)
             response.headers.append(name, value)
     return response
+
+
+def _out_of_fds(exc: BaseException) -> bool:
+    """Whether ``exc`` or an exception it was raised from is ``EMFILE`` / ``ENFILE``."""
+    seen: BaseException | None = exc
+    for _ in range(10):
+        if seen is None:
+            return False
+        if isinstance(seen, OSError) and seen.errno in (errno.EMFILE, errno.ENFILE):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+async def _handle_os_error(request: Request, exc: Exception) -> Response:
+    """Out of file descriptors (a socket, a file) anywhere in a request: 503 overloaded, the
+    process' own limit reached, not a bug. Any other ``OSError`` is one (500)."""
+    assert isinstance(exc, OSError)
+    if not _out_of_fds(exc):
+        raise exc
+    err = Overloaded("the gateway is out of file descriptors; retry shortly",
+                     headers={"retry-after": "1"})
+    err.__cause__ = exc
+    return await _handle_error(request, err)
 
 
 async def _handle_validation(request: Request, exc: Exception) -> Response:

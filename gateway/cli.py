@@ -3,48 +3,114 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from gateway import accounts_cli
 from gateway.logs import configure as configure_logs
 from gateway.settings import Settings, SettingsError
 from gateway.summary import effective, models_table, rails, startup, version
 
+log = logging.getLogger("tollstream")
+
 
 def _serve(args: argparse.Namespace) -> int:
+    """Run the gateway: one process, or ``--workers N`` under uvicorn's process manager.
+
+    Why uvicorn's workers (not gunicorn, not N gateways behind a proxy): the parent binds the
+    listening socket once and every worker accepts from it (one address, no proxy), it
+    restarts a worker that dies and stops them all on SIGTERM/SIGINT, and it is already a
+    dependency. Workers are *spawned* (fresh interpreters, not forks) and build their app from
+    the factory :func:`gateway.app.worker_app`, so each has its own event loop, Redis pool,
+    upstream pool and ledger owner id: every worker heartbeats and sweeps as a process of its
+    own, and never sweeps a live sibling's holds (a dead one's come back after the
+    reservation TTL, like any crashed process').
+
+    With the embedded Redis this process starts the one Valkey, under the data directory's
+    lock (a second gateway on the same directory is refused, exit 1), hands its URL to the
+    workers, and stops it when the workers have stopped.
+    """
     import uvicorn
 
-    from gateway.app import create_app
-    from gateway.embedded import EmbeddedRedis
+    from gateway.app import WORKER_ENV, create_app
+    from gateway.embedded import DataDirInUse, EmbeddedRedis
 
     try:
         settings = Settings.load(args.config)
     except SettingsError as exc:
         print(f"tollstream: {exc}", file=sys.stderr)
         return 2
+    if args.workers < 1:
+        print("tollstream: --workers must be at least 1", file=sys.stderr)
+        return 2
     configure_logs(settings.log_format, args.log_level)
+    raise_open_files_limit()
     embedded = None
     redis_url = settings.redis_url
     if not redis_url:
         embedded = EmbeddedRedis(Path(settings.data_dir), port=settings.embedded_redis_port)
-        redis_url = embedded.start()
+        try:
+            redis_url = embedded.start()
+        except DataDirInUse as exc:
+            print(f"tollstream: {exc}", file=sys.stderr)
+            return 1
     host, port = args.host or settings.host, args.port or settings.port
     for line in startup(settings, address=f"http://{host}:{port}", redis_url=redis_url,
                         embedded=embedded is not None):
+        if args.workers > 1:
+            line = line.replace("(one worker)", f"({args.workers} workers)")
         print(f"tollstream: {line}", file=sys.stderr)
+    options: dict[str, Any] = {
+        "host": host, "port": port, "log_config": None,  # our handler (logs.py)
+        "log_level": args.log_level, "timeout_graceful_shutdown": 5,
+        # uvloop stalled burst streams under concurrency in our tests (see
+        # benchmarks/RESULTS.md); the standard loop with httptools is used.
+        "loop": "asyncio", "http": "httptools"}
     try:
-        app = create_app(settings, redis_url)
-        uvicorn.run(app, host=host, port=port, log_config=None,  # our handler (logs.py)
-                    log_level=args.log_level, timeout_graceful_shutdown=5,
-                    # uvloop stalled burst streams under concurrency in our tests (see
-                    # benchmarks/RESULTS.md); the standard loop with httptools is used.
-                    loop="asyncio", http="httptools")
+        if args.workers == 1:
+            uvicorn.run(create_app(settings, redis_url), **options)
+        else:
+            # What a spawned worker needs to build the same app (it inherits the
+            # environment, so TOLLSTREAM_* overrides apply to it too).
+            os.environ[WORKER_ENV] = json.dumps({"config": args.config, "redis_url": redis_url,
+                                                 "log_level": args.log_level})
+            uvicorn.run("gateway.app:worker_app", factory=True, workers=args.workers,
+                        **options)
     finally:
         if embedded is not None:
             embedded.stop()
     return 0
+
+
+def raise_open_files_limit() -> tuple[int, int]:
+    """Raise the soft limit on open files to the hard limit and log both; return (before,
+    after). Every stream holds a client socket and an upstream socket: the usual soft limit
+    of 1,024 caps a worker near 500 streams while the hard limit is often far higher."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1_048_576)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("open files: could not raise the soft limit %d to %d: %s", soft,
+                        target, exc)
+            return soft, soft
+        log.info("open files: soft limit raised from %d to %d (the hard limit)", soft, target)
+        return soft, target
+    log.info("open files: limit %s (soft) / %s (hard)", _limit(soft), _limit(hard))
+    return soft, soft
+
+
+def _limit(value: int) -> str:
+    import resource
+
+    return "unlimited" if value == resource.RLIM_INFINITY else str(value)
 
 
 def _config_check(args: argparse.Namespace) -> int:
@@ -200,6 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="listen address (default: the config's host)")
     serve.add_argument("--port", type=int, help="listen port (default: the config's port)")
     serve.add_argument("--log-level", default="info")
+    serve.add_argument("--workers", type=int, default=1,
+                       help="worker processes sharing the port and one Redis (with the "
+                            "embedded Redis, this process runs it for all of them)")
     serve.set_defaults(func=_serve)
 
     config = sub.add_parser("config", help="check a configuration without starting anything")

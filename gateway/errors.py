@@ -16,6 +16,8 @@ Hierarchy::
     ├── RateLimited               429 the model API is rate limiting (passed through)
     ├── UpstreamError             502 the model API failed or answered garbage
     └── ServiceUnavailable        503 the ledger (Redis) or a chain RPC is unreachable
+        └── Overloaded            503 this process is at its limit of concurrent requests,
+                                      or out of file descriptors (``Retry-After``)
 
 :class:`meters.errors.MeterError` carries its own ``code`` and ``status`` and is rendered by the
 same handler. Foreign exceptions (aiohttp, redis, web3) are translated where they are caught with
@@ -108,3 +110,7 @@ class UpstreamError(GatewayError):
 class ServiceUnavailable(GatewayError):
     status = 503
     code = "service_unavailable"
+
+
+class Overloaded(ServiceUnavailable):
+    code = "overloaded"

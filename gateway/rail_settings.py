@@ -5,6 +5,7 @@ rail's keys and checks grow with the rail."""
 from __future__ import annotations
 
 import os
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
@@ -66,6 +67,85 @@ class X402NetworkSettings(_Frozen):
         return os.environ.get(self.relayer_key_env) if self.relayer_key_env else None
 
 
+class X402UptoSettings(_Frozen):
+    """``[x402.upto]``: the ``upto`` scheme (a Permit2 authorization for a maximum, settled
+    once for what the request used). Needs the canonical Permit2 and x402 upto proxy on the
+    chain. The payer's authorization names the one facilitator that may settle it: in local
+    mode our relayer, in remote mode the address the facilitator's ``/supported`` announces
+    (``extra.facilitatorAddress``)."""
+
+    enabled: bool = False
+    #: The most one request may authorize (asset units): a 402 asks for the prompt plus
+    #: ``max_tokens`` at the model's price, capped here; the stream is cut at what was
+    #: authorized.
+    max: str = "5.00"
+    #: ``maxTimeoutSeconds`` of the offer: the SDK's client signs a deadline this far ahead;
+    #: a stream must end (and settle) before it.
+    timeout_seconds: int = Field(default=900, ge=60)
+    #: An authorization no stream holds money on for this long is settled by the keeper
+    #: (a request that failed, or whose process died).
+    idle_seconds: float = Field(default=30.0, gt=0)
+    sweep_seconds: float = Field(default=5.0, gt=0)
+    #: Settle this long before an authorization's deadline (a stream still running then is
+    #: cut at the end of its lease); a payment whose deadline is nearer is refused.
+    deadline_margin_seconds: float = Field(default=30.0, ge=1)
+
+
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+FACILITATOR_ENDPOINTS = ("verify", "settle", "supported")
+
+
+class X402FacilitatorSettings(_Frozen):
+    """``[x402.facilitator]``: how remote mode talks to the facilitator at
+    ``facilitator_url``. Header values are secrets (hosted facilitators authenticate with
+    them): the settings name the environment variable holding each value, never the value,
+    so nothing secret is in the file, the printed configuration or a log."""
+
+    #: Header name -> environment variable holding its value, sent to every endpoint.
+    headers_env: dict[str, str] = {}
+    #: Per endpoint, over ``headers_env``: ``/verify``, ``/settle``, ``/supported``.
+    verify_headers_env: dict[str, str] = {}
+    settle_headers_env: dict[str, str] = {}
+    supported_headers_env: dict[str, str] = {}
+    #: A ``/settle`` answered ``settlement_pending`` (sent, not confirmed yet) is sent again
+    #: up to this many times, this far apart; still pending after that, the deposit stays
+    #: open (503 now, reconciled on-chain at the next start), never refused.
+    settle_pending_retries: int = Field(default=3, ge=0, le=20)
+    settle_pending_delay_seconds: float = Field(default=2.0, ge=0, le=60)
+    #: Redirects followed per call (configured headers only go to the configured origin).
+    max_redirects: int = Field(default=5, ge=0, le=20)
+
+    @model_validator(mode="after")
+    def _check_names(self) -> X402FacilitatorSettings:
+        for field, table in self._tables().items():
+            for header, env in table.items():
+                if not _HEADER_NAME.fullmatch(header):
+                    raise ValueError(f"{field}: {header[:60]!r} is not an HTTP header name")
+                if not env.strip():
+                    raise ValueError(f"{field}.{header} must name an environment variable")
+        return self
+
+    def _tables(self) -> dict[str, dict[str, str]]:
+        return {"headers_env": self.headers_env,
+                "verify_headers_env": self.verify_headers_env,
+                "settle_headers_env": self.settle_headers_env,
+                "supported_headers_env": self.supported_headers_env}
+
+    def missing_env(self) -> list[str]:
+        """The variables named for headers that are unset or empty."""
+        names = {env for table in self._tables().values() for env in table.values()}
+        return sorted(env for env in names if not os.environ.get(env))
+
+    def endpoint_headers(self) -> dict[str, dict[str, str]]:
+        """Per endpoint (``verify``, ``settle``, ``supported``), the headers to send, values
+        read from the environment now. Secrets: never log what this returns."""
+        return {endpoint: {header: os.environ.get(env, "")
+                           for header, env in {**self.headers_env,
+                                               **getattr(self, f"{endpoint}_headers_env")
+                                               }.items()}
+                for endpoint in FACILITATOR_ENDPOINTS}
+
+
 class X402Settings(_Frozen):
     """The x402 deposit rail (off unless ``enabled``)."""
 
@@ -73,6 +153,7 @@ class X402Settings(_Frozen):
     mode: Literal["local", "remote"] = "local"
     facilitator_url: str | None = None
     facilitator_timeout_seconds: float = Field(default=30.0, gt=0)
+    facilitator: X402FacilitatorSettings = X402FacilitatorSettings()
     pay_to: str = ""
     deposit: str = "1.00"
     #: The largest deposit one payment may make: a payer may pay more than a 402 asked (the
@@ -80,7 +161,15 @@ class X402Settings(_Frozen):
     max_deposit: str = "100.00"
     min_output_tokens: int = Field(default=256, ge=1)
     max_timeout_seconds: int = Field(default=300, ge=10)
+    #: Every x402 payment answers with a new API key for the payer's account (keys are
+    #: stored hashed: an earlier one cannot be shown again). An account keeps at most this
+    #: many keys issued by payments, the oldest revoked when a payment issues one more...
+    api_keys_kept: int = Field(default=5, ge=1, le=100)
+    #: ...and a key issued by a payment expires after this long unused (every use restarts
+    #: the clock). Keys an operator created are not affected by either.
+    api_key_idle_seconds: int = Field(default=30 * 86400, ge=60)
     networks: dict[str, X402NetworkSettings] = {}
+    upto: X402UptoSettings = X402UptoSettings()
 
     @model_validator(mode="after")
     def _check(self) -> X402Settings:
@@ -92,6 +181,9 @@ class X402Settings(_Frozen):
             raise ValueError("at least one network is required when x402 is enabled")
         if self.mode == "remote" and not self.facilitator_url:
             raise ValueError("facilitator_url is required in remote mode")
+        if self.mode == "remote" and self.facilitator.missing_env():
+            raise ValueError("facilitator headers: the variables "
+                             f"{', '.join(self.facilitator.missing_env())} must be set")
         if self.mode == "local":
             for name, net in self.networks.items():
                 if not net.relayer():

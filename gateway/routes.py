@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
@@ -14,7 +15,7 @@ from fastapi.responses import JSONResponse, Response
 from gateway.body import read_json
 from gateway.dialects import Dialect, ErrorInfo, ParsedRequest, get_dialect
 from gateway.dialects.anthropic_messages import AnthropicMessages
-from gateway.errors import PaymentRequired, UpstreamError
+from gateway.errors import GatewayError, PaymentRequired, UpstreamError
 from gateway.idempotency import Record, RequestIdempotency
 from gateway.logs import request_done
 from gateway.rails import Paid
@@ -22,10 +23,11 @@ from gateway.relay import RelayContext, relay
 from gateway.sse import EventStreamResponse
 from gateway.state import Gateway, Model
 from gateway.upstream import UpstreamResponse, UpstreamStreamError
-from meters.errors import InsufficientFunds
+from meters.errors import InsufficientFunds, MeterError
 from meters.meter import Bill, Outcome, Policy, StreamMeter
 
 router = APIRouter()
+log = logging.getLogger("tollstream.routes")
 
 #: A non-streaming upstream answer larger than this is refused rather than buffered.
 MAX_RESPONSE_BYTES = 16 * 1024 * 1024
@@ -66,6 +68,10 @@ async def handle(request: Request, dialect: Dialect) -> Response:
     idempotency_key = RequestIdempotency.key_of(request.headers)
     model = find_model(gw, parsed.model, dialect)
     needed = model.rate.charge(rough_prompt_tokens(parsed), gw.rail.min_output_tokens)
+    # The most this request can cost (its prompt and whole output): what an authorization
+    # for a maximum (x402 ``upto``) is asked for.
+    request.state.max_charge = model.rate.charge(
+        rough_prompt_tokens(parsed), parsed.max_output or model.max_output_tokens)
     try:
         paid = await gw.rail.authenticate(request, needed=needed, rate=model.rate)
     except PaymentRequired:
@@ -75,17 +81,45 @@ async def handle(request: Request, dialect: Dialect) -> Response:
         keep_payment_headers(request, paid)
     else:
         paid = Paid(await gw.authenticate(request, needed=needed, rate=model.rate), {})
-    if idempotency_key is None:
-        return await _serve(request, gw, dialect, parsed, model, paid, needed, None)
-    claim = await gw.idempotency.begin(paid.account_id, idempotency_key, request.url.path,
-                                       parsed.body)
-    if isinstance(claim, Response):
-        return claim  # answered before: not metered again
     try:
-        return await _serve(request, gw, dialect, parsed, model, paid, needed, claim)
+        if idempotency_key is None:
+            return await _serve(request, gw, dialect, parsed, model, paid, needed, None)
+        claim = await gw.idempotency.begin(paid.account_id, idempotency_key,
+                                           request.url.path, parsed.body)
+        if isinstance(claim, Response):
+            return claim  # answered before: not metered again
+        try:
+            return await _serve(request, gw, dialect, parsed, model, paid, needed, claim)
+        except BaseException:
+            await gw.idempotency.abandon(claim)  # nothing was charged: a retry runs anew
+            raise
     except BaseException:
-        await gw.idempotency.abandon(claim)  # nothing was charged: a retry runs anew
+        if paid.finish is not None:
+            # The request failed before it streamed: what it paid for is settled (nothing,
+            # usually) now rather than when the keeper finds the authorization idle.
+            with anyio.CancelScope(shield=True):
+                await _finish(paid)
         raise
+
+
+async def _finish(paid: Paid) -> dict[str, str]:
+    """Run ``paid.finish``; an outage is left to the rail's keeper (it retries)."""
+    assert paid.finish is not None
+    try:
+        return await paid.finish()
+    except (GatewayError, MeterError) as exc:
+        log.warning("settling the payment failed (%s); its keeper retries", exc.code)
+        return {}
+
+
+async def _finishing(events: AsyncIterator[bytes], paid: Paid) -> AsyncIterator[bytes]:
+    """``events``, then ``paid.finish`` however the stream ended (a disconnect included)."""
+    try:
+        async for chunk in events:
+            yield chunk
+    finally:
+        with anyio.CancelScope(shield=True):
+            await _finish(paid)
 
 
 async def _serve(request: Request, gw: Gateway, dialect: Dialect, parsed: ParsedRequest,
@@ -104,7 +138,8 @@ async def _serve(request: Request, gw: Gateway, dialect: Dialect, parsed: Parsed
     policy = Policy.CUT
     pause_timeout = gw.settings.pause_timeout_seconds
     if parsed.stream and paying is not None:
-        policy, pause_timeout = Policy.PAUSE, paying.pause_timeout
+        if paying.pauses:
+            policy, pause_timeout = Policy.PAUSE, paying.pause_timeout
     elif parsed.stream:
         policy = Policy(gw.settings.exhausted_policy)
     rate = gw.router.rate_for(model, account_id)  # in what the account holds
@@ -145,6 +180,8 @@ async def _serve(request: Request, gw: Gateway, dialect: Dialect, parsed: Parsed
     if not parsed.stream:
         answer = await _complete(gw, model, meter, dialect, response, payment_headers,
                                  started)
+        if paid.finish is not None:
+            answer.headers.update(await _finish(paid))
         if claim is not None:
             await gw.idempotency.finish(claim, bytes(answer.body),
                                         media_type="application/json")
@@ -183,6 +220,8 @@ async def _serve(request: Request, gw: Gateway, dialect: Dialect, parsed: Parsed
                        final_events=paying.receipt if paying is not None else None,
                        started=started)
     events = relay(ctx, response)
+    if paid.finish is not None:
+        events = _finishing(events, paid)
     if claim is not None:
         events = gw.idempotency.recording(claim, events, media_type="text/event-stream")
     return EventStreamResponse(events, ping=15, headers=payment_headers)

@@ -168,6 +168,17 @@ class Settings(_Frozen):
     #: The embedded Valkey's port when no ``redis_url`` is set (None: a free one).
     embedded_redis_port: int | None = Field(default=None, ge=1, le=65535)
     key_prefix: str = "ts:"
+    #: Redis connections per gateway process (per worker), at most. A stream uses one only
+    #: for the moment of a Redis call (open, one lease per lease_tokens tokens, close), so a
+    #: few dozen serve thousands of streams. A call that finds them all busy waits up to
+    #: redis_pool_timeout_seconds for one, then fails closed (503 ledger_unavailable).
+    redis_max_connections: int = Field(default=64, ge=2, le=10_000)
+    redis_pool_timeout_seconds: float = Field(default=2.0, gt=0, le=60)
+    #: Requests one gateway process (worker) serves at once; past it a request is answered
+    #: 503 overloaded at once, before it takes a Redis or upstream connection. 0: derived
+    #: from the open-file limit at start-up (two descriptors per stream, the Redis pool and
+    #: a reserve aside), so the process never runs out of file descriptors mid-request.
+    max_concurrent_requests: int = Field(default=0, ge=0)
     #: Bearer token of the admin API (off when unset). At least MIN_ADMIN_TOKEN characters:
     #: an empty or short token would open the operator API to anyone who guesses it.
     admin_token: SecretStr | None = None

@@ -39,25 +39,38 @@ class HoldBusy(Exception):
 class Holds:
     """Hold records next to the ledger, in the same Redis."""
 
-    def __init__(self, ledger: Ledger) -> None:
+    def __init__(self, ledger: Ledger, *, kind: str = "hold") -> None:
+        """``kind`` names the family of holds (``hold``: Stripe's; ``upto``: x402 ``upto``
+        authorizations): each has its own keys and open set, so each keeper closes its own."""
         self.ledger = ledger
         self.redis = ledger.redis
         self.prefix = ledger.prefix
+        self.kind = kind
+        self._open_set = f"{self.prefix}{kind}s:open"
         self._close = ledger.redis.register_script(script("hold_close.lua"))
 
     def _key(self, hold_id: str) -> str:
-        return f"{self.prefix}hold:{hold_id}"
+        return f"{self.prefix}{self.kind}:{hold_id}"
 
     async def open(self, hold_id: str, *, account_id: str, amount: int, expires: int,
-                   now: int) -> None:
-        """Record an authorized hold funding ``account_id`` (once; a repeat changes nothing)."""
+                   now: int, **fields: str | int) -> bool:
+        """Record an authorized hold funding ``account_id`` (once: a repeat changes nothing
+        and answers False). ``fields`` are kept with it (what closing it needs)."""
         with redis_errors():
-            if await self.redis.hsetnx(self._key(hold_id), "account", account_id):
-                await self.redis.hset(self._key(hold_id), mapping=cast(Any, {
-                    "amount": amount, "expires": expires, "state": "open", "capture": 0,
-                    "last_spent": 0, "quiet_since": now}))
-                await self.redis.set(f"{self.prefix}hold:account:{account_id}", hold_id)
-                await self.redis.sadd(f"{self.prefix}holds:open", hold_id)
+            if not await self.redis.hsetnx(self._key(hold_id), "account", account_id):
+                return False
+            await self.redis.hset(self._key(hold_id), mapping=cast(Any, {
+                **fields, "amount": amount, "expires": expires, "state": "open",
+                "capture": 0, "last_spent": 0, "quiet_since": now}))
+            await self.redis.set(f"{self.prefix}{self.kind}:account:{account_id}", hold_id)
+            await self.redis.sadd(self._open_set, hold_id)
+        return True
+
+    async def field(self, hold_id: str, name: str) -> str | None:
+        """One of the ``fields`` :meth:`open` kept."""
+        with redis_errors():
+            found = await self.redis.hget(self._key(hold_id), name)
+        return None if found is None else as_text(found)
 
     async def get(self, hold_id: str) -> Hold | None:
         with redis_errors():
@@ -72,12 +85,12 @@ class Holds:
     async def of_account(self, account_id: str) -> str | None:
         """The hold funding ``account_id``, if one does."""
         with redis_errors():
-            found = await self.redis.get(f"{self.prefix}hold:account:{account_id}")
+            found = await self.redis.get(f"{self.prefix}{self.kind}:account:{account_id}")
         return None if found is None else as_text(found)
 
     async def open_ids(self) -> list[str]:
         with redis_errors():
-            members = await self.redis.smembers(f"{self.prefix}holds:open")
+            members = await self.redis.smembers(self._open_set)
         return sorted(as_text(m) for m in members)
 
     async def seen(self, hold_id: str, *, spent: int, now: int) -> None:
@@ -92,13 +105,21 @@ class Holds:
         with redis_errors():
             result = int(await self._close(
                 keys=[self._key(hold_id), f"{self.prefix}acct:{account_id}",
-                      f"{self.prefix}holds:open"], args=["begin", hold_id, ""]))
+                      self._open_set], args=["begin", hold_id, ""]))
         if result == -1:
             raise HoldBusy(hold_id)
         return None if result < 0 else result
 
+    async def freeze(self, hold_id: str, account_id: str) -> bool:
+        """Stop the account funding new leases (a running stream finishes its lease, then is
+        cut); False if the hold is not open."""
+        with redis_errors():
+            return bool(await self._close(
+                keys=[self._key(hold_id), f"{self.prefix}acct:{account_id}", self._open_set],
+                args=["freeze", hold_id, ""]))
+
     async def finish(self, hold_id: str, account_id: str, state: str) -> None:
         with redis_errors():
             await self._close(keys=[self._key(hold_id), f"{self.prefix}acct:{account_id}",
-                                    f"{self.prefix}holds:open"],
+                                    self._open_set],
                               args=["finish", hold_id, state])

@@ -4,7 +4,8 @@ Every ``interval`` seconds the keeper
 
 1. renews this process' heartbeat, so its holds stay alive;
 2. sweeps the holds of processes whose heartbeat expired (crash safety: a reservation held by
-   a dead process comes back to its account);
+   a dead process comes back to its account), a bounded batch per Redis call
+   (:meth:`Ledger.sweep`), so a crash that left 100,000 holds never blocks Redis for long;
 3. retries final settlements that failed because Redis was unreachable when a stream ended, so
    delivered tokens are still charged once Redis returns.
 """

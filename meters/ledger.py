@@ -27,7 +27,9 @@ from typing import Any, cast
 
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
+from redis.driver_info import DriverInfo
 from redis.exceptions import RedisError
+from redis.utils import get_lib_version
 
 from meters.errors import AccountNotFound, DuplicateCredit, InvalidAmount, LedgerUnavailable
 from meters.money import MAX_AMOUNT
@@ -47,12 +49,24 @@ def script(name: str) -> str:
     return resources.files("meters").joinpath("lua", name).read_text(encoding="utf-8")
 
 
-def connect(url: str, *, max_connections: int = 512) -> aioredis.Redis:
-    """A client whose pool waits for a free connection instead of failing past its limit,
-    and whose short timeouts make an unreachable Redis fail closed within a second or two."""
+#: Named once: without it redis-py reads its package metadata (a file) for every new
+#: connection, which fails as an ``OSError`` when the process is out of file descriptors.
+_DRIVER = DriverInfo(name="redis-py", lib_version=get_lib_version())
+
+#: Most reservations one call of ``sweep.lua`` returns (Redis runs nothing else meanwhile:
+#: about 7-15 µs each, so a call stays near 1-2 ms whatever a crashed process left).
+SWEEP_BATCH = 128
+
+
+def connect(url: str, *, max_connections: int = 64, pool_timeout: float = 5.0
+            ) -> aioredis.Redis:
+    """A client whose pool of at most ``max_connections`` waits up to ``pool_timeout``
+    seconds for a free connection (then raises ``ConnectionError``: fail closed) instead of
+    opening more, and whose short timeouts make an unreachable Redis fail closed within a
+    second or two."""
     pool = aioredis.BlockingConnectionPool.from_url(
-        url, max_connections=max_connections, timeout=5, socket_connect_timeout=1,
-        socket_timeout=3)
+        url, max_connections=max_connections, timeout=pool_timeout, socket_connect_timeout=1,
+        socket_timeout=3, driver_info=_DRIVER)
     return aioredis.Redis(connection_pool=pool)
 
 
@@ -60,6 +74,11 @@ def hash_key(api_key: str) -> str:
     """API keys are stored as their SHA-256: a leaked Redis dump reveals no usable key."""
     return hashlib.sha256(api_key.encode("utf-8")).hexdigest()
 
+
+#: Payment-issued API keys live per account, and how long one lives unused (the x402
+#: settings ``api_keys_kept`` / ``api_key_idle_seconds`` default to these).
+PAYMENT_KEYS_KEPT = 5
+PAYMENT_KEY_IDLE_SECONDS = 30 * 86400
 
 @dataclass(frozen=True, slots=True)
 class Account:
@@ -122,6 +141,8 @@ class Ledger:
         self._settle: AsyncScript = client.register_script(script("settle.lua"))
         self._sweep: AsyncScript = client.register_script(script("sweep.lua"))
         self._credit: AsyncScript = client.register_script(script("credit.lua"))
+        self._issue_payment_key: AsyncScript = client.register_script(_ISSUE_PAYMENT_KEY)
+        self._authenticate: AsyncScript = client.register_script(_AUTHENTICATE)
 
     # -- keys -------------------------------------------------------------------------------
     def _acct(self, account_id: str) -> str:
@@ -156,11 +177,21 @@ class Ledger:
     def is_alive(self) -> bool:
         return time.monotonic() < self.alive_until
 
-    async def sweep(self) -> tuple[int, int]:
-        """Return the holds of dead processes; returns (reservations, atomic units) returned."""
-        with redis_errors():
-            count, total = await self._sweep(keys=[f"{self.prefix}owners"], args=[self.prefix])
-        return int(count), int(total)
+    async def sweep(self, *, batch: int = SWEEP_BATCH) -> tuple[int, int]:
+        """Return the holds of dead processes; returns (reservations, atomic units) returned.
+
+        A crashed process may have left any number of holds, and a Lua script blocks Redis
+        while it runs: each call of ``sweep.lua`` returns at most ``batch`` of them (about
+        1-2 ms of Redis time for 128), and this calls it again until nothing is left, so other
+        clients' commands run between the batches."""
+        count = total = 0
+        more = 1
+        while more:
+            with redis_errors():
+                done, amount, more = await self._sweep(keys=[f"{self.prefix}owners"],
+                                                       args=[self.prefix, batch])
+            count, total = count + int(done), total + int(amount)
+        return count, total
 
     async def ping(self) -> bool:
         try:
@@ -203,9 +234,14 @@ class Ledger:
                 created, *_ = await pipe.execute()
         return bool(created)
 
+    def _paykeys(self, account_id: str) -> str:
+        # Outside ``acct:`` (whose SCAN lists accounts): the keys payments issued, by age.
+        return f"{self.prefix}paykeys:{account_id}"
+
     async def issue_key(self, account_id: str, *, revoke_others: bool = False) -> str:
         """Issue one more API key for an existing account; earlier keys stay valid unless
-        ``revoke_others``."""
+        ``revoke_others``. The key never expires (an operator's key; payments use
+        :meth:`issue_payment_key`)."""
         api_key, key_hash = _new_key()
         with redis_errors():
             if not await self.redis.exists(self._acct(account_id)):
@@ -215,13 +251,46 @@ class Ledger:
                 for h in old:
                     pipe.delete(f"{self.prefix}key:{as_text(h)}")
                 if revoke_others:
-                    pipe.delete(self._keys(account_id))
+                    pipe.delete(self._keys(account_id), self._paykeys(account_id))
                 pipe.set(f"{self.prefix}key:{key_hash}", account_id)
                 pipe.sadd(self._keys(account_id), key_hash)
                 await pipe.execute()
         if revoke_others:
             for h in [h for h, (acct, _) in self._key_cache.items() if acct == account_id]:
                 del self._key_cache[h]
+        return api_key
+
+    async def issue_payment_key(self, account_id: str, *, keep: int = PAYMENT_KEYS_KEPT,
+                                idle_seconds: float = PAYMENT_KEY_IDLE_SECONDS) -> str:
+        """Issue the API key a payment answers with, keeping the account's key set bounded.
+
+        Keys are stored hashed, so an earlier key cannot be handed out again: every payment
+        gets a new one (rotation, not reuse). Keys issued this way
+
+        * are at most ``keep`` live per account: issuing one more revokes the oldest (here at
+          once, in this process' key cache too; other processes stop accepting it within
+          :attr:`key_cache_seconds`);
+        * expire after ``idle_seconds`` without use: each :meth:`authenticate` that reaches
+          Redis restarts the clock (a Redis TTL on ``key:<hash>``), so a key in use lives on
+          and a forgotten one disappears; a cached lookup never outlives the TTL.
+
+        Keys an operator issued (:meth:`create_account`, :meth:`issue_key`) never expire and
+        do not count. Hashes of keys that expired or were revoked are pruned from the
+        account's key set here, so it does not grow with them either.
+        """
+        if keep < 1 or idle_seconds <= 0:
+            raise ValueError("keep must be >= 1 and idle_seconds > 0")
+        api_key, key_hash = _new_key()
+        with redis_errors():
+            dropped = await self._issue_payment_key(
+                keys=[self._acct(account_id), self._keys(account_id),
+                      self._paykeys(account_id), f"{self.prefix}key:{key_hash}"],
+                args=[key_hash, account_id, max(1, int(idle_seconds * 1000)), keep,
+                      self.prefix])
+        if dropped == -1:
+            raise AccountNotFound(f"no account {account_id}", param="account_id")
+        for h in cast(list[Any], dropped):
+            self._key_cache.pop(as_text(h), None)
         return api_key
 
     async def rotate_key(self, account_id: str) -> str:
@@ -239,16 +308,22 @@ class Ledger:
             hit = self._key_cache.get(key_hash)
             if hit is not None and hit[1] > time.monotonic():
                 return hit[0]
+        # Trust is counted from before the lookup: a cached key never outlives its TTL.
+        started = time.monotonic()
         with redis_errors():
-            found = await self.redis.get(f"{self.prefix}key:{key_hash}")
-        if found is None:
+            # GET, and for a key that expires (a payment's) restart its idle clock.
+            found = await self._authenticate(keys=[f"{self.prefix}key:{key_hash}"],
+                                             args=[self.prefix])
+        if not found:
             self._key_cache.pop(key_hash, None)
             return None
-        account_id = as_text(found)
+        account_id, ttl_ms = as_text(found[0]), int(found[1])
         if self.key_cache_seconds:
-            if len(self._key_cache) >= 100_000:  # bound memory; a miss only costs a GET
+            if len(self._key_cache) >= 100_000:  # bound memory; a miss only costs a lookup
                 self._key_cache.clear()
-            self._key_cache[key_hash] = (account_id, time.monotonic() + self.key_cache_seconds)
+            trust = self.key_cache_seconds if ttl_ms < 0 else min(self.key_cache_seconds,
+                                                                  ttl_ms / 1000)
+            self._key_cache[key_hash] = (account_id, started + trust)
         return account_id
 
     async def get_account(self, account_id: str) -> Account:
@@ -346,6 +421,60 @@ class Ledger:
         return SettleResult(int(charged), int(returned), int(shortfall), int(balance),
                             replayed=status == 0)
 
+
+# The two key scripts are short and only about keys, so they live here, not in meters/lua.
+
+_ISSUE_PAYMENT_KEY = """
+-- KEYS: acct:<id>, acct:<id>:keys, paykeys:<id>, key:<new hash>
+-- ARGV: new hash, account id, idle TTL (ms), keys kept, prefix
+-- Returns -1 (no account) or the hashes of the keys revoked to stay within the bound.
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+local prefix = ARGV[5]
+for _, h in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+  if redis.call('EXISTS', prefix .. 'key:' .. h) == 0 then  -- expired or revoked
+    redis.call('SREM', KEYS[2], h)
+    redis.call('ZREM', KEYS[3], h)
+  end
+end
+for _, h in ipairs(redis.call('ZRANGE', KEYS[3], 0, -1)) do
+  if redis.call('EXISTS', prefix .. 'key:' .. h) == 0 then redis.call('ZREM', KEYS[3], h) end
+end
+redis.call('SET', KEYS[4], ARGV[2], 'PX', ARGV[3])
+redis.call('SADD', KEYS[2], ARGV[1])
+-- Scored by issue order, a counter of the account's: not a clock (two keys issued in one
+-- millisecond, or by processes whose clocks differ, would tie or swap, and the bound would
+-- drop a newer key).
+redis.call('ZADD', KEYS[3], redis.call('HINCRBY', KEYS[1], 'key_seq', 1), ARGV[1])
+redis.call('HSET', KEYS[1], 'key_idle_ms', ARGV[3])
+local dropped = {}
+local over = redis.call('ZCARD', KEYS[3]) - tonumber(ARGV[4])
+if over > 0 then
+  dropped = redis.call('ZRANGE', KEYS[3], 0, over - 1)
+  for _, h in ipairs(dropped) do
+    redis.call('DEL', prefix .. 'key:' .. h)
+    redis.call('SREM', KEYS[2], h)
+    redis.call('ZREM', KEYS[3], h)
+  end
+end
+return dropped
+"""
+
+_AUTHENTICATE = """
+-- KEYS: key:<hash>; ARGV: prefix. Returns false or {account id, TTL in ms (-1: none)}.
+-- A key with a TTL was issued by a payment: its use restarts the idle clock (the account's
+-- key_idle_ms, set when it was issued).
+local account = redis.call('GET', KEYS[1])
+if not account then return false end
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl > 0 then
+  local idle = redis.call('HGET', ARGV[1] .. 'acct:' .. account, 'key_idle_ms')
+  if idle then
+    redis.call('PEXPIRE', KEYS[1], idle)
+    ttl = tonumber(idle)
+  end
+end
+return {account, ttl}
+"""
 
 #: Account ids are opaque tokens ("acct_<hex>", "x402_<hex>") that never contain ":", the
 #: separator of the ledger's keys.

@@ -18,7 +18,7 @@ that do not look at the media type parse it all the same.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -44,10 +44,12 @@ class Offer:
 
 
 class StreamPayment(Protocol):
-    """How a stream paid by a pre-authorized allowance (an MPP session) asks for more money
-    when it runs out, and how it ends: the stream pauses (never cuts at once) for up to
-    :attr:`pause_timeout` seconds."""
+    """How a stream paid by a pre-authorized allowance (an MPP session, an x402 ``upto``
+    authorization) asks for more money when it runs out, and how it ends. A session's stream
+    pauses (never cuts at once) for up to :attr:`pause_timeout` seconds; one that cannot get
+    more (:attr:`pauses` false: an ``upto`` maximum) is cut."""
 
+    pauses: bool
     pause_timeout: float
 
     async def need(self, meter: StreamMeter, tokens: int) -> list[bytes]:
@@ -72,6 +74,9 @@ class Paid:
     account_id: str
     headers: dict[str, str]
     stream: StreamPayment | None = None
+    #: Called once the request's final charge was made, however it ended (an ``upto``
+    #: authorization settles then): response headers for a non-streaming answer.
+    finish: Callable[[], Awaitable[dict[str, str]]] | None = None
 
 
 class PaymentRail:

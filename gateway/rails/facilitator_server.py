@@ -4,17 +4,36 @@
 :class:`~gateway.rails.facilitator.LocalSettlement`: tollstream can be its own (self-hosted)
 facilitator, and tests get a real remote one for
 :class:`~gateway.rails.facilitator.RemoteFacilitator`.
+
+It answers as a facilitator built from the x402 SDK (``x402Facilitator``) does, so the SDK's
+``HTTPFacilitatorClient`` (which raises on anything but HTTP 200) works against it:
+
+* any request that is a JSON object gets 200: ``isValid: false`` / ``success: false`` with
+  the x402 reason when the payment is invalid, including a malformed payload
+  (``invalid_payload``), malformed requirements (``invalid_payment_requirements``), an unknown
+  ``x402Version`` (``invalid_x402_version``), a scheme nobody serves (``unsupported_scheme``),
+  a payment for another network than its requirements (``network_mismatch``), requirements
+  without the token's EIP-712 domain (``missing_eip712_domain``);
+* ``x402Version`` 1 and 2 both (v1: the payload's ``scheme``/``network`` at the top,
+  ``maxAmountRequired``, a v1 network name, or a CAIP-2 id for chains v1 has no name for);
+* a settlement sent but not confirmed in time answers ``success: false``, ``errorReason:
+  settlement_pending`` with the transaction; the same request again reconciles with that
+  transaction (never sends a second one);
+* only a body that is not a JSON object answers 400, an unreachable chain 503, garbage from
+  the chain 502.
+
+Each request goes to the :class:`~gateway.rails.facilitator.SchemeSettlement` registered for
+its scheme (``exact`` by default; another scheme plugs in with ``schemes=``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from pydantic import ValidationError
 
 from gateway.errors import (
     GatewayError,
@@ -24,50 +43,96 @@ from gateway.errors import (
     UpstreamError,
 )
 from gateway.rails.evm import EvmNetwork, EvmSettler
-from gateway.rails.facilitator import LocalSettlement
-from gateway.rails.x402 import (
-    SCHEME_EXACT,
-    PaymentPayload,
-    PaymentRequirements,
-    parse_payment_payload,
+from gateway.rails.facilitator import (
+    SETTLEMENT_PENDING,
+    LocalSettlement,
+    SchemeSettlement,
 )
 
 
-def _parse_request(data: Any) -> tuple[PaymentPayload, PaymentRequirements]:
-    if not isinstance(data, dict):
-        raise InvalidPayment("request body is not a JSON object")
-    if data.get("x402Version") != 2:
-        raise InvalidPayment("only x402Version 2 is supported", param="x402Version",
-                             code="invalid_x402_version")
-    payload = parse_payment_payload(data.get("paymentPayload"), version=2,
-                                    where="paymentPayload")
-    try:
-        requirements = PaymentRequirements.model_validate(data.get("paymentRequirements"))
-    except ValidationError as exc:
-        raise InvalidPayment("paymentRequirements is malformed",
-                             param="paymentRequirements",
-                             code="invalid_payment_requirements") from exc
-    assert isinstance(payload, PaymentPayload)  # version=2 guarantees it
-    return payload, requirements
-
-
-def _payer_of(data: Any) -> str | None:
-    try:
-        payer = data["paymentPayload"]["payload"]["authorization"]["from"]
-    except (KeyError, TypeError):
-        return None
+def _payer_of(payload: Any) -> str | None:
+    inner = payload.get("payload") if isinstance(payload, dict) else None
+    # exact: an EIP-3009 authorization; upto: a Permit2 authorization.
+    signed = inner.get("authorization", inner.get("permit2Authorization")) \
+        if isinstance(inner, dict) else None
+    payer = signed.get("from") if isinstance(signed, dict) else None
     return payer if isinstance(payer, str) else None
 
 
-def create_app(settler: EvmSettler, networks: Sequence[EvmNetwork]) -> FastAPI:
-    """A FastAPI app serving ``/verify``, ``/settle`` and ``/supported`` on ``networks``.
+def _scheme_of(payload: Any, requirements: Any, version: int) -> Any:
+    """The scheme a request is for: the requirements' (what is asked), else the payment's."""
+    if isinstance(requirements, dict) and "scheme" in requirements:
+        return requirements["scheme"]
+    if version == 2 and isinstance(payload, dict) and isinstance(payload.get("accepted"), dict):
+        return payload["accepted"].get("scheme")
+    return payload.get("scheme") if isinstance(payload, dict) else None
 
-    Invalid payments answer 200 with ``isValid: false`` / ``success: false`` and the x402
-    reason (what the x402 SDK's facilitator client expects); malformed requests answer 400;
-    an unreachable chain answers 503.
-    """
-    local = LocalSettlement(settler, networks)
+
+def _reason(exc: GatewayError) -> str:
+    return "invalid_payload" if exc.code == InvalidPayment.code else exc.code
+
+
+def create_app(settler: EvmSettler, networks: Sequence[EvmNetwork], *,
+               schemes: Sequence[SchemeSettlement] = ()) -> FastAPI:
+    """A FastAPI app serving ``/verify``, ``/settle`` and ``/supported`` on ``networks``
+    (see the module docstring for its answers); ``schemes`` are served next to ``exact``."""
+    local = LocalSettlement(settler, networks, schemes=schemes)
     app = FastAPI(title="tollstream x402 facilitator", docs_url=None, redoc_url=None)
+
+    async def handle(request: Request, action: Literal["verify", "settle"]) -> JSONResponse:
+        try:
+            data = orjson.loads(await request.body())  # see RemoteFacilitator._call
+        except ValueError:
+            data = None
+        if not isinstance(data, dict):
+            return failure(action, "invalid_payload", "body is not a JSON object", None, "",
+                           status=400)
+        payload, requirements = data.get("paymentPayload"), data.get("paymentRequirements")
+        payer = _payer_of(payload)
+        network = ""
+        if isinstance(requirements, dict) and isinstance(requirements.get("network"), str):
+            network = requirements["network"]
+        version = data.get("x402Version")
+        if version not in (1, 2) or isinstance(version, bool):
+            return failure(action, "invalid_x402_version",
+                           f"x402Version {str(version)[:20]} is not supported", payer, network)
+        assert isinstance(version, int)
+        try:
+            handler = local.scheme(_scheme_of(payload, requirements, version))
+            parsed, required = handler.parse(payload, requirements, version=version)
+            if action == "verify":
+                payer = await handler.verify(parsed, required)
+                return JSONResponse({"isValid": True, "payer": payer})
+            result = await handler.settle(parsed, required)
+        except (InvalidPayment, PaymentRejected) as exc:
+            return failure(action, _reason(exc), exc.message, payer, network,
+                           transaction=str(exc.extra.get("transaction", "")))
+        except ServiceUnavailable as exc:
+            if action == "settle" and exc.extra.get("transaction"):
+                # Sent, outcome not known yet: the SDK's settlement_pending (retry the same
+                # request to reconcile with this transaction).
+                return failure(action, SETTLEMENT_PENDING, exc.message, payer, network,
+                               transaction=str(exc.extra["transaction"]))
+            return error(exc)
+        except UpstreamError as exc:
+            return error(exc)
+        # A v1 request gets the network as it named it (its v1 name).
+        return JSONResponse({"success": True, "payer": result.payer,
+                             "transaction": result.tx_hash,
+                             "network": network or result.network,
+                             "amount": str(result.amount)})
+
+    def failure(action: str, reason: str, message: str, payer: str | None, network: str, *,
+                transaction: str = "", status: int = 200) -> JSONResponse:
+        if action == "verify":
+            body: dict[str, Any] = {"isValid": False, "invalidReason": reason,
+                                    "invalidMessage": message}
+        else:
+            body = {"success": False, "errorReason": reason, "errorMessage": message,
+                    "transaction": transaction, "network": network}
+        if payer is not None:
+            body["payer"] = payer
+        return JSONResponse(body, status_code=status)
 
     def error(exc: GatewayError) -> JSONResponse:
         # extra carries the transaction hash when one was sent and its outcome is unknown.
@@ -76,63 +141,17 @@ def create_app(settler: EvmSettler, networks: Sequence[EvmNetwork]) -> FastAPI:
 
     @app.post("/verify")
     async def verify(request: Request) -> JSONResponse:
-        try:
-            data = orjson.loads(await request.body())  # see RemoteFacilitator._call
-        except ValueError:
-            return JSONResponse({"isValid": False, "invalidReason": "invalid_payload",
-                                 "invalidMessage": "body is not JSON"}, status_code=400)
-        try:
-            payload, requirements = _parse_request(data)
-            payer = await local.verify(payload, requirements)
-        except InvalidPayment as exc:
-            return JSONResponse({"isValid": False,
-                                 "invalidReason": exc.code if exc.code != "invalid_payment"
-                                 else "invalid_payload",
-                                 "invalidMessage": exc.message, "payer": _payer_of(data)},
-                                status_code=400)
-        except PaymentRejected as exc:
-            return JSONResponse({"isValid": False, "invalidReason": exc.code,
-                                 "invalidMessage": exc.message, "payer": _payer_of(data)})
-        except (ServiceUnavailable, UpstreamError) as exc:
-            return error(exc)
-        return JSONResponse({"isValid": True, "payer": payer})
+        return await handle(request, "verify")
 
     @app.post("/settle")
     async def settle(request: Request) -> JSONResponse:
-        try:
-            data = orjson.loads(await request.body())  # see RemoteFacilitator._call
-        except ValueError:
-            return JSONResponse({"success": False, "errorReason": "invalid_payload",
-                                 "transaction": "", "network": ""}, status_code=400)
-        network = ""
-        if isinstance(data, dict) and isinstance(data.get("paymentRequirements"), dict):
-            network = str(data["paymentRequirements"].get("network", ""))
-        try:
-            payload, requirements = _parse_request(data)
-            result = await local.settle(payload, requirements)
-        except InvalidPayment as exc:
-            return JSONResponse({"success": False,
-                                 "errorReason": exc.code if exc.code != "invalid_payment"
-                                 else "invalid_payload",
-                                 "errorMessage": exc.message, "payer": _payer_of(data),
-                                 "transaction": "", "network": network}, status_code=400)
-        except PaymentRejected as exc:
-            body: dict[str, Any] = {"success": False, "errorReason": exc.code,
-                                    "errorMessage": exc.message, "payer": _payer_of(data),
-                                    "transaction": exc.extra.get("transaction", ""),
-                                    "network": network}
-            return JSONResponse(body)
-        except (ServiceUnavailable, UpstreamError) as exc:
-            return error(exc)
-        return JSONResponse({"success": True, "payer": result.payer,
-                             "transaction": result.tx_hash, "network": result.network,
-                             "amount": str(result.amount)})
+        return await handle(request, "settle")
 
     @app.get("/supported")
     async def supported() -> JSONResponse:
-        kinds = [{"x402Version": 2, "scheme": SCHEME_EXACT, "network": n.network}
-                 for n in networks]
-        signers = sorted({n.relayer_address for n in networks})
+        kinds = [kind.model_dump(mode="json", by_alias=True, exclude_none=True)
+                 for handler in local.schemes.values() for kind in handler.kinds()]
+        signers = sorted({s for handler in local.schemes.values() for s in handler.signers()})
         return JSONResponse({"kinds": kinds, "extensions": [],
                              "signers": {"eip155:*": signers}})
 

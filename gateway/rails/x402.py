@@ -368,6 +368,19 @@ def to_v1(req: PaymentRequirements, resource: ResourceInfo) -> PaymentRequiremen
         extra=req.extra)
 
 
+def from_v1(req: PaymentRequirementsV1) -> PaymentRequirements:
+    """The v2 form of v1 requirements (a v1 network name becomes its CAIP-2 id; a CAIP-2 id
+    is kept). Raises :class:`PaymentRejected` (``invalid_network``) for a name that is
+    neither."""
+    network = caip2(req.network)
+    if not _CAIP2.fullmatch(network):
+        raise PaymentRejected(f"network {req.network!r} is not supported",
+                              code="invalid_network")
+    return PaymentRequirements(
+        scheme=req.scheme, network=network, amount=req.max_amount_required, asset=req.asset,
+        pay_to=req.pay_to, max_timeout_seconds=req.max_timeout_seconds, extra=req.extra)
+
+
 def match_requirements(payload: AnyPaymentPayload,
                        offered: Sequence[PaymentRequirements]) -> PaymentRequirements:
     """The offered requirements this payment pays for.
@@ -412,17 +425,34 @@ class PaymentChallenge:
         return {PAYMENT_REQUIRED_HEADER: self.header}
 
 
+V2_ONLY_FIELD = "v2OnlyNetworks"
+"""v1 body field listing the offered networks x402 v1 cannot name (pay those with v2)."""
+
+
 def build_payment_required(*, resource: ResourceInfo, accepts: Sequence[PaymentRequirements],
                            error: str = "PAYMENT-SIGNATURE header is required",
                            extensions: dict[str, Any] | None = None) -> PaymentChallenge:
-    """Build the 402 challenge: v2 header value plus v1-compatible JSON body."""
+    """Build the 402 challenge: v2 header value plus v1-compatible JSON body.
+
+    v1 names only some chains (:data:`V1_NETWORKS`): an offer on any other chain (a local
+    one, a new L2) has no v1 form. The v1 body then says so instead of leaving ``accepts``
+    silently short (or empty): its ``error`` names those networks and tells the client to pay
+    with v2, and :data:`V2_ONLY_FIELD` lists them (CAIP-2) for programs.
+    """
     v2 = PaymentRequired(error=error, resource=resource, accepts=list(accepts),
                          extensions=extensions)
     v1_accepts = [r for r in (to_v1(req, resource) for req in accepts) if r is not None]
-    v1 = PaymentRequiredV1(error=error, accepts=v1_accepts)
-    return PaymentChallenge(header=encode_header(v2),
-                            body=v1.model_dump(mode="json", by_alias=True, exclude_none=True),
-                            v2=v2, v1=v1)
+    v2_only = list(dict.fromkeys(req.network for req in accepts
+                                 if v1_network_name(req.network) is None))
+    v1_error = error
+    if v2_only:
+        v1_error = (f"{error} (x402 v1 has no network name for {', '.join(v2_only)}: pay "
+                    f"there with x402 v2, the {PAYMENT_REQUIRED_HEADER} header's offers)")
+    v1 = PaymentRequiredV1(error=v1_error, accepts=v1_accepts)
+    body = v1.model_dump(mode="json", by_alias=True, exclude_none=True)
+    if v2_only:
+        body[V2_ONLY_FIELD] = v2_only
+    return PaymentChallenge(header=encode_header(v2), body=body, v2=v2, v1=v1)
 
 
 def settlement_response(*, success: bool, transaction: str, network: str,
@@ -452,6 +482,7 @@ __all__ = [
     "PAYMENT_RESPONSE_HEADER",
     "PAYMENT_SIGNATURE_HEADER",
     "SCHEME_EXACT",
+    "V2_ONLY_FIELD",
     "X_PAYMENT_HEADER",
     "X_PAYMENT_RESPONSE_HEADER",
     "AnyPaymentPayload",
@@ -475,6 +506,7 @@ __all__ = [
     "decode_payment_header",
     "encode_header",
     "exact_requirements",
+    "from_v1",
     "match_requirements",
     "parse_payment_payload",
     "settlement_headers",

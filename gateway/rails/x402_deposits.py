@@ -38,6 +38,7 @@ from gateway.rail_settings import X402NetworkSettings
 from gateway.rails.base import Offer, Paid, PaymentRail, render
 from gateway.rails.evm import EvmNetwork, EvmSettler, SettlementNotSubmitted, SettlementResult
 from gateway.rails.facilitator import LocalSettlement, RemoteFacilitator, Settlement
+from gateway.rails.upto import SCHEME_UPTO
 from gateway.rails.x402 import (
     PAYMENT_SIGNATURE_HEADER,
     X_PAYMENT_HEADER,
@@ -46,7 +47,7 @@ from gateway.rails.x402 import (
     PaymentRequirements,
     ResourceInfo,
     build_payment_required,
-    decode_payment_header,
+    decode_header_json,
     encode_header,
     exact_requirements,
     match_requirements,
@@ -55,6 +56,7 @@ from gateway.rails.x402 import (
     settlement_response,
     to_authorization,
 )
+from gateway.rails.x402_upto import UptoPayments
 from gateway.settings import Settings
 from meters.deposits import SETTLED, Deposit, Deposits
 from meters.ledger import Ledger
@@ -105,12 +107,18 @@ class X402Deposits(PaymentRail):
         self.min_output_tokens = cfg.min_output_tokens
         self.pay_to = cfg.pay_to
         self.max_timeout_seconds = cfg.max_timeout_seconds
+        self.api_keys_kept = cfg.api_keys_kept
+        self.api_key_idle_seconds = cfg.api_key_idle_seconds
         self.networks = {net.network: evm_network(net) for net in cfg.networks.values()}
         self.settler = EvmSettler()
         self.settlement: Settlement
         if cfg.mode == "remote" and cfg.facilitator_url:
             self.remote: RemoteFacilitator | None = RemoteFacilitator(
-                cfg.facilitator_url, timeout=cfg.facilitator_timeout_seconds)
+                cfg.facilitator_url, timeout=cfg.facilitator_timeout_seconds,
+                endpoint_headers=cfg.facilitator.endpoint_headers(),
+                pending_retries=cfg.facilitator.settle_pending_retries,
+                pending_delay=cfg.facilitator.settle_pending_delay_seconds,
+                max_redirects=cfg.facilitator.max_redirects)
             self.settlement = self.remote
         else:
             self.remote = None
@@ -118,15 +126,28 @@ class X402Deposits(PaymentRail):
         self.deposits = Deposits(ledger)
         self.ledger = ledger
         self._recovery: asyncio.Task[None] | None = None
+        #: The ``upto`` scheme, when offered (:mod:`gateway.rails.x402_upto`).
+        self.upto: UptoPayments | None = None
+        if cfg.upto.enabled:
+            self.upto = UptoPayments(
+                ledger=ledger, networks=self.networks, rpc=self.settler.rpc, pay_to=self.pay_to,
+                max_amount=self.asset.parse(cfg.upto.max, field="x402.upto.max"),
+                timeout_seconds=cfg.upto.timeout_seconds, idle_seconds=cfg.upto.idle_seconds,
+                sweep_seconds=cfg.upto.sweep_seconds,
+                deadline_margin=cfg.upto.deadline_margin_seconds, remote=self.remote)
 
     # -- lifecycle ----------------------------------------------------------------------------
     async def start(self) -> None:
         # In the background: a slow chain RPC must not hold up serving requests.
         self._recovery = asyncio.create_task(self._recover_logged(), name="x402-recovery")
+        if self.upto is not None:
+            await self.upto.start()
 
     async def aclose(self) -> None:
         if self._recovery is not None and not self._recovery.done():
             self._recovery.cancel()
+        if self.upto is not None:
+            await self.upto.aclose()
         if self.remote is not None:
             await self.remote.aclose()
         await self.settler.aclose()
@@ -191,9 +212,12 @@ class X402Deposits(PaymentRail):
     def offer(self, request: Request, *, needed: int, reason: str, code: str,
               rate: Rate | None = None) -> Offer:
         accepts = self.accepts(needed)
+        amount = accepts[0].amount
+        if self.upto is not None:
+            # Beside the deposit: authorize this request's most (prompt and max_tokens).
+            accepts += self.upto.accepts(needed, getattr(request.state, "max_charge", needed))
         challenge = build_payment_required(resource=self._resource(request), accepts=accepts,
                                            error=reason)
-        amount = accepts[0].amount
         return Offer(headers=list(challenge.headers.items()),
                      body={**challenge.body, "deposit": str(amount), "asset": self.asset.symbol,
                            "deposit_decimal": self.asset.format(amount)})
@@ -225,13 +249,20 @@ class X402Deposits(PaymentRail):
         if header is None:
             return None
         try:
-            payload = decode_payment_header(header, version=version)
+            where = PAYMENT_SIGNATURE_HEADER if version == 2 else X_PAYMENT_HEADER
+            data = decode_header_json(header, header=where)
+            if self.upto is not None and version == 2 and _scheme(data) == SCHEME_UPTO:
+                return await self.upto.authorize(request, data, needed=needed)
+            payload = parse_payment_payload(data, version=version, where=where)
         except InvalidPayment as exc:
             raise self._fresh(request, needed, exc, InvalidPayment) from exc
         except PaymentRejected as exc:
             raise self._fresh(request, needed, exc, PaymentRejected) from exc
         result, account_id = await self.pay(request, payload, needed)
-        api_key = await self.ledger.issue_key(account_id)
+        # A new key per payment, at most api_keys_kept live per account, each expiring
+        # after api_key_idle_seconds unused (Ledger.issue_payment_key).
+        api_key = await self.ledger.issue_payment_key(
+            account_id, keep=self.api_keys_kept, idle_seconds=self.api_key_idle_seconds)
         return Paid(account_id, {**settlement_headers(result, version=version),
                                  API_KEY_HEADER: api_key})
 
@@ -315,6 +346,12 @@ class X402Deposits(PaymentRail):
         err = kind(exc.message, code=exc.code, param=exc.param, headers=headers)
         offer = self.offer(request, needed=needed, reason=exc.message, code=exc.code)
         return render(err, [offer], needed=needed)
+
+
+def _scheme(data: Any) -> Any:
+    """``accepted.scheme`` of a decoded v2 payment, if it has one."""
+    accepted = data.get("accepted") if isinstance(data, dict) else None
+    return accepted.get("scheme") if isinstance(accepted, dict) else None
 
 
 def _dumps(model: Any) -> str:

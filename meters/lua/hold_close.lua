@@ -8,8 +8,18 @@
 --   spendable: its unspent balance leaves it (credited and balance; the payment method is
 --   charged only what was spent) and the amount to capture is everything the account spent.
 -- finish: records the final state and takes the hold out of the open set. Returns 1.
+-- freeze: the account stops funding new leases (its unheld balance leaves it) while a stream
+--   still spends the lease it holds: that stream is cut when its lease runs out. Returns 1 (0
+--   if the hold is not open). An authorization nearing its deadline is frozen this way.
 if redis.call('EXISTS', KEYS[1]) == 0 then return -2 end
 local state = redis.call('HGET', KEYS[1], 'state')
+if ARGV[1] == 'freeze' then
+  if state ~= 'open' then return 0 end
+  local unheld = tonumber(redis.call('HGET', KEYS[2], 'balance') or '0')
+  redis.call('HINCRBY', KEYS[2], 'balance', -unheld)
+  redis.call('HINCRBY', KEYS[2], 'credited', -unheld)
+  return 1
+end
 if ARGV[1] == 'finish' then
   redis.call('HSET', KEYS[1], 'state', ARGV[3])
   redis.call('SREM', KEYS[3], ARGV[2])

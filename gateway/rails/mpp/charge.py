@@ -150,7 +150,10 @@ class EvmCharge:
         except (InvalidPayment, PaymentRejected) as exc:
             kind = PAYMENT_EXPIRED if exc.code in _EXPIRED_CODES else VERIFICATION_FAILED
             raise Problem(kind, exc.message, fields={"reason": exc.code}) from exc
-        api_key = await self.ledger.issue_key(account_id)
+        # Bounded and expiring like the x402 rail's (Ledger.issue_payment_key).
+        api_key = await self.ledger.issue_payment_key(
+            account_id, keep=self.engine.api_keys_kept,
+            idle_seconds=self.engine.api_key_idle_seconds)
         receipt = encode_receipt({"method": self.method, "intent": self.intent,
                                   "challengeId": echo.id, "reference": result.tx_hash,
                                   "chainId": self.network.chain_id})

@@ -31,6 +31,8 @@ def sse_event(name: bytes, data: dict[str, Any]) -> bytes:
 class SessionStream:
     """:class:`~gateway.rails.base.StreamPayment` for one request on one channel."""
 
+    pauses = True
+
     def __init__(self, session: EvmSession, channel_id: str, challenge_id: str) -> None:
         self.session = session
         self.channel_id = channel_id

@@ -163,7 +163,7 @@ class StripeCharge:
             now = int(time.time())
             await self.holds.holds.open(intent["id"], account_id=account, amount=amount,
                                         expires=now + int(self.holds.max_seconds), now=now)
-        api_key = await self.ledger.issue_key(account)
+        api_key = await self.ledger.issue_payment_key(account)  # bounded, expiring
         await self._finish(echo.id, claim, intent["id"])
         fields: dict[str, Any] = {"method": self.method, "intent": self.intent,
                                   "challengeId": echo.id, "reference": intent["id"]}
