@@ -139,6 +139,27 @@ def wait_for(condition: Callable[[], Any], what: str, seconds: float = 20) -> An
         time.sleep(0.05)
 
 
+async def official_client_stream(url: str, chain: DevChain, key: str, *, max_tokens: int,
+                                 output: int) -> str:
+    """The text of a stream the stock openai SDK reads over the official x402 SDK's httpx
+    client, which answers the 402 with an upto authorization (its only scheme)."""
+    from x402 import x402Client
+    from x402.http.clients import x402HttpxClient
+    from x402.mechanisms.evm.upto.client import UptoEvmScheme
+
+    client = x402Client()
+    client.register("eip155:*", UptoEvmScheme(Account.from_key(key)))
+    client.set_spend_controls({"allowed_assets": [{"network": chain.network,
+                                                   "asset": chain.token}]})
+    async with x402HttpxClient(client, timeout=30) as http:
+        sdk = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0,
+                                 http_client=http)
+        stream = await sdk.chat.completions.create(
+            model="exact", messages=MESSAGES, stream=True, max_tokens=max_tokens,
+            extra_headers={"x-sim-output-tokens": str(output)})
+        return "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+
+
 def nonce_of(header: str) -> int:
     payload = parse_upto_payload(json.loads(base64.b64decode(header)))
     return payload.payload.permit2_authorization.nonce
@@ -162,24 +183,12 @@ async def test_the_official_client_pays_upto_and_openai_streams_settled_to_the_t
         settler: EvmSettler) -> None:
     """The stock openai SDK over the x402 SDK's httpx client: the 402 is answered with an
     upto authorization for 60 tokens, 30 stream, and exactly 30 units move on-chain."""
-    from x402 import x402Client
-    from x402.http.clients import x402HttpxClient
-    from x402.mechanisms.evm.upto.client import UptoEvmScheme
 
     wallet = chain.wallets[1]
     payer_before = await settler.balance_of(wallet.address, evm_network)
     merchant_before = await settler.balance_of(PAY_TO, evm_network)
-    client = x402Client()
-    client.register("eip155:*", UptoEvmScheme(Account.from_key(wallet.private_key)))
-    client.set_spend_controls({"allowed_assets": [{"network": chain.network,
-                                                   "asset": chain.token}]})
-    async with x402HttpxClient(client, timeout=30) as http:
-        sdk = openai.AsyncOpenAI(base_url=f"{ugw.url}/v1", api_key="unused", max_retries=0,
-                                 http_client=http)
-        stream = await sdk.chat.completions.create(
-            model="exact", messages=MESSAGES, stream=True, max_tokens=60,
-            extra_headers={"x-sim-output-tokens": "30"})
-        text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+    text = await official_client_stream(ugw.url, chain, wallet.private_key, max_tokens=60,
+                                        output=30)
     assert O200K.count(text) == 30
     assert await settler.balance_of(wallet.address, evm_network) == payer_before - 30
     assert await settler.balance_of(PAY_TO, evm_network) == merchant_before + 30
@@ -489,9 +498,6 @@ async def test_remote_mode_streams_upto_settled_by_the_sdks_facilitator(
         settler: EvmSettler) -> None:
     """The gateway in remote mode: the 402 names the SDK facilitator's address (from its
     /supported), the SDK facilitator verifies the authorization and settles the charge."""
-    from x402 import x402Client
-    from x402.http.clients import x402HttpxClient
-    from x402.mechanisms.evm.upto.client import UptoEvmScheme
 
     with sdk_upto_facilitator(chain, evm_network) as url, gateway_factory(x402=upto_config(
             chain, idle_seconds=1, sweep_seconds=0.2) | {
@@ -502,18 +508,8 @@ async def test_remote_mode_streams_upto_settled_by_the_sdks_facilitator(
         wallet = chain.wallets[4]
         payer_before = await settler.balance_of(wallet.address, evm_network)
         merchant_before = await settler.balance_of(PAY_TO, evm_network)
-        client = x402Client()
-        client.register("eip155:*", UptoEvmScheme(Account.from_key(wallet.private_key)))
-        client.set_spend_controls({"allowed_assets": [{"network": chain.network,
-                                                       "asset": chain.token}]})
-        async with x402HttpxClient(client, timeout=30) as http:
-            sdk = openai.AsyncOpenAI(base_url=f"{gw.url}/v1", api_key="unused",
-                                     max_retries=0, http_client=http)
-            stream = await sdk.chat.completions.create(
-                model="exact", messages=MESSAGES, stream=True, max_tokens=60,
-                extra_headers={"x-sim-output-tokens": "25"})
-            text = "".join([c.choices[0].delta.content or "" async for c in stream
-                            if c.choices])
+        text = await official_client_stream(gw.url, chain, wallet.private_key,
+                                            max_tokens=60, output=25)
     assert O200K.count(text) == 25
     assert await settler.balance_of(wallet.address, evm_network) == payer_before - 25
     assert await settler.balance_of(PAY_TO, evm_network) == merchant_before + 25

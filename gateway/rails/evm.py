@@ -23,7 +23,7 @@ Money is ``int`` atomic units throughout.
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -193,31 +193,10 @@ class EvmSettler:
         maps to the x402 code of its revert string. Waits for ``network.confirmations``
         blocks, then requires status 1 and a ``Transfer(from, to, value)`` log from the token.
         """
+        sent, receipt = await submit(self.rpc, self._call(auth, network), network,
+                                     code_of=revert_code, refused=ERR_TRANSACTION_STATE,
+                                     poll=self._poll)
         try:
-            relayer = to_checksum_address(network.relayer_address)
-        except ValueError as exc:
-            raise SettlementNotSubmitted(str(exc)) from exc
-        fn = self._call(auth, network)
-        try:
-            # Simulate in the "pending" block, the one our transaction will be mined in: its
-            # timestamp is the node's clock (max(now, head + 1) on geth/reth/anvil), where
-            # "latest" is the last mined block, whose timestamp lags when the chain is idle or
-            # blocks are slow: a fresh authorization (validAfter a moment ago) would falsely
-            # revert "not yet valid" there. Nodes that treat "pending" as "latest" (erigon)
-            # are no worse off. The pending state also includes mempool transactions that
-            # spend the payer's balance or this nonce, which is what our transaction will see.
-            gas = await self.rpc.quantity(network, lambda: fn.estimate_gas(
-                {"from": relayer}, block_identifier="pending"), "eth_estimateGas")
-        except ContractLogicError as exc:
-            message = str(exc.message or exc)
-            raise PaymentRejected(f"settlement simulation reverted: {message}",
-                                  code=revert_code(message)) from exc
-        except (ServiceUnavailable, UpstreamError) as exc:  # e.g. the relayer has no gas money
-            raise SettlementNotSubmitted(f"settlement simulation failed: {exc.message}") from exc
-        tx_hash = await self._broadcast(fn, gas, network)
-        sent = tx_hash.to_0x_hex()
-        try:
-            receipt = await self.rpc.wait_receipt(tx_hash, network, poll=self._poll)
             if receipt.get("status") != 1:
                 raise PaymentRejected(f"settlement transaction {sent} reverted",
                                       code=await self._explain_revert(auth, network),
@@ -233,20 +212,6 @@ class EvmSettler:
                                 block_number=receipt["blockNumber"],
                                 network=network.network)
 
-    async def _broadcast(self, fn: Any, gas: int, network: EvmNetwork) -> HexBytes:
-        """Sign and send the settlement from the relayer; returns the transaction hash."""
-        try:
-            return await self.rpc.send(fn, key=network.relayer_secret(), gas=gas,
-                                       network=network)
-        except TransactionNotSent as exc:
-            # Nodes that execute a transaction first (some sequencers) refuse a reverting one:
-            # the payer's fault then.
-            if "execution reverted" in exc.refusal:
-                raise PaymentRejected(f"settlement refused: {exc.refusal}", code=revert_code(
-                    exc.refusal, ERR_TRANSACTION_STATE)) from exc
-            raise SettlementNotSubmitted(f"settlement not sent: {exc.message}",
-                                         refusal=exc.refusal) from exc
-
     async def _explain_revert(self, auth: Eip3009Authorization, network: EvmNetwork) -> str:
         """Best-effort code for a mined revert (e.g. a concurrent settle of the same nonce)."""
         if await self.authorization_used(auth.from_, auth.nonce, network):
@@ -256,6 +221,61 @@ class EvmSettler:
         if auth.valid_before <= int(self._clock()):
             return ERR_VALID_BEFORE
         return ERR_TRANSACTION_STATE
+
+
+
+async def submit(rpc: ChainRpc, fn: Any, network: EvmNetwork, *,
+                 code_of: Callable[[str, str], str], refused: str,
+                 poll: float) -> tuple[str, Mapping[str, Any]]:
+    """Simulate the settlement call ``fn`` from the network's relayer, send it, and wait for
+    its receipt: ``(transaction hash, receipt)``, whatever the receipt's status (the caller
+    checks it and the transfer it expects). Shared by every scheme our relayer settles.
+
+    Raises :class:`PaymentRejected` when the simulation reverts (code ``code_of(revert
+    string, default)``) or a node that executes transactions first refuses it (``code_of(its
+    refusal, refused)``): nothing moved; :class:`SettlementNotSubmitted` when nothing was
+    broadcast for another reason (no relayer key, the simulation or the node failed); and
+    ServiceUnavailable/UpstreamError carrying ``extra["transaction"]`` when it was broadcast
+    and its outcome is unknown.
+    """
+    try:
+        relayer = to_checksum_address(network.relayer_address)
+    except ValueError as exc:
+        raise SettlementNotSubmitted(str(exc)) from exc
+    try:
+        # Simulate in the "pending" block, the one our transaction will be mined in: its
+        # timestamp is the node's clock (max(now, head + 1) on geth/reth/anvil), where
+        # "latest" is the last mined block, whose timestamp lags when the chain is idle or
+        # blocks are slow: a fresh authorization (validAfter a moment ago) would falsely
+        # revert "not yet valid" there. Nodes that treat "pending" as "latest" (erigon)
+        # are no worse off. The pending state also includes mempool transactions that
+        # spend the payer's balance or this nonce, which is what our transaction will see.
+        gas = await rpc.quantity(network, lambda: fn.estimate_gas(
+            {"from": relayer}, block_identifier="pending"), "eth_estimateGas")
+    except ContractLogicError as exc:
+        message = str(exc.message or exc)
+        raise PaymentRejected(f"settlement simulation reverted: {message}",
+                              code=code_of(message, ERR_SIMULATION_FAILED)) from exc
+    except (ServiceUnavailable, UpstreamError) as exc:  # e.g. the relayer has no gas money
+        raise SettlementNotSubmitted(f"settlement simulation failed: {exc.message}") from exc
+    try:
+        tx_hash = await rpc.send(fn, key=network.relayer_secret(), gas=gas, network=network)
+    except TransactionNotSent as exc:
+        # Nodes that execute a transaction first (some sequencers) refuse a reverting one:
+        # the payer's fault then.
+        if "execution reverted" in exc.refusal:
+            raise PaymentRejected(f"settlement refused: {exc.refusal}",
+                                  code=code_of(exc.refusal, refused)) from exc
+        raise SettlementNotSubmitted(f"settlement not sent: {exc.message}",
+                                     refusal=exc.refusal) from exc
+    sent = tx_hash.to_0x_hex()
+    try:
+        receipt = await rpc.wait_receipt(tx_hash, network, poll=poll)
+    except (ServiceUnavailable, UpstreamError) as exc:
+        # Sent: whatever failed after, the caller must reconcile this hash.
+        exc.extra.setdefault("transaction", sent)
+        raise
+    return sent, receipt
 
 
 __all__ = [
@@ -279,5 +299,6 @@ __all__ = [
     "recover_signer",
     "revert_code",
     "sign_authorization",
+    "submit",
     "typed_data",
 ]

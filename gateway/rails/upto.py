@@ -27,7 +27,6 @@ from eth_utils import to_checksum_address
 from hexbytes import HexBytes
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
-from web3.exceptions import ContractLogicError
 
 from gateway.chain.permit2 import (
     PERMIT2_ADDRESS,
@@ -36,10 +35,10 @@ from gateway.chain.permit2 import (
     UPTO_PROXY_SETTLE_ABI,
     nonce_position,
 )
-from gateway.errors import InvalidPayment, PaymentRejected, ServiceUnavailable, UpstreamError
+from gateway.errors import InvalidPayment, PaymentRejected
 from gateway.rails.eip3009 import EvmNetwork
-from gateway.rails.evm import SettlementNotSubmitted, SettlementResult
-from gateway.rails.evm_rpc import ChainRpc, TransactionNotSent
+from gateway.rails.evm import SettlementResult, submit
+from gateway.rails.evm_rpc import ChainRpc
 from gateway.rails.x402 import (
     Address,
     AssetExtra,
@@ -209,11 +208,11 @@ def recover_payer(payload: UptoEvmPayload, chain_id: int) -> str | None:
         return None
 
 
-def _revert_code(message: str) -> str:
+def _revert_code(message: str, default: str = ERR_TRANSACTION) -> str:
     for needle, code in _REVERTS:
         if needle.lower() in message.lower():
             return code
-    return ERR_TRANSACTION
+    return default
 
 
 class UptoEvm:
@@ -313,36 +312,9 @@ class UptoEvm:
         if amount == 0:
             return SettlementResult(tx_hash="", payer=payer, amount=0, block_number=None,
                                     network=network.network)
-        try:
-            relayer = to_checksum_address(network.relayer_address)
-        except ValueError as exc:
-            raise SettlementNotSubmitted(str(exc)) from exc
-        fn = self._settle_call(payload, amount, network)
-        try:
-            # "pending": the block our transaction lands in (see EvmSettler.settle).
-            gas = await self.rpc.quantity(network, lambda: fn.estimate_gas(
-                {"from": relayer}, block_identifier="pending"), "eth_estimateGas")
-        except ContractLogicError as exc:
-            message = str(exc.message or exc)
-            raise PaymentRejected(f"settlement simulation reverted: {message}",
-                                  code=_revert_code(message)) from exc
-        except (ServiceUnavailable, UpstreamError) as exc:
-            raise SettlementNotSubmitted(f"settlement simulation failed: {exc.message}") from exc
-        try:
-            tx_hash = await self.rpc.send(fn, key=network.relayer_secret(), gas=gas,
-                                          network=network)
-        except TransactionNotSent as exc:
-            if "execution reverted" in exc.refusal:
-                raise PaymentRejected(f"settlement refused: {exc.refusal}",
-                                      code=_revert_code(exc.refusal)) from exc
-            raise SettlementNotSubmitted(f"settlement not sent: {exc.message}",
-                                         refusal=exc.refusal) from exc
-        sent = tx_hash.to_0x_hex()
-        try:
-            receipt = await self.rpc.wait_receipt(tx_hash, network, poll=self._poll)
-        except (ServiceUnavailable, UpstreamError) as exc:
-            exc.extra.setdefault("transaction", sent)
-            raise
+        sent, receipt = await submit(self.rpc, self._settle_call(payload, amount, network),
+                                     network, code_of=_revert_code, refused=ERR_TRANSACTION,
+                                     poll=self._poll)
         if receipt.get("status") != 1 or not _has_transfer(receipt, network.asset, payer,
                                                            auth.witness.to, amount):
             raise PaymentRejected(f"settlement transaction {sent} did not transfer {amount}",
