@@ -97,7 +97,9 @@ async def list_accounts(request: Request, cursor: str = "0", limit: str = "50",
     (session channels), ``fiat``; ``payer``: only accounts whose label names this payer
     (an x402 or MPP charge payer's address)."""
     gw: Gateway = request.app.state.gateway
-    if not cursor.isdigit() or len(cursor) > 20:
+    # A node's SCAN cursor (up to 2^64) times the cluster's node count field (2^14): at most
+    # 25 digits.
+    if not cursor.isdigit() or len(cursor) > 25:
         raise BadRequest("cursor must be the next_cursor of a previous page",
                          code="invalid_cursor", param="cursor")
     if not limit.isdigit() or not 1 <= int(limit) <= 500:

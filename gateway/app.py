@@ -48,7 +48,8 @@ log = logging.getLogger("tollstream")
 
 def build_gateway(settings: Settings, redis_url: str, *,
                   rail: PaymentRail | None = None) -> Gateway:
-    client = connect(redis_url, max_connections=settings.redis_max_connections,
+    client = connect(redis_url, cluster=settings.redis_cluster,
+                     max_connections=settings.redis_max_connections,
                      pool_timeout=settings.redis_pool_timeout_seconds)
     ledger = Ledger(client, prefix=settings.key_prefix,
                     owner_ttl_seconds=settings.reservation_ttl_seconds,
@@ -71,7 +72,7 @@ def build_gateway(settings: Settings, redis_url: str, *,
                                                timeout=stripe.timeout_seconds),
                                  ledger=ledger, event_name=stripe.meter_event_name,
                                  interval=stripe.meter_events_interval_seconds)
-        ledger.usage_queue = usage.queue  # final charges queue their usage records
+        ledger.usage_index = usage.index  # final charges queue their usage records
     metrics = Metrics()
     metrics.add(rail.metrics)
     return Gateway(settings=settings, redis=client, ledger=ledger, keeper=Keeper(ledger),

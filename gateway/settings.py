@@ -162,6 +162,10 @@ class Settings(_Frozen):
     host: str = "127.0.0.1"
     port: int = Field(default=8402, ge=0, le=65535)
     redis_url: str | None = None
+    #: ``redis_url`` names a node of a Redis / Valkey Cluster (any one: the client learns the
+    #: others). Every key a ledger script touches for one account shares the account's hash
+    #: tag, so each script runs on one node; see README "Deploying".
+    redis_cluster: bool = False
     data_dir: Path = Path(".tollstream")
     #: ``text`` for people at a terminal, ``json`` (one object per line) for a log pipeline.
     log_format: Literal["text", "json"] = "text"
@@ -218,6 +222,21 @@ class Settings(_Frozen):
                              "print(secrets.token_urlsafe(24))'`, or leave it unset to keep "
                              "the admin API off")
         return value
+
+    @field_validator("key_prefix")
+    @classmethod
+    def _check_key_prefix(cls, value: str) -> str:
+        if "{" in value or "}" in value:
+            raise ValueError("key_prefix must not contain '{' or '}': the ledger's keys put "
+                             "a hash tag after it (Redis Cluster hashes the first {...})")
+        return value
+
+    @model_validator(mode="after")
+    def _check_cluster(self) -> Settings:
+        if self.redis_cluster and not self.redis_url:
+            raise ValueError("redis_cluster = true needs redis_url (a node of the cluster); "
+                             "the embedded Valkey is a single server")
+        return self
 
     @model_validator(mode="after")
     def _check_models(self) -> Settings:

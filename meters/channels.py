@@ -9,8 +9,13 @@ streams against ``acceptedCumulative - spent`` unchanged, across streams and pro
 channel hash keeps what the chain said (deposit, settled on-chain, close state) and a sorted
 set keeps every accepted voucher by amount, so settlement can capture exactly what was spent.
 
-Keys: ``{prefix}chan:{id}`` (payer, signer, token, deposit, accepted, settled,
-close_requested, finalized), ``{prefix}chan:{id}:vouchers``, ``{prefix}chans:open``.
+Keys: ``{prefix}chan:{mpp_<id>}`` (payer, signer, token, deposit, accepted, settled,
+close_requested, finalized) and ``{prefix}chan:{mpp_<id>}:vouchers``, in the slot of the
+channel's account ``{prefix}acct:{mpp_<id>}`` (the account id is their hash tag), and
+``{prefix}chans:open``, the set of open channels. That set spans channels (another slot on a
+cluster), so it is kept outside the scripts: a channel is listed before it is recorded and
+unlisted after it is finalized; readers skip (and unlist) a finalized one still listed. It
+decides nothing about money (the scripts do, in the channel's slot).
 """
 
 from __future__ import annotations
@@ -79,7 +84,10 @@ class Channels:
         self._close = ledger.redis.register_script(script("channel_close.lua"))
 
     def _key(self, channel_id: str) -> str:
-        return f"{self.prefix}chan:{channel_id.lower()}"
+        return f"{self.prefix}chan:{{{account_of(channel_id)}}}"
+
+    def _account(self, channel_id: str) -> str:
+        return self.ledger.account_key(account_of(channel_id))
 
     async def open(self, channel_id: str, *, payer: str, signer: str, token: str,
                    deposit: int) -> bool:
@@ -91,15 +99,19 @@ class Channels:
         fields: list[Any] = ["payer", payer, "signer", signer, "token", token,
                              "deposit", deposit]
         with redis_errors():
-            created = await self._open(
-                keys=[self._key(channel_id), f"{self.prefix}acct:{account_of(channel_id)}",
-                      f"{self.prefix}chans:open"], args=[channel_id, *fields])
+            await self.redis.sadd(f"{self.prefix}chans:open", channel_id)
+            created = await self._open(keys=[self._key(channel_id), self._account(channel_id)],
+                                       args=[channel_id, *fields])
         return bool(created)
 
     async def get(self, channel_id: str) -> ChannelState | None:
         with redis_errors():
             raw = await self.redis.hgetall(self._key(channel_id))
-        return _state_from(channel_id, raw)
+        state = _state_from(channel_id, raw)
+        if state is not None and state.finalized:
+            with redis_errors():  # finalized, still listed (a crash after finish): unlist
+                await self.redis.srem(f"{self.prefix}chans:open", state.channel_id)
+        return state
 
     async def snapshot(self, channel_id: str) -> tuple[ChannelState, Account] | None:
         """The channel and its ledger account, read together (one round trip)."""
@@ -108,7 +120,7 @@ class Channels:
             # whole, and a receipt needs no instant across the two.
             async with self.redis.pipeline(transaction=False) as pipe:
                 pipe.hgetall(self._key(channel_id))
-                pipe.hgetall(f"{self.prefix}acct:{account_of(channel_id)}")
+                pipe.hgetall(self._account(channel_id))
                 raw, account = await pipe.execute()
         state = _state_from(channel_id, raw)
         return None if state is None else (state, account_from(state.account_id, account))
@@ -120,7 +132,7 @@ class Channels:
         with redis_errors():
             status, accepted = await self._voucher(
                 keys=[self._key(channel_id), f"{self._key(channel_id)}:vouchers",
-                      f"{self.prefix}acct:{account_of(channel_id)}"],
+                      self._account(channel_id)],
                 args=[cumulative, signature, min_delta, self.ledger.credit_channel,
                       account_of(channel_id)])
         return VoucherStatus(int(status)), int(accepted)
@@ -153,9 +165,12 @@ class Channels:
     async def _close_step(self, mode: str, channel_id: str, settled: int = 0) -> int:
         channel_id = channel_id.lower()
         with redis_errors():
-            return int(await self._close(
-                keys=[self._key(channel_id), f"{self.prefix}acct:{account_of(channel_id)}",
-                      f"{self.prefix}chans:open"], args=[mode, channel_id, settled]))
+            result = int(await self._close(
+                keys=[self._key(channel_id), self._account(channel_id)],
+                args=[mode, channel_id, settled]))
+            if mode == "finish" and result == 1:
+                await self.redis.srem(f"{self.prefix}chans:open", channel_id)
+        return result
 
     async def begin_close(self, channel_id: str) -> int | None:
         """Stop the channel being streamed on and take its unspent accepted amount out of the

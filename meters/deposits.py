@@ -17,6 +17,15 @@ start-up :meth:`Deposits.unfinished` lists such records and the payment rail ask
 whether the authorization was used, then finishes (credits) or fails it. The record holds
 everything needed for that, never a secret: an EIP-3009 authorization is already spent or
 useless once its record is finished.
+
+Keys: ``{prefix}deposit:<key>`` (the record, one key: ``claim.lua`` touches nothing else) and
+``{prefix}deposits:open``, the deposits that may be unfinished (a sorted set, scored by when
+each was listed). On a cluster the two live in different slots, so the index is kept outside
+the script: a deposit is listed *before* it is claimed (a crash after the claim always leaves
+it listed, so recovery finds it) and unlisted once credited. An abandoned claim's record is
+deleted and its listing left to :meth:`Deposits.unfinished`, which unlists it an hour later
+(unlisting it at once could race a retry listed just before and claimed just after). No money
+moves in any of these steps: the credit itself is once per deposit key (``credit.lua``).
 """
 
 from __future__ import annotations
@@ -30,6 +39,8 @@ from meters.ledger import Ledger, as_text, redis_errors, script
 SETTLING, SETTLED, CREDITED = "settling", "settled", "credited"
 #: How long a finished record is kept (replays are refused by the chain long after that).
 RECORD_TTL_SECONDS = 30 * 86400
+#: A listed deposit without a record is unlisted once its listing is this old (see above).
+STALE_LISTING_SECONDS = 3600
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +76,7 @@ class Deposits:
         self.ledger = ledger
         self.redis = ledger.redis
         self.prefix = ledger.prefix
+        self._open = f"{self.prefix}deposits:open"
         self._claim = ledger.redis.register_script(script("claim.lua"))
 
     def _key(self, key: str) -> str:
@@ -79,12 +91,12 @@ class Deposits:
             "payload": deposit.payload, "requirements": deposit.requirements,
             "block": deposit.block,
             "status": SETTLING, "transaction": "", "error": "", "created": time.time()}
-        args: list[Any] = [deposit.key]
+        args: list[Any] = []
         for name, value in fields.items():
             args += [name, value]
         with redis_errors():
-            claimed = await self._claim(
-                keys=[self._key(deposit.key), f"{self.prefix}deposits:open"], args=args)
+            await self.redis.zadd(self._open, {deposit.key: time.time()})
+            claimed = await self._claim(keys=[self._key(deposit.key)], args=args)
         record = await self.get(deposit.key)
         assert record is not None
         return bool(claimed), record
@@ -109,10 +121,7 @@ class Deposits:
         """Forget a claim whose settlement was refused (nothing moved on-chain), so the payer
         may retry the same authorization once the problem is fixed (e.g. wallet funded)."""
         with redis_errors():
-            async with self.redis.pipeline(transaction=True) as pipe:
-                pipe.delete(self._key(key))
-                pipe.srem(f"{self.prefix}deposits:open", key)
-                await pipe.execute()
+            await self.redis.delete(self._key(key))
 
     async def credit(self, record: DepositRecord, *, label: str = "") -> bool:
         """Credit a settled deposit to its account; True if credited now (False: already)."""
@@ -128,12 +137,21 @@ class Deposits:
     async def unfinished(self) -> list[DepositRecord]:
         """Deposits a process started but did not finish (settling or settled)."""
         with redis_errors():
-            keys = await self.redis.smembers(f"{self.prefix}deposits:open")
+            listed = cast(list[tuple[bytes, float]], await self.redis.zrange(
+                self._open, 0, -1, withscores=True))
         records = []
-        for key in sorted(as_text(k) for k in keys):
+        for raw_key, listed_at in sorted(listed):
+            key = as_text(raw_key)
             record = await self.get(key)
             if record is not None and record.status in (SETTLING, SETTLED):
                 records.append(record)
+            elif ((record is not None and record.status == CREDITED)
+                  or (record is None and listed_at < time.time() - STALE_LISTING_SECONDS)):
+                # Finished but still listed (a crash between the steps), or abandoned long
+                # ago: unlist. A fresh listing without a record stays: its claim may be on
+                # its way (begin() lists before it claims, refreshing the score).
+                with redis_errors():
+                    await self.redis.zrem(self._open, key)
         return records
 
     async def _update(self, key: str, **fields: str) -> None:
@@ -142,7 +160,5 @@ class Deposits:
 
     async def _close(self, key: str) -> None:
         with redis_errors():
-            async with self.redis.pipeline(transaction=True) as pipe:
-                pipe.srem(f"{self.prefix}deposits:open", key)
-                pipe.expire(self._key(key), RECORD_TTL_SECONDS)
-                await pipe.execute()
+            await self.redis.expire(self._key(key), RECORD_TTL_SECONDS)
+            await self.redis.zrem(self._open, key)

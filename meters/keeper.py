@@ -7,7 +7,9 @@ Every ``interval`` seconds the keeper
    a dead process comes back to its account), a bounded batch per Redis call
    (:meth:`Ledger.sweep`), so a crash that left 100,000 holds never blocks Redis for long;
 3. retries final settlements that failed because Redis was unreachable when a stream ended, so
-   delivered tokens are still charged once Redis returns.
+   delivered tokens are still charged once Redis returns;
+4. takes the accounts it no longer holds money on out of its owner index (what a sweeper walks
+   when this process dies).
 """
 
 from __future__ import annotations
@@ -65,6 +67,9 @@ class Keeper:
     async def tick(self) -> None:
         await self.ledger.heartbeat()
         await self.retry_pending()
+        # The accounts this process no longer holds money on leave its index (it would
+        # otherwise grow with every account the process ever streamed on).
+        await self.ledger.prune_index()
         count, amount = await self.ledger.sweep()
         if count:
             self.swept_reservations += count

@@ -1,19 +1,30 @@
 """The ledger: balances, holds and charges in Redis, in integer atomic units.
 
-Every account is a hash ``{prefix}acct:{id}`` with ``balance`` (spendable), ``held`` (reserved
+Every account is a hash ``{prefix}acct:{<id>}`` with ``balance`` (spendable), ``held`` (reserved
 by live streams), ``spent``, ``credited`` and ``shortfall``. ``balance + held + spent`` only ever
 changes by credits: money moves between the three fields inside Lua scripts (``meters/lua``),
 so every debit is atomic and concurrency-safe across streams and processes.
 
-A stream holds money through a *reservation* ``{prefix}res:{rid}`` owned by the gateway process
-that opened it. Each process keeps a heartbeat key ``{prefix}alive:{owner}`` alive; when a process
-dies its heartbeat expires and :meth:`Ledger.sweep` (run by every live process) returns its holds
-to the balances. Any Redis failure raises :class:`~meters.errors.LedgerUnavailable`, and the
-meter stops granting tokens whose hold it cannot prove is still alive (fail closed).
+Key layout (one Redis, or a Redis / Valkey Cluster: ``connect(url, cluster=True)``): every key
+a script touches for one account carries the account id as its *hash tag* (the part in braces,
+``{acct_…}``), so Redis Cluster keeps them in one slot and each script runs on one node,
+atomically. A channel's keys carry its account's id (``{mpp_0x…}``), a process' liveness keys
+its owner id. What spans accounts (the open deposits, holds and channels, the owners of holds,
+the accounts with queued Stripe usage) is kept outside the scripts, as indexes written before
+the money moves and read by readers that tolerate stale entries (see each one).
+
+A stream holds money through a *reservation* ``{prefix}res:{<account>}:<rid>`` owned by the
+gateway process that opened it and listed in ``{prefix}held:{<account>}:<owner>``. Each process
+keeps a heartbeat key ``{prefix}alive:{<owner>}`` alive and lists the accounts it holds money on
+in ``{prefix}owner:{<owner>}:accounts``; when a process dies its heartbeat expires and
+:meth:`Ledger.sweep` (run by every live process) returns its holds to the balances. Any Redis
+failure raises :class:`~meters.errors.LedgerUnavailable`, and the meter stops granting tokens
+whose hold it cannot prove is still alive (fail closed).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import re
@@ -26,8 +37,10 @@ from importlib import resources
 from typing import Any, cast
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
 from redis.driver_info import DriverInfo
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.utils import get_lib_version
 
@@ -58,16 +71,71 @@ _DRIVER = DriverInfo(name="redis-py", lib_version=get_lib_version())
 SWEEP_BATCH = 128
 
 
-def connect(url: str, *, max_connections: int = 64, pool_timeout: float = 5.0
-            ) -> aioredis.Redis:
+def connect(url: str, *, cluster: bool = False, max_connections: int = 64,
+            pool_timeout: float = 5.0) -> aioredis.Redis:
     """A client whose pool of at most ``max_connections`` waits up to ``pool_timeout``
     seconds for a free connection (then raises ``ConnectionError``: fail closed) instead of
     opening more, and whose short timeouts make an unreachable Redis fail closed within a
-    second or two."""
+    second or two.
+
+    ``cluster``: ``url`` names any node of a Redis / Valkey Cluster, and the client is
+    redis-py's cluster client (it learns the others and routes each command, script and
+    key-slot by key). Its type is the single-node client's as far as the ledger is concerned:
+    it offers the same commands (the few places that differ check ``is_cluster``)."""
+    if cluster:
+        return cast(aioredis.Redis, BoundedCluster.from_url(
+            url, max_in_flight=max_connections, pool_timeout=pool_timeout,
+            # Per node. The cluster client opens one when none is free, up to this, and
+            # fails at once past it: BoundedCluster keeps commands below it (waiting, like
+            # the single-node pool), the headroom is for pipelines and the pub/sub connection.
+            max_connections=max_connections + 16, socket_connect_timeout=1, socket_timeout=3,
+            driver_info=_DRIVER))
     pool = aioredis.BlockingConnectionPool.from_url(
         url, max_connections=max_connections, timeout=pool_timeout, socket_connect_timeout=1,
         socket_timeout=3, driver_info=_DRIVER)
     return aioredis.Redis(connection_pool=pool)
+
+
+class BoundedCluster(RedisCluster):
+    """redis-py's asyncio cluster client, bounded like the single-node pool: at most
+    ``max_in_flight`` commands at once (so no node's pool is ever exhausted), a command
+    waiting up to ``pool_timeout`` seconds for its turn, then ``ConnectionError`` (fail
+    closed). redis-py's own cluster pool raises at once when a node's connections are all in
+    use, which under a burst of streams would refuse what a short wait serves."""
+
+    def __init__(self, *args: Any, max_in_flight: int = 64, pool_timeout: float = 5.0,
+                 **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._in_flight = asyncio.Semaphore(max_in_flight)
+        self._pool_timeout = pool_timeout
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            await asyncio.wait_for(self._in_flight.acquire(), self._pool_timeout)
+        except TimeoutError as exc:
+            raise RedisConnectionError("no free Redis connection within "
+                                       f"{self._pool_timeout:g} s") from exc
+        try:
+            return await super().execute_command(*args, **kwargs)
+        finally:
+            self._in_flight.release()
+
+
+def is_cluster(client: aioredis.Redis) -> bool:
+    return isinstance(client, RedisCluster)
+
+
+def check_prefix(prefix: str) -> str:
+    """A key prefix must not hold a brace: Redis Cluster hashes a key by its first ``{...}``,
+    which must be the account's (or owner's) tag the ledger puts after the prefix."""
+    if "{" in prefix or "}" in prefix:
+        raise ValueError("key_prefix must not contain '{' or '}' (Redis Cluster hash tags)")
+    return prefix
+
+
+def account_key(prefix: str, account_id: str) -> str:
+    """The hash of an account (its id is the hash tag of every key about it)."""
+    return f"{prefix}acct:{{{account_id}}}"
 
 
 def hash_key(api_key: str) -> str:
@@ -124,13 +192,25 @@ class Ledger:
         #: another process keeps working here for at most this long.
         self.key_cache_seconds = key_cache_seconds
         self._key_cache: dict[str, tuple[str, float]] = {}
-        self.prefix = prefix
+        self.prefix = check_prefix(prefix)
         #: The pub/sub channel the scripts that add money announce the account on
         #: (:mod:`meters.notices` wakes the streams paused on it).
         self.credit_channel = f"{prefix}credited"
-        #: Where the final charge queues usage records for Stripe meter events (None: off).
-        self.usage_queue: str | None = None
+        #: With Stripe meter events on: the set of accounts whose usage queue
+        #: (:meth:`usage_key`) may hold records, which the final charge adds an account to
+        #: when it queued one (None: off). See gateway/rails/stripe/meter_events.py.
+        self.usage_index: str | None = None
+        #: Accounts that have a Stripe customer (listed before the account exists): the meter
+        #: events sender's full walk finds every usage queue from it.
+        self.customers_index = f"{prefix}stripe:customers"
         self.owner = f"{uuid.uuid4().hex[:12]}"
+        #: Reservations this process opened and has not settled yet, by id: their accounts
+        #: stay listed in this owner's account index (``owner:{<owner>}:accounts``).
+        self._rids: dict[str, str] = {}
+        #: Accounts listed in the current owner's index; the lock orders adds and prunes.
+        self._indexed: set[str] = set()
+        self._registered = False
+        self._index_lock = asyncio.Lock()
         self.owner_ttl_ms = int(owner_ttl_seconds * 1000)
         #: Monotonic time until which this process' holds are provably alive in Redis.
         self.alive_until = 0.0
@@ -143,29 +223,79 @@ class Ledger:
         self._credit: AsyncScript = client.register_script(script("credit.lua"))
         self._issue_payment_key: AsyncScript = client.register_script(_ISSUE_PAYMENT_KEY)
         self._authenticate: AsyncScript = client.register_script(_AUTHENTICATE)
+        self._beat: AsyncScript = client.register_script(_BEAT)
+        self._declare_dead: AsyncScript = client.register_script(_DECLARE_DEAD)
+        self._index_add: AsyncScript = client.register_script(_INDEX_ADD)
 
     # -- keys -------------------------------------------------------------------------------
+    # The hash tag (in braces) of every key a script touches for one account is the account
+    # id, so all of them share a slot on a cluster. Account ids never hold a brace or ':'.
     def _acct(self, account_id: str) -> str:
         if not _ACCOUNT_ID.fullmatch(account_id):
             # An id with ":" would name another key of the ledger (an account's key set,
             # ``acct:{id}:keys``), which Redis then refuses as the wrong type: not an account.
             raise AccountNotFound(f"no account {account_id[:100]!r}", param="account_id")
-        return f"{self.prefix}acct:{account_id}"
+        return account_key(self.prefix, account_id)
 
-    def _res(self, rid: str) -> str:
-        return f"{self.prefix}res:{rid}"
+    def account_key(self, account_id: str) -> str:
+        """The Redis key of an account's hash (for tools and tests)."""
+        return self._acct(account_id)
 
-    def _owner_set(self) -> str:
-        return f"{self.prefix}owner:{self.owner}"
+    def _res(self, account_id: str, rid: str) -> str:
+        return f"{self.prefix}res:{{{account_id}}}:{rid}"
+
+    def _held(self, account_id: str, owner: str) -> str:
+        """The reservations ``owner`` holds on the account (owner last: sweep.lua, lease.lua
+        and settle.lua derive another owner's set from this one by its suffix)."""
+        return f"{self.prefix}held:{{{account_id}}}:{owner}"
+
+    def _fenced(self, account_id: str) -> str:
+        return f"{self.prefix}fenced:{{{account_id}}}"
+
+    def usage_key(self, account_id: str) -> str:
+        """The account's queue of Stripe usage records (settle.lua pushes to it)."""
+        return f"{self.prefix}usage:{{{account_id}}}"
+
+    def alive_key(self, owner: str) -> str:
+        return f"{self.prefix}alive:{{{owner}}}"
+
+    def _dead(self, owner: str) -> str:
+        return f"{self.prefix}dead:{{{owner}}}"
+
+    def _owner_accounts(self, owner: str) -> str:
+        return f"{self.prefix}owner:{{{owner}}}:accounts"
+
+    def _owners(self) -> str:
+        return f"{self.prefix}owners"
+
+    def _apikey(self, key_hash: str) -> str:
+        return f"{self.prefix}key:{key_hash}"
 
     # -- liveness ---------------------------------------------------------------------------
+    # An owner id is one *generation* of a process. Once a sweeper declared it dead
+    # (``dead:{<owner>}``, written atomically with the check that its heartbeat expired), it
+    # never beats again: the process takes a new id. That makes "dead" final, which is what
+    # lets the sweep run account by account (one slot each) on a cluster: no hold of a dead
+    # generation can be renewed, created or indexed after the sweeper saw it dead (the index
+    # refuses it, the accounts it swept fence it: see _INDEX_ADD and lease.lua).
     async def heartbeat(self) -> None:
         """Prove this process alive; holds of a process that stops doing this get swept."""
         started = time.monotonic()
         with redis_errors():
-            previous = await self.redis.set(f"{self.prefix}alive:{self.owner}", "1",
-                                            px=self.owner_ttl_ms, get=True)
-        if previous is None:
+            beat = int(await self._beat(keys=[self.alive_key(self.owner),
+                                              self._dead(self.owner)],
+                                        args=[self.owner_ttl_ms]))
+            if beat == -1:
+                # Declared dead while stalled: its holds are (being) swept. A new generation;
+                # the meters re-check their holds (lease.lua moves a hold not yet swept to it,
+                # refuses a swept one).
+                owner = uuid.uuid4().hex[:12]
+                beat = int(await self._beat(keys=[self.alive_key(owner), self._dead(owner)],
+                                            args=[self.owner_ttl_ms]))
+                self.owner = owner
+                self._indexed = set()
+                self._registered = False
+        if beat == 0:
             # The key had expired (or never existed): another process may have swept our
             # holds meanwhile. Only then must meters re-check them (a late beat whose key
             # was still alive changes nothing).
@@ -177,20 +307,90 @@ class Ledger:
     def is_alive(self) -> bool:
         return time.monotonic() < self.alive_until
 
+    async def _index(self, account_id: str, owner: str) -> None:
+        """List the account in ``owner``'s index before the first reservation there: a sweeper
+        finds a dead owner's holds through it. Refused once the owner was declared dead."""
+        if account_id in self._indexed and owner == self.owner:
+            return
+        async with self._index_lock:
+            if account_id in self._indexed and owner == self.owner:
+                return
+            with redis_errors():
+                if not self._registered or owner != self.owner:
+                    # In the owners set before anything of this owner's is indexed: a sweeper
+                    # walks owners, then their indexes.
+                    await self.redis.sadd(self._owners(), owner)
+                    if owner == self.owner:
+                        self._registered = True
+                listed = await self._index_add(keys=[self._dead(owner),
+                                                     self._owner_accounts(owner)],
+                                               args=[account_id])
+            if not listed:
+                raise LedgerUnavailable("this process was presumed dead (it missed its "
+                                        "heartbeat): its holds were returned")
+            if owner == self.owner:
+                self._indexed.add(account_id)
+
+    async def prune_index(self) -> int:
+        """Take the accounts this process no longer holds money on out of its index (the
+        keeper calls it): the index stays as small as the accounts streamed on now. Under the
+        index lock, and dropped from the local set before the call, so a new reservation on
+        one of them waits and lists it again after this removal, never before it."""
+        async with self._index_lock:
+            live = set(self._rids.values())
+            victims = self._indexed - live
+            if not victims:
+                return 0
+            self._indexed -= victims
+            with redis_errors():
+                await self.redis.srem(self._owner_accounts(self.owner), *victims)
+        return len(victims)
+
     async def sweep(self, *, batch: int = SWEEP_BATCH) -> tuple[int, int]:
         """Return the holds of dead processes; returns (reservations, atomic units) returned.
 
-        A crashed process may have left any number of holds, and a Lua script blocks Redis
-        while it runs: each call of ``sweep.lua`` returns at most ``batch`` of them (about
-        1-2 ms of Redis time for 128), and this calls it again until nothing is left, so other
-        clients' commands run between the batches."""
+        For each owner in the owners set whose heartbeat expired: declare it dead (final: it
+        never beats, lists an account or leases under that id again), then, for each account
+        in its index, call ``sweep.lua`` on that account (one slot) until the owner's holds
+        there are all returned, each call returning at most ``batch`` of them (about 1-2 ms
+        of Redis time for 128) so other clients' commands run between the calls. ``SPOP``
+        returns each hold to one sweeper only (two processes sweeping the same owner split
+        its holds); an account is taken out of the index after its holds, the owner out of
+        the set after its index is empty (it cannot grow again once the owner is dead)."""
         count = total = 0
-        more = 1
-        while more:
+        with redis_errors():
+            owners = sorted(as_text(o) for o in await self.redis.smembers(self._owners()))
+        for owner in owners:
+            if owner == self.owner:
+                continue
             with redis_errors():
-                done, amount, more = await self._sweep(keys=[f"{self.prefix}owners"],
-                                                       args=[self.prefix, batch])
-            count, total = count + int(done), total + int(amount)
+                if not await self._declare_dead(keys=[self.alive_key(owner),
+                                                      self._dead(owner)],
+                                                args=[DEAD_TTL_SECONDS]):
+                    continue  # alive
+            index = self._owner_accounts(owner)
+            while True:
+                with redis_errors():
+                    picked = cast(list[bytes], await self.redis.srandmember(index, 64) or [])
+                accounts = [as_text(a) for a in picked]
+                if not accounts:
+                    break
+                for account_id in accounts:
+                    if _ACCOUNT_ID.fullmatch(account_id):
+                        more = 1
+                        while more:
+                            with redis_errors():
+                                done, amount, more = await self._sweep(
+                                    keys=[self._acct(account_id),
+                                          self._held(account_id, owner),
+                                          self._fenced(account_id)],
+                                    args=[owner, batch, self._res(account_id, ""),
+                                          DEAD_TTL_SECONDS])
+                            count, total = count + int(done), total + int(amount)
+                    with redis_errors():
+                        await self.redis.srem(index, account_id)
+            with redis_errors():
+                await self.redis.srem(self._owners(), owner)
         return count, total
 
     async def ping(self) -> bool:
@@ -201,13 +401,13 @@ class Ledger:
 
     # -- accounts ---------------------------------------------------------------------------
     def _keys(self, account_id: str) -> str:
-        return f"{self.prefix}acct:{account_id}:keys"
+        return f"{self._acct(account_id)}:keys"
 
     async def create_account(self, balance: int, *, label: str = "",
                              stripe_customer: str | None = None) -> tuple[Account, str]:
         """Create an account with its first API key; returns the account and the key (shown
         once: only its hash is stored). ``stripe_customer``: the Stripe customer its usage
-        is reported for (see :attr:`usage_queue`)."""
+        is reported for (see :attr:`usage_index`)."""
         _check_amount(balance, "balance")
         account_id = "acct_" + secrets.token_hex(8)
         api_key, key_hash = _new_key()
@@ -216,11 +416,17 @@ class Ledger:
         if stripe_customer is not None:
             fields["stripe_customer"] = stripe_customer
         with redis_errors():
+            if stripe_customer is not None:
+                # Listed before it exists: the meter events sender's full walk never misses
+                # an account that may queue usage.
+                await self.redis.sadd(self.customers_index, account_id)
+            # The account and its key set (one slot: a transaction), then the key that finds
+            # it (its own slot). A crash between leaves an account nobody holds a key to.
             async with self.redis.pipeline(transaction=True) as pipe:
                 pipe.hset(self._acct(account_id), mapping=cast(Any, fields))
-                pipe.set(f"{self.prefix}key:{key_hash}", account_id)
                 pipe.sadd(self._keys(account_id), key_hash)
                 await pipe.execute()
+            await self.redis.hset(self._apikey(key_hash), "account", account_id)
         return Account(account_id, balance, 0, 0, balance, 0, label), api_key
 
     async def ensure_account(self, account_id: str, *, label: str = "") -> bool:
@@ -236,7 +442,7 @@ class Ledger:
 
     def _paykeys(self, account_id: str) -> str:
         # Outside ``acct:`` (whose SCAN lists accounts): the keys payments issued, by age.
-        return f"{self.prefix}paykeys:{account_id}"
+        return f"{self.prefix}paykeys:{{{account_id}}}"
 
     async def issue_key(self, account_id: str, *, revoke_others: bool = False) -> str:
         """Issue one more API key for an existing account; earlier keys stay valid unless
@@ -247,14 +453,16 @@ class Ledger:
             if not await self.redis.exists(self._acct(account_id)):
                 raise AccountNotFound(f"no account {account_id}", param="account_id")
             old = await self.redis.smembers(self._keys(account_id)) if revoke_others else ()
+            # The new key first (nobody holds it yet), then the account's key sets (one
+            # slot), then the revoked keys (each in its own slot on a cluster).
+            await self.redis.hset(self._apikey(key_hash), "account", account_id)
             async with self.redis.pipeline(transaction=True) as pipe:
-                for h in old:
-                    pipe.delete(f"{self.prefix}key:{as_text(h)}")
                 if revoke_others:
                     pipe.delete(self._keys(account_id), self._paykeys(account_id))
-                pipe.set(f"{self.prefix}key:{key_hash}", account_id)
                 pipe.sadd(self._keys(account_id), key_hash)
                 await pipe.execute()
+            for h in old:
+                await self.redis.delete(self._apikey(as_text(h)))
         if revoke_others:
             for h in [h for h, (acct, _) in self._key_cache.items() if acct == account_id]:
                 del self._key_cache[h]
@@ -281,14 +489,32 @@ class Ledger:
         if keep < 1 or idle_seconds <= 0:
             raise ValueError("keep must be >= 1 and idle_seconds > 0")
         api_key, key_hash = _new_key()
+        idle_ms = max(1, int(idle_seconds * 1000))
+        acct = self._acct(account_id)
         with redis_errors():
+            # Hashes whose key expired or was revoked: found here, each key in its own slot
+            # (an expired key never comes back, so the answer cannot go stale), and pruned
+            # by the script in the account's slot.
+            known = {as_text(h) for h in await self.redis.smembers(self._keys(account_id))}
+            issued = cast(list[bytes], await self.redis.zrange(self._paykeys(account_id), 0, -1))
+            known |= {as_text(h) for h in issued}
+            gone = [h for h in sorted(known) if not await self.redis.exists(self._apikey(h))]
+            # The new key before the script counts it: a crash between leaves a key nobody
+            # was given (it expires unused).
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.hset(self._apikey(key_hash), mapping={"account": account_id,
+                                                           "idle_ms": idle_ms})
+                pipe.pexpire(self._apikey(key_hash), idle_ms)
+                await pipe.execute()
             dropped = await self._issue_payment_key(
-                keys=[self._acct(account_id), self._keys(account_id),
-                      self._paykeys(account_id), f"{self.prefix}key:{key_hash}"],
-                args=[key_hash, account_id, max(1, int(idle_seconds * 1000)), keep,
-                      self.prefix])
-        if dropped == -1:
-            raise AccountNotFound(f"no account {account_id}", param="account_id")
+                keys=[acct, self._keys(account_id), self._paykeys(account_id)],
+                args=[key_hash, keep, idle_ms, *gone])
+            if dropped == -1:
+                await self.redis.delete(self._apikey(key_hash))
+                raise AccountNotFound(f"no account {account_id}", param="account_id")
+            # The revoked keys go last (a crash before leaves them to their idle TTL).
+            for h in cast(list[Any], dropped):
+                await self.redis.delete(self._apikey(as_text(h)))
         for h in cast(list[Any], dropped):
             self._key_cache.pop(as_text(h), None)
         return api_key
@@ -312,8 +538,7 @@ class Ledger:
         started = time.monotonic()
         with redis_errors():
             # GET, and for a key that expires (a payment's) restart its idle clock.
-            found = await self._authenticate(keys=[f"{self.prefix}key:{key_hash}"],
-                                             args=[self.prefix])
+            found = await self._authenticate(keys=[self._apikey(key_hash)])
         if not found:
             self._key_cache.pop(key_hash, None)
             return None
@@ -337,17 +562,43 @@ class Ledger:
         ``fiat``, or ``""`` for all) and the cursor of the next page (0: the last page).
         Redis' SCAN walks the keyspace without blocking it: pages may hold fewer than
         ``limit`` accounts, an account created meanwhile may or may not appear, none appears
-        twice on a stable keyspace."""
-        pattern = f"{self.prefix}acct:{kind}*"
+        twice on a stable keyspace.
+
+        On a cluster each master is scanned in turn (masters ordered by address): the cursor
+        is ``node cursor * CURSOR_NODES + the master's position``, so 0 still means "from the
+        start" and a page resumes on the node where the last one stopped. A topology change
+        between pages (a master added or removed) may skip or repeat accounts, as a rehash
+        may on one node."""
+        pattern = f"{self.prefix}acct:{{{kind}*"
+        count = max(limit * 4, 100)
         found: list[str] = []
         with redis_errors():
-            while True:
-                cursor, keys = await self.redis.scan(cursor, match=pattern,
-                                                     count=max(limit * 4, 100))
-                found += [as_text(k)[len(self.prefix) + 5:] for k in keys
-                          if not as_text(k).endswith(":keys")]
-                if cursor == 0 or len(found) >= limit:
+            nodes: list[Any] = [None]
+            if is_cluster(self.redis):
+                cluster = cast(RedisCluster, self.redis)
+                await cluster.initialize()  # the topology is known (a no-op once it is)
+                nodes = sorted(cluster.get_primaries(), key=lambda n: (n.host, n.port))
+            position, node_cursor = cursor % CURSOR_NODES, cursor // CURSOR_NODES
+            while position < len(nodes):
+                node = nodes[position]
+                if node is None:
+                    node_cursor, keys = await self.redis.scan(node_cursor, match=pattern,
+                                                              count=count)
+                else:
+                    # One node's SCAN: the cluster client answers {node name: cursor}.
+                    cursors, keys = await cast(RedisCluster, self.redis).scan(
+                        node_cursor, match=pattern, count=count, target_nodes=node)
+                    node_cursor = int(next(iter(cursors.values()))
+                                      if isinstance(cursors, dict) else cursors)
+                found += [text[len(self.prefix) + 6:-1] for text in map(as_text, keys)
+                          if text.endswith("}")]  # not the accounts' key sets
+                if node_cursor == 0:
+                    position += 1
+                if len(found) >= limit:
                     break
+            following = 0 if position >= len(nodes) else node_cursor * CURSOR_NODES + position
+            found = [a for a in found if _ACCOUNT_ID.fullmatch(a)]
+            # Not a transaction: on a cluster the accounts live on several nodes.
             async with self.redis.pipeline(transaction=False) as pipe:
                 for account_id in found:
                     pipe.hgetall(self._acct(account_id))
@@ -355,7 +606,7 @@ class Ledger:
         accounts = [account_from(account_id, raw) for account_id, raw in zip(found, rows,
                                                                               strict=True)
                     if raw]
-        return sorted(accounts, key=lambda a: a.id), int(cursor)
+        return sorted(accounts, key=lambda a: a.id), int(following)
 
     async def credit(self, account_id: str, amount: int, *,
                      idempotency_key: str | None = None, purpose: str = "credit",
@@ -370,8 +621,11 @@ class Ledger:
         _check_amount(amount, "amount")
         if ":" in purpose:
             raise ValueError("purpose must not contain ':'")
-        idem = (f"{self.prefix}idem:{purpose}:{account_id}:{idempotency_key}"
-                if idempotency_key else f"{self.prefix}idem:none")
+        # Tagged by the account (the key follows the tag, so whatever it holds, braces
+        # included, the slot is the account's); without a key a name in the same slot that
+        # the script never touches.
+        idem = (f"{self.prefix}idem:{{{account_id}}}:{purpose}:{idempotency_key}"
+                if idempotency_key else f"{self.prefix}idem:{{{account_id}}}")
         with redis_errors():
             status, balance = await self._credit(
                 keys=[self._acct(account_id), idem],
@@ -394,11 +648,22 @@ class Ledger:
                     minimum: int) -> LeaseResult:
         """Charge the reservation up to ``charged_target`` and hold ``want`` more (at least
         ``minimum``, else nothing)."""
+        acct = self._acct(account_id)
+        owner = self.owner
+        new = rid not in self._rids
+        if new:
+            # Tracked before the account is indexed, so a prune meanwhile keeps it listed.
+            self._rids[rid] = account_id
+        # A failure below leaves the reservation tracked (whether the script ran is unknown):
+        # the account stays listed until a settle says the reservation is gone.
+        await self._index(account_id, owner)
         with redis_errors():
             status, taken, balance, charged = await self._lease(
-                keys=[self._acct(account_id), self._res(rid), self._owner_set(),
-                      f"{self.prefix}owners"],
-                args=[rid, self.owner, account_id, charged_target, want, minimum])
+                keys=[acct, self._res(account_id, rid), self._held(account_id, owner),
+                      self._fenced(account_id)],
+                args=[rid, owner, account_id, charged_target, want, minimum])
+        if new and int(taken) == 0 and status != 1:
+            self._rids.pop(rid, None)  # nothing was created: no reservation to list
         if status == -1:
             raise AccountNotFound(f"no account {account_id}", param="account_id")
         if status == -2:
@@ -410,48 +675,48 @@ class Ledger:
     async def settle(self, account_id: str, rid: str, *, charged_target: int,
                      tokens: int = 0) -> SettleResult:
         """Charge the reservation's final total and return the rest of its hold. With a
-        :attr:`usage_queue`, an account that has a Stripe customer gets one usage record of
+        :attr:`usage_index`, an account that has a Stripe customer gets one usage record of
         ``tokens`` queued with the charge (see ``settle.lua``)."""
         with redis_errors():
-            status, charged, returned, shortfall, balance = await self._settle(
-                keys=[self._acct(account_id), self._res(rid), self._owner_set()],
-                args=[rid, charged_target, self.usage_queue or "", tokens, int(time.time())])
+            status, charged, returned, shortfall, balance, queued = await self._settle(
+                keys=[self._acct(account_id), self._res(account_id, rid),
+                      self._held(account_id, self.owner), self.usage_key(account_id)],
+                args=[rid, charged_target, "1" if self.usage_index else "", tokens,
+                      int(time.time())])
+            if queued and self.usage_index:
+                # After the record (its own slot): a crash between leaves the record to the
+                # sender's full walk (gateway/rails/stripe/meter_events.py), never lost.
+                await self.redis.sadd(self.usage_index, account_id)
+        self._rids.pop(rid, None)  # the reservation is gone: nothing of it to sweep
         if status == -1:
             raise AccountNotFound(f"no account {account_id}", param="account_id")
         return SettleResult(int(charged), int(returned), int(shortfall), int(balance),
                             replayed=status == 0)
 
 
-# The two key scripts are short and only about keys, so they live here, not in meters/lua.
+# The short scripts about keys and liveness live here, not in meters/lua. Each touches the keys
+# of one account, or of one owner: one slot on a cluster.
 
 _ISSUE_PAYMENT_KEY = """
--- KEYS: acct:<id>, acct:<id>:keys, paykeys:<id>, key:<new hash>
--- ARGV: new hash, account id, idle TTL (ms), keys kept, prefix
--- Returns -1 (no account) or the hashes of the keys revoked to stay within the bound.
+-- KEYS: acct:{<id>}, acct:{<id>}:keys, paykeys:{<id>}   (one slot: the account's)
+-- ARGV: new hash, keys kept, idle TTL (ms), then the hashes found expired or revoked
+-- Returns -1 (no account) or the hashes of the keys to revoke to stay within the bound (the
+-- caller deletes their key:<hash>: each in its own slot on a cluster).
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
-local prefix = ARGV[5]
-for _, h in ipairs(redis.call('SMEMBERS', KEYS[2])) do
-  if redis.call('EXISTS', prefix .. 'key:' .. h) == 0 then  -- expired or revoked
-    redis.call('SREM', KEYS[2], h)
-    redis.call('ZREM', KEYS[3], h)
-  end
+for i = 4, #ARGV do
+  redis.call('SREM', KEYS[2], ARGV[i])
+  redis.call('ZREM', KEYS[3], ARGV[i])
 end
-for _, h in ipairs(redis.call('ZRANGE', KEYS[3], 0, -1)) do
-  if redis.call('EXISTS', prefix .. 'key:' .. h) == 0 then redis.call('ZREM', KEYS[3], h) end
-end
-redis.call('SET', KEYS[4], ARGV[2], 'PX', ARGV[3])
 redis.call('SADD', KEYS[2], ARGV[1])
 -- Scored by issue order, a counter of the account's: not a clock (two keys issued in one
 -- millisecond, or by processes whose clocks differ, would tie or swap, and the bound would
 -- drop a newer key).
 redis.call('ZADD', KEYS[3], redis.call('HINCRBY', KEYS[1], 'key_seq', 1), ARGV[1])
-redis.call('HSET', KEYS[1], 'key_idle_ms', ARGV[3])
 local dropped = {}
-local over = redis.call('ZCARD', KEYS[3]) - tonumber(ARGV[4])
+local over = redis.call('ZCARD', KEYS[3]) - tonumber(ARGV[2])
 if over > 0 then
   dropped = redis.call('ZRANGE', KEYS[3], 0, over - 1)
   for _, h in ipairs(dropped) do
-    redis.call('DEL', prefix .. 'key:' .. h)
     redis.call('SREM', KEYS[2], h)
     redis.call('ZREM', KEYS[3], h)
   end
@@ -460,21 +725,52 @@ return dropped
 """
 
 _AUTHENTICATE = """
--- KEYS: key:<hash>; ARGV: prefix. Returns false or {account id, TTL in ms (-1: none)}.
--- A key with a TTL was issued by a payment: its use restarts the idle clock (the account's
--- key_idle_ms, set when it was issued).
-local account = redis.call('GET', KEYS[1])
-if not account then return false end
+-- KEYS: key:<hash> (a hash: account, and idle_ms for a payment's key).
+-- Returns false or {account id, TTL in ms (-1: none)}. A key with a TTL was issued by a
+-- payment: its use restarts the idle clock.
+local found = redis.call('HMGET', KEYS[1], 'account', 'idle_ms')
+if not found[1] then return false end
 local ttl = redis.call('PTTL', KEYS[1])
-if ttl > 0 then
-  local idle = redis.call('HGET', ARGV[1] .. 'acct:' .. account, 'key_idle_ms')
-  if idle then
-    redis.call('PEXPIRE', KEYS[1], idle)
-    ttl = tonumber(idle)
-  end
+if ttl > 0 and found[2] then
+  redis.call('PEXPIRE', KEYS[1], found[2])
+  ttl = tonumber(found[2])
 end
-return {account, ttl}
+return {found[1], ttl}
 """
+
+_BEAT = """
+-- KEYS: alive:{<owner>}, dead:{<owner>}; ARGV: TTL (ms).
+-- Returns -1 (declared dead by a sweeper: never beats again), 1 (was alive), 0 (had expired,
+-- or the first beat: set now).
+if redis.call('EXISTS', KEYS[2]) == 1 then return -1 end
+if redis.call('SET', KEYS[1], '1', 'PX', ARGV[1], 'GET') then return 1 end
+return 0
+"""
+
+_DECLARE_DEAD = """
+-- KEYS: alive:{<owner>}, dead:{<owner>}; ARGV: how long the certificate is kept (s).
+-- Returns 0 if the owner is alive, else 1: it is dead for good (its beats and index
+-- additions are refused from now on, atomically with this check).
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('SET', KEYS[2], '1', 'EX', ARGV[1])
+return 1
+"""
+
+_INDEX_ADD = """
+-- KEYS: dead:{<owner>}, owner:{<owner>}:accounts; ARGV: account id.
+-- Lists the account in the owner's index unless the owner was declared dead (then 0): a
+-- sweeper that found the owner dead walks an index that can no longer grow.
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('SADD', KEYS[2], ARGV[1])
+return 1
+"""
+
+#: How long a dead owner's certificate and the accounts' fences against it are kept: far
+#: longer than any stall a process could wake from (it then takes a new owner id anyway).
+DEAD_TTL_SECONDS = 30 * 86400
+
+#: The account listing's cursor: node cursor * CURSOR_NODES + the master's position.
+CURSOR_NODES = 16384
 
 #: Account ids are opaque tokens ("acct_<hex>", "x402_<hex>") that never contain ":", the
 #: separator of the ledger's keys.

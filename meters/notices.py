@@ -5,7 +5,9 @@ The Lua scripts that add money (``credit.lua``, ``voucher.lua``) publish the acc
 channel, ``Ledger.credit_channel``, in the same atomic step. Each gateway process keeps one
 subscription (one Redis connection) and wakes the streams of that process that wait on the
 account. Credits are rare next to tokens (one per payment or voucher), so one channel for all
-accounts costs every process little and needs no per-account subscribe / unsubscribe.
+accounts costs every process little and needs no per-account subscribe / unsubscribe. On a
+Redis Cluster it stays plain PUBLISH / SUBSCRIBE: a message published on any node (by a script
+running on the account's node) reaches the subscribers on every node.
 
 A message can be lost (the subscription reconnecting, a process that credited through another
 path). Waiters therefore also re-check on their own every ``recheck_seconds``: a lost message
@@ -18,10 +20,12 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Iterator
+from typing import cast
 
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
-from meters.ledger import Ledger, as_text
+from meters.ledger import Ledger, as_text, is_cluster
 
 log = logging.getLogger("tollstream.notices")
 
@@ -89,6 +93,11 @@ class CreditNotices:
         while True:
             pubsub = self.ledger.redis.pubsub(ignore_subscribe_messages=True)
             try:
+                if is_cluster(self.ledger.redis):
+                    # On a cluster the subscription goes to the node of the channel's slot
+                    # (PUBLISH reaches every node, a script's too): the client must know the
+                    # slots first (it raises KeyError otherwise).
+                    await cast(RedisCluster, self.ledger.redis).initialize()
                 await pubsub.subscribe(self.channel)
                 self._subscribed.set()
                 backoff = 0.1

@@ -81,10 +81,11 @@ def _scan(client: redis.Redis, pattern: str) -> set[str]:
 
 
 def account_keys(client: redis.Redis, prefixes: Iterable[str] = ("*",)) -> set[str]:
-    """The account hashes under ``prefixes`` (not their ``:keys`` sets of API key hashes)."""
+    """The account hashes under ``prefixes``: ``<prefix>acct:{<id>}`` (not their
+    ``acct:{<id>}:keys`` sets of API key hashes)."""
     keys: set[str] = set()
     for prefix in prefixes:
-        keys |= {k for k in _scan(client, f"{prefix}acct:*") if not k.endswith(":keys")}
+        keys |= {k for k in _scan(client, f"{prefix}acct:{{*") if k.endswith("}")}
     return keys
 
 

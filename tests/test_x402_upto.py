@@ -116,8 +116,11 @@ def hold_record(redis_url: str, prefix: str, nonce: int) -> dict[str, str]:
 
     client = sync_redis.Redis.from_url(redis_url, decode_responses=True)
     try:
-        for key in client.scan_iter(match=f"{prefix}upto:*:{nonce}"):
-            return dict(client.hgetall(key))
+        # upto:id:<network:asset:payer:nonce> names the account; the record is beside it.
+        for key in client.scan_iter(match=f"{prefix}upto:id:*:{nonce}"):
+            account = client.get(key)
+            if account is not None:
+                return dict(client.hgetall(f"{prefix}upto:{{{account}}}"))
     finally:
         client.close()
     return {}

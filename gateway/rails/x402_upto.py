@@ -299,17 +299,18 @@ class UptoPayments:
                     note: str = "") -> None:
         await self.holds.finish(hold.hold_id, hold.account_id, state)
         keep = max(hold.expires - int(time.time()), 0) + RECORD_GRACE_SECONDS
-        key = f"{self.ledger.prefix}upto:{hold.hold_id}"
+        key = self.holds.record_key(hold.account_id)
         with redis_errors():
+            # The record and the account share the account's slot: one transaction.
             async with self.ledger.redis.pipeline(transaction=True) as pipe:
                 pipe.hset(key, mapping={"transaction": result.tx_hash if result else "",
                                         "note": note})
                 pipe.expire(key, keep)
                 # The account was the request's alone: nothing is left in it (hold_close.lua
                 # took the unspent part out), so it goes.
-                pipe.delete(f"{self.ledger.prefix}acct:{hold.account_id}",
-                            f"{self.ledger.prefix}upto:account:{hold.account_id}")
+                pipe.delete(self.ledger.account_key(hold.account_id))
                 await pipe.execute()
+        await self.holds.keep_until(hold.hold_id, keep)
 
     async def sweep(self, now: float | None = None) -> int:
         """One pass of the keeper; returns how many holds it settled or expired."""

@@ -1,5 +1,6 @@
 -- Begin, abort or finish a channel's cooperative close. Atomic with the streams' leases.
--- KEYS[1] channel hash   KEYS[2] its ledger account hash   KEYS[3] set of open channels
+-- KEYS[1] chan:{mpp_<id>}   KEYS[2] acct:{mpp_<id>} (its ledger account)   One slot: the
+-- account's hash tag. After finish the caller takes the channel out of the open set.
 -- ARGV[1] "begin" | "abort" | "finish"   ARGV[2] channel id   ARGV[3] settled (finish)
 -- begin: refuses (-1) while a stream holds money on the channel; else takes the unspent
 --   accepted amount out of the account (credited and balance: nothing is left to stream on,
@@ -28,5 +29,4 @@ local left = tonumber(redis.call('HGET', KEYS[2], 'balance') or '0')
 redis.call('HINCRBY', KEYS[2], 'balance', -left)
 redis.call('HINCRBY', KEYS[2], 'credited', -left)
 redis.call('HSET', KEYS[1], 'finalized', 1, 'settled', ARGV[3], 'close_requested', 1)
-redis.call('SREM', KEYS[3], ARGV[2])
 return 1

@@ -1,5 +1,6 @@
 -- Record an opened channel and its ledger account, once. Atomic.
--- KEYS[1] channel hash   KEYS[2] its ledger account hash   KEYS[3] set of open channels
+-- KEYS[1] chan:{mpp_<id>}   KEYS[2] acct:{mpp_<id>} (its ledger account)   One slot: the
+-- account's hash tag. The caller listed the channel in the set of open channels first.
 -- ARGV[1] channel id   ARGV[2..] field, value pairs of the channel
 -- Returns 1 if recorded now, 0 if the channel was already known (a retried open).
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
@@ -9,5 +10,4 @@ for _, field in ipairs({'balance', 'held', 'spent', 'credited', 'shortfall'}) do
   redis.call('HSETNX', KEYS[2], field, 0)
 end
 redis.call('HSETNX', KEYS[2], 'label', 'mpp channel ' .. ARGV[1])
-redis.call('SADD', KEYS[3], ARGV[1])
 return 1

@@ -1,5 +1,6 @@
 -- Credit an account exactly once per idempotency key. Atomic.
--- KEYS[1] account hash   KEYS[2] idempotency key (may equal KEYS[1] .. ':nokey' for none)
+-- KEYS[1] acct:{<account>}   KEYS[2] idem:{<account>}:<purpose>:<key> (idem:{<account>} when
+-- there is none: never touched then)   One slot: the account's hash tag.
 -- ARGV[1] amount   ARGV[2] 1 if KEYS[2] is a real idempotency key   ARGV[3] idempotency TTL (s)
 -- ARGV[4] the most an account may ever be credited (MAX_AMOUNT: sums stay exact in Lua)
 -- ARGV[5] the channel credits are announced on   ARGV[6] the account id (the message)

@@ -1,7 +1,7 @@
 -- Accept a cumulative voucher on a channel, crediting what it adds to the channel's account.
 -- Atomic: vouchers on one channel are serialised by Redis, whatever process takes them.
--- KEYS[1] channel hash   KEYS[2] channel's voucher set (score = cumulative amount)
--- KEYS[3] channel's ledger account hash
+-- KEYS[1] chan:{mpp_<id>}   KEYS[2] chan:{mpp_<id>}:vouchers (score = cumulative amount)
+-- KEYS[3] acct:{mpp_<id>} (the channel's ledger account)   One slot: the account's hash tag.
 -- ARGV[1] cumulative amount   ARGV[2] signature   ARGV[3] minVoucherDelta
 -- ARGV[4] the channel credits are announced on   ARGV[5] the channel's account id
 -- Returns {status, acceptedCumulative}: 1 = accepted now, 0 = not above the accepted amount
