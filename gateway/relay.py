@@ -208,9 +208,11 @@ async def relay(ctx: RelayContext, response: UpstreamResponse) -> AsyncIterator[
                 if out:
                     yield b"".join(out)
                     meter.delivered_tokens(pending)
-                    # Let the loop process I/O (a client's disconnect among it) before the
-                    # next send, even when the upstream's data is already buffered.
-                    await asyncio.sleep(0)
+                    if response.buffered():
+                        # The next read will not wait: let the loop process I/O (a client's
+                        # disconnect among it) before the next send. When it will wait, that
+                        # wait lets the loop run; a yield here too cost a loop turn per send.
+                        await asyncio.sleep(0)
                 if stop:
                     break
             else:

@@ -6,11 +6,16 @@ re-encode on the hot path); only the ``event`` name and ``data`` text are decode
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+import anyio
 from sse_starlette import EventSourceResponse
+from sse_starlette.event import ensure_bytes
 from starlette.types import Message, Receive, Scope, Send
+
+log = logging.getLogger("sse_starlette.sse")  # sse-starlette's, for its own messages
 
 #: An upstream event larger than this is a protocol error, not something to buffer forever.
 MAX_EVENT_BYTES = 4 * 1024 * 1024
@@ -31,13 +36,21 @@ class SSEProtocolError(ValueError):
 
 def parse_event(raw: bytes) -> SSEEvent | None:
     """Decode one event block (without its terminating blank line); None for comments only."""
+    if raw.startswith(b"data: ") and b"\n" not in raw and b"\r" not in raw:
+        # The common shape (one data line, no event name), without the line-by-line walk.
+        try:
+            return SSEEvent(event=None, data=raw[6:].decode("utf-8"), raw=raw + b"\n\n")
+        except UnicodeDecodeError as exc:
+            raise SSEProtocolError("upstream event is not UTF-8") from exc
     name: str | None = None
     data: list[str] = []
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise SSEProtocolError("upstream event is not UTF-8") from exc
-    for line in text.splitlines():
+    # Lines end at CR, LF or CRLF only (the SSE grammar), not at every line boundary
+    # str.splitlines knows: JSON strings may hold U+2028, U+2029 and U+0085 unescaped.
+    for line in text.replace("\r\n", "\n").replace("\r", "\n").split("\n"):
         if not line or line.startswith(":"):
             continue
         field, _, value = line.partition(":")
@@ -94,21 +107,44 @@ def encode(data: bytes | str, event: str | None = None) -> bytes:
 
 #: Scope key under which the application's entry point keeps the server's request cycle.
 CONNECTION_KEY = "tollstream.connection"
+#: Scope key under which it keeps the ``send`` it was handed, before any middleware wraps it.
+SERVER_SEND_KEY = "tollstream.server_send"
 
 
 def remember_connection(scope: Scope, send: Send) -> None:
     """Record the server's request cycle (uvicorn: ``send.__self__``, which knows whether the
-    client is still connected) before any middleware wraps ``send``."""
+    client is still connected) and the ``send`` the application was handed, before any
+    middleware wraps it."""
     if scope["type"] == "http":
         scope[CONNECTION_KEY] = getattr(send, "__self__", None)
+        scope[SERVER_SEND_KEY] = send
 
 
 class ClientGone(OSError):
     """The client closed the connection; the message was not written."""
 
 
+def _body_send(scope: Scope) -> Send | None:
+    """The ``send`` a body chunk can go to directly, skipping the middleware's wrappers; None
+    when some wrapper might need to see the body.
+
+    Measured (py-spy, 64 paced one-token streams): each body chunk went through four
+    wrappers (the delivery check, Starlette's exception handler, its error middleware, the
+    request-id header) and sse-starlette's per-send timeout scope, about 5% of the gateway's
+    CPU beside the write itself (benchmarks/RESULTS.md, #13 item 4). The wrappers of
+    Starlette's own stack and the request-id one act on the ``http.response.start`` message
+    only (which still goes through them all); a middleware added to the application could act
+    on bodies (compression), so then nothing is skipped.
+    """
+    send = scope.get(SERVER_SEND_KEY)
+    app = scope.get("app")
+    if send is None or getattr(app, "user_middleware", None) != []:
+        return None
+    return send
+
+
 class EventStreamResponse(EventSourceResponse):
-    """sse-starlette's response, made exact about delivery.
+    """sse-starlette's response, made exact about delivery, with a lean send per chunk.
 
     uvicorn silently drops messages sent after the client disconnected, so a generator pushing
     a fast upstream would keep "sending" (and the meter would keep billing) until the
@@ -121,10 +157,20 @@ class EventStreamResponse(EventSourceResponse):
     The flag lives on uvicorn's request cycle, the object whose ``send`` uvicorn hands the
     application. Starlette wraps ``send`` before a response sees it, so the application's
     entry point records the cycle in the scope (:func:`remember_connection`).
+
+    Everything else is sse-starlette's: headers, pings, the disconnect listener, shutdown,
+    HEAD. Only the per-chunk loop is replaced (:meth:`_stream_response`): one ``send`` per
+    chunk, without a timeout scope when no ``send_timeout`` was asked for, straight to the
+    server's ``send`` when no middleware could want the body (:func:`_body_send`).
     """
+
+    _cycle: object = None
+    _direct: Send | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         cycle = scope.get(CONNECTION_KEY) or getattr(send, "__self__", None)
+        self._cycle = cycle
+        self._direct = _body_send(scope) if scope["type"] == "http" else None
 
         async def checked(message: Message) -> None:
             await send(message)
@@ -132,3 +178,47 @@ class EventStreamResponse(EventSourceResponse):
                 raise ClientGone("the client disconnected")
 
         await super().__call__(scope, receive, checked)
+
+    async def _stream_response(self, send: Send) -> None:
+        """sse-starlette's loop (``send`` is the checked one), one ``send`` per chunk."""
+        if self.send_timeout is not None:
+            # A deadline per send was asked for: sse-starlette's path keeps it.
+            await super()._stream_response(send)
+            return
+        await send({"type": "http.response.start", "status": self.status_code,
+                    "headers": self.raw_headers})
+        direct, cycle, sep = self._direct, self._cycle, self.sep
+        async for data in self.body_iterator:
+            try:
+                # The relay yields bytes; anything else is encoded as sse-starlette would.
+                chunk = data if type(data) is bytes else ensure_bytes(data, sep)
+                message = {"type": "http.response.body", "body": chunk, "more_body": True}
+                if direct is None:
+                    await send(message)
+                else:
+                    await direct(message)
+                    if getattr(cycle, "disconnected", False):
+                        raise ClientGone("the client disconnected")
+            except BaseException:
+                # As sse-starlette does: the iterator is suspended at its ``yield``; close it
+                # (its clean-up settles the bill for what was delivered) before the error
+                # escapes, within the cleanup deadline.
+                await self._close_iterator()
+                raise
+        async with self._send_lock:
+            self.active = False
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _close_iterator(self) -> None:
+        aclose = getattr(self.body_iterator, "aclose", None)
+        if aclose is None:
+            return
+        with anyio.move_on_after(self._cleanup_timeout, shield=True) as scope:
+            try:
+                await aclose()
+            except Exception:
+                log.exception(
+                    "Error closing body iterator after encoding or send failure")
+        if scope.cancel_called:
+            log.warning(
+                "Body iterator cleanup cancelled after %s seconds", self._cleanup_timeout)

@@ -38,14 +38,34 @@ class UpstreamResponse:
     def __init__(self, response: aiohttp.ClientResponse) -> None:
         self._response = response
         self.status = response.status
+        self._ahead = b""  # read by buffered(), not yet returned by chunks()
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        """The body, chunk by chunk as it arrives."""
+        """The body, chunk by chunk as it arrives (everything received so far per chunk)."""
+        content = self._response.content
         try:
-            async for chunk in self._response.content.iter_any():
+            while True:
+                if self._ahead:
+                    chunk, self._ahead = self._ahead, b""
+                else:
+                    chunk = await content.readany()
+                    if not chunk:
+                        return
                 yield chunk
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise UpstreamStreamError(type(exc).__name__) from exc
+
+    def buffered(self) -> bool:
+        """Whether the next read of :meth:`chunks` returns without waiting: data (or the end,
+        or an error) has already arrived. Call it only between reads."""
+        if self._ahead:
+            return True
+        content = self._response.content
+        if content.is_eof() or content.exception() is not None:
+            return True
+        # read_nowait: aiohttp's public way to look at what arrived; kept for chunks().
+        self._ahead = content.read_nowait()
+        return bool(self._ahead)
 
     async def read(self, limit: int) -> bytes:
         """The whole body; :class:`UpstreamStreamError` past ``limit`` bytes."""

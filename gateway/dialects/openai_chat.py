@@ -11,6 +11,7 @@ parses it as an ordinary length-capped completion.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -157,6 +158,24 @@ def _usage(raw: Any) -> Usage:
     return openai_usage(raw, "prompt_tokens", "completion_tokens")
 
 
+#: A JSON string without escapes (its text is its value) and one with them.
+_PLAIN = r'[^"\\\x00-\x1f]*'
+# (runs of plain characters between escapes: no alternation per character)
+_TEXT = r'[^"\\\x00-\x1f]*(?:\\(?:["\\/bfnrt]|u[0-9a-fA-F]{4})[^"\\\x00-\x1f]*)*'
+#: The chunk nearly every event of a stream is: one choice, content only, nothing final, as
+#: OpenAI (and the simulator) write it, byte for byte (no spaces, this key order). Only valid
+#: JSON matches, and what :meth:`ChatStream.inspect` learns from a match is what parsing it
+#: gives (tests/test_fast_path.py compares both); any other event, tool calls, usage, a finish
+#: reason, several choices, other keys or spacing, is parsed in full.
+_CONTENT_CHUNK = re.compile(
+    r'\{"id":"(' + _PLAIN + r')","object":"chat\.completion\.chunk",'
+    r'"created":(0|[1-9][0-9]{0,15}),"model":"(' + _PLAIN + r')"'
+    r'(?:,"(?:service_tier|system_fingerprint)":(?:"' + _PLAIN + r'"|null))*'
+    r',"choices":\[\{"index":0,"delta":\{(?:"role":"assistant",)?"content":"(' + _TEXT + r')"'
+    r'(?:,"refusal":null)?\},"logprobs":null,"finish_reason":null\}\]'
+    r'(?:,"usage":null)?(?:,"obfuscation":"' + _PLAIN + r'")?\}')
+
+
 class ChatStream:
     """State of one chat completion stream."""
 
@@ -167,11 +186,29 @@ class ChatStream:
         self.created = int(time.time())
         self._last: dict[str, Any] | None = None
         self._fields: list[FieldRef] = []
+        #: The last event when it took the fast path: parsed only if it is truncated.
+        self._unparsed: str | None = None
 
     def inspect(self, event: SSEEvent) -> EventInfo:
-        if event.data == "[DONE]":
+        data = event.data
+        if data == "[DONE]":
             return EventInfo(final=True, terminal=True)
-        obj = orjson.loads(event.data)
+        match = _CONTENT_CHUNK.fullmatch(data)
+        if match is not None:
+            text = match[4]
+            if "\\" in text:
+                try:
+                    text = orjson.loads(f'"{text}"')
+                except ValueError:  # e.g. a lone surrogate: let the full parse decide
+                    return self._parsed(orjson.loads(data))
+            # What the full parse would note; the object itself only if it is truncated.
+            self.id, self.created, self.model = match[1], int(match[2]), match[3]
+            self._unparsed = data
+            return EventInfo(texts=[text] if text else [])
+        return self._parsed(orjson.loads(data))
+
+    def _parsed(self, obj: Any) -> EventInfo:
+        """What a parsed event says (the full path)."""
         if not isinstance(obj, dict):
             return EventInfo()
         if "error" in obj:
@@ -179,6 +216,7 @@ class ChatStream:
             message = error.get("message") if isinstance(error, dict) else str(error)
             return EventInfo(error=str(message or "upstream error"))
         self._last = obj
+        self._unparsed = None
         self.id = obj.get("id", self.id)
         self.model = obj.get("model", self.model)
         self.created = obj.get("created", self.created)
@@ -207,6 +245,10 @@ class ChatStream:
 
     def truncate(self, keep_tokens: int, counter: TokenCounter
                  ) -> tuple[bytes, int] | None:
+        if self._unparsed is not None:
+            # The fast path skipped the object; parsing it now sets what the full path
+            # would have set then (the id, model and created it noted are its own).
+            self._parsed(orjson.loads(self._unparsed))
         if self._last is None or keep_tokens <= 0:
             return None
         kept = split_fields(self._fields, keep_tokens, counter)
