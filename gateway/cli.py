@@ -60,9 +60,7 @@ def _serve(args: argparse.Namespace) -> int:
             return 1
     host, port = args.host or settings.host, args.port or settings.port
     for line in startup(settings, address=f"http://{host}:{port}", redis_url=redis_url,
-                        embedded=embedded is not None):
-        if args.workers > 1:
-            line = line.replace("(one worker)", f"({args.workers} workers)")
+                        embedded=embedded is not None, workers=args.workers):
         print(f"tollstream: {line}", file=sys.stderr)
     options: dict[str, Any] = {
         "host": host, "port": port, "log_config": None,  # our handler (logs.py)

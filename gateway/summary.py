@@ -69,13 +69,16 @@ def rails(settings: Settings) -> str:
     return ", ".join(parts) or "none: the operator credits accounts (admin API)"
 
 
-def startup(settings: Settings, *, address: str, redis_url: str, embedded: bool) -> list[str]:
+def startup(settings: Settings, *, address: str, redis_url: str, embedded: bool,
+            workers: int = 1) -> list[str]:
     """What ``serve`` prints when it starts."""
+    kind = "cluster at " if settings.redis_cluster else ""
     where = (f"embedded Valkey at {redis_url}, data in {settings.data_dir}" if embedded
-             else f"external {masked_url(redis_url)}")
+             else f"external {kind}{masked_url(redis_url)}")
+    processes = "one worker" if workers == 1 else f"{workers} workers"
     admin = "on (/admin, bearer token)" if settings.admin_token is not None else \
         "off (set TOLLSTREAM_ADMIN_TOKEN)"
-    return [f"tollstream {version()} listening on {address} (one worker)",
+    return [f"tollstream {version()} listening on {address} ({processes})",
             f"redis:     {where}", f"rails:     {rails(settings)}", f"admin API: {admin}",
             f"policy:    {settings.exhausted_policy} when an allowance runs out; lease "
             f"{settings.lease_tokens} tokens", "models:", *("  " + line for line in
