@@ -177,7 +177,10 @@ class Settings(_Frozen):
     #: few dozen serve thousands of streams. A call that finds them all busy waits up to
     #: redis_pool_timeout_seconds for one, then fails closed (503 ledger_unavailable).
     redis_max_connections: int = Field(default=64, ge=2, le=10_000)
-    redis_pool_timeout_seconds: float = Field(default=2.0, gt=0, le=60)
+    #: Long enough to ride out a saturated event loop (a burst of a thousand streams opening
+    #: at once on a busy machine waited past 2 s and got 503s); an unreachable Redis still
+    #: fails closed within the socket timeouts (1 s to connect, 3 s to answer).
+    redis_pool_timeout_seconds: float = Field(default=10.0, gt=0, le=60)
     #: Requests one gateway process (worker) serves at once; past it a request is answered
     #: 503 overloaded at once, before it takes a Redis or upstream connection. 0: derived
     #: from the open-file limit at start-up (two descriptors per stream, the Redis pool and
