@@ -92,3 +92,34 @@ async def test_the_sdk_client_verifies_and_settles_upto_through_tollstream(
         assert await settler.balance_of(wallet.address, evm_network) == payer_before - 1234
     finally:
         await sdk.aclose()
+
+
+async def test_upto_requests_the_facilitator_cannot_serve_are_200_with_a_reason(
+        facilitator: str, chain: DevChain, evm_network: EvmNetwork) -> None:
+    """v1 (upto has no v1 form), malformed requirements, another network, another asset:
+    each answered 200 with isValid false and a reason, never an error status."""
+    import httpx
+
+    requirements = upto_requirements(evm_network, amount=5_000, pay_to=PAY_TO,
+                                     facilitator=chain.relayer_address,
+                                     max_timeout_seconds=300)
+    payload, req = signed(chain.wallets[3].private_key, requirements)
+    good_payload = payload.model_dump(mode="json", by_alias=True, exclude_none=True)
+    good_req = req.model_dump(mode="json", by_alias=True, exclude_none=True)
+    cases = {
+        "invalid_x402_version": (1, good_payload, good_req),
+        "invalid_payment_requirements": (2, good_payload, {**good_req, "amount": "lots"}),
+        "invalid_upto_evm_network_mismatch": (2, good_payload,
+                                              {**good_req, "network": "eip155:8453"}),
+    }
+    other_asset = {**good_req, "asset": new_account(chain).address}
+    cases["invalid_payment_requirements (asset)"] = (2, good_payload, other_asset)
+    with httpx.Client(base_url=facilitator, timeout=30) as http:
+        for reason, (version, sent_payload, sent_req) in cases.items():
+            answer = http.post("/verify", json={"x402Version": version,
+                                                "paymentPayload": sent_payload,
+                                                "paymentRequirements": sent_req})
+            assert answer.status_code == 200, (reason, answer.text)
+            body = answer.json()
+            assert body["isValid"] is False
+            assert body["invalidReason"] == reason.split(" ")[0], (reason, body)

@@ -516,3 +516,108 @@ async def test_remote_mode_streams_upto_settled_by_the_sdks_facilitator(
     assert O200K.count(text) == 25
     assert await settler.balance_of(wallet.address, evm_network) == payer_before - 25
     assert await settler.balance_of(PAY_TO, evm_network) == merchant_before + 25
+
+
+def approved_but_unfunded(chain: DevChain) -> str:
+    """A payer that approved Permit2 and holds no tokens: its key."""
+    from tests.chain_fixtures import full_token, send_as
+
+    account = new_account(chain, eth=10**16)
+    key = "0x" + bytes(account.key).hex()
+    data = full_token(chain).encode_abi("approve", args=[chain.permit2, 2**256 - 1])
+    receipt = send_as(chain, key, {"to": chain.token, "data": data}, gas=100_000)
+    assert receipt["status"] == 1
+    return key
+
+
+@pytest.mark.parametrize("case", ["spender", "token", "network", "too_small", "near_deadline",
+                                  "no_balance"])
+async def test_more_bad_upto_payments_name_their_reason(
+        ugw: RunningGateway, chain: DevChain, evm_network: EvmNetwork,
+        settler: EvmSettler, case: str) -> None:
+    offer = upto_offer(ugw, 30)
+    key = chain.wallets[2].private_key
+    expected = {"spender": "invalid_permit2_spender", "token": "permit2_token_mismatch",
+                "network": "invalid_network", "too_small": "invalid_payment_requirements",
+                "near_deadline": "permit2_deadline_expired",
+                "no_balance": "permit2_insufficient_balance"}[case]
+    if case == "no_balance":
+        key = approved_but_unfunded(chain)
+        header, _ = crafted_header(key, offer)
+    elif case == "near_deadline":  # valid, but less than deadline_margin_seconds (30) left
+        header, _ = crafted_header(key, offer, deadline=int(time.time()) + 20)
+    elif case == "too_small":  # below the prompt and the first output tokens (10)
+        header, _ = crafted_header(key, offer, amount=5)
+    else:
+        header, _ = crafted_header(key, offer)
+        payload = json.loads(base64.b64decode(header))
+        auth = payload["payload"]["permit2Authorization"]
+        if case == "spender":
+            auth["spender"] = new_account(chain).address
+        elif case == "token":
+            auth["permitted"]["token"] = new_account(chain).address
+        else:
+            payload["accepted"]["network"] = "eip155:8453"
+        header = base64.b64encode(json.dumps(payload).encode()).decode()
+    payer = Account.from_key(key).address
+    before = await settler.balance_of(payer, evm_network)
+    response = httpx.post(f"{ugw.url}{CHAT}", json=body(30), timeout=30,
+                          headers={"PAYMENT-SIGNATURE": header})
+    assert response.status_code == 402, response.text
+    assert response.json()["code"] == expected
+    assert await settler.balance_of(payer, evm_network) == before
+
+
+@pytest.mark.parametrize("path, value", [
+    ("payload.permit2Authorization.witness", None),
+    ("payload.permit2Authorization.nonce", "-1"),
+    ("payload.signature", "0xzz"),
+    ("payload.permit2Authorization.from", "0x1234"),
+])
+async def test_malformed_upto_payloads_get_400_naming_the_field(
+        ugw: RunningGateway, chain: DevChain, path: str, value: Any) -> None:
+    header, _ = crafted_header(chain.wallets[0].private_key, upto_offer(ugw, 30))
+    payload = json.loads(base64.b64decode(header))
+    *parents, last = path.split(".")
+    node = payload
+    for name in parents:
+        node = node[name]
+    if value is None:
+        del node[last]
+    else:
+        node[last] = value
+    response = httpx.post(f"{ugw.url}{CHAT}", json=body(30), timeout=30, headers={
+        "PAYMENT-SIGNATURE": base64.b64encode(json.dumps(payload).encode()).decode()})
+    assert response.status_code == 400, response.text
+    answer = response.json()
+    assert answer["code"] == "invalid_payment" and answer["param"] == path
+    assert "PAYMENT-REQUIRED" in response.headers
+
+
+async def test_one_authorization_serves_one_request_even_concurrently(
+        ugw: RunningGateway, chain: DevChain, evm_network: EvmNetwork,
+        settler: EvmSettler, redis_url: str) -> None:
+    """A second request with an authorization whose stream is still running is refused; the
+    first is settled for what it delivered alone. The status page counts it meanwhile."""
+    wallet = chain.wallets[3]
+    header = sdk_header(wallet.private_key, upto_offer(ugw, 100))
+    before = await settler.balance_of(wallet.address, evm_network)
+    with httpx.Client(timeout=30) as http, http.stream(
+            "POST", f"{ugw.url}{CHAT}", json=body(100),
+            headers={"PAYMENT-SIGNATURE": header, "x-sim-output-tokens": "100",
+                     "x-sim-tokens-per-second": "100"}) as first:
+        lines = first.iter_lines()
+        assert next(line for line in lines if line.startswith("data: {"))
+        second = httpx.post(f"{ugw.url}{CHAT}", json=body(100), timeout=30,
+                            headers={"PAYMENT-SIGNATURE": header})
+        assert second.status_code == 402
+        assert second.json()["code"] == "permit2_invalid_nonce"
+        with ugw.admin() as admin:  # the status page counts it while it runs
+            page = admin.get("/admin/").text
+        assert "<td>x402 upto authorizations open</td><td class=num>1</td>" in page
+        rest = list(lines)
+    assert "data: [DONE]" in rest
+    record = wait_for(lambda: settled_record(redis_url, ugw.settings.key_prefix,
+                                             nonce_of(header)), "the settlement")
+    assert record["capture"] == "100"
+    assert await settler.balance_of(wallet.address, evm_network) == before - 100

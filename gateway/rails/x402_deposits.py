@@ -232,7 +232,10 @@ class X402Deposits(PaymentRail):
 
     async def status(self) -> dict[str, str]:
         pending = await self.deposits.unfinished()
-        return {"x402 deposits settling or awaiting credit": str(len(pending))}
+        status = {"x402 deposits settling or awaiting credit": str(len(pending))}
+        if self.upto is not None:
+            status.update(await self.upto.status())
+        return status
 
     # -- paying -------------------------------------------------------------------------------
     def claims(self, request: Request) -> bool:
