@@ -35,7 +35,7 @@ from gateway.chain.permit2 import (
     UPTO_PROXY_SETTLE_ABI,
     nonce_position,
 )
-from gateway.errors import InvalidPayment, PaymentRejected
+from gateway.errors import PaymentRejected
 from gateway.rails.eip3009 import EvmNetwork
 from gateway.rails.evm import SettlementResult, submit
 from gateway.rails.evm_rpc import ChainRpc
@@ -46,6 +46,7 @@ from gateway.rails.x402 import (
     PaymentRequirements,
     ResourceInfo,
     Uint,
+    field_error,
 )
 
 SCHEME_UPTO = "upto"
@@ -148,11 +149,7 @@ def parse_upto_payload(data: Any, *, where: str = "PAYMENT-SIGNATURE") -> UptoPa
     try:
         return UptoPaymentPayload.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors(include_url=False)[0]
-        loc = ".".join(str(part) for part in first["loc"]) or "(root)"
-        what = "missing field" if first["type"] == "missing" else "invalid field"
-        detail = "" if first["type"] == "missing" else f": {first['msg']}"
-        raise InvalidPayment(f"{where}: {what} {loc}{detail}", param=loc) from exc
+        raise field_error(exc, where) from exc
 
 
 def upto_requirements(network: EvmNetwork, *, amount: int, pay_to: str, facilitator: str,

@@ -246,7 +246,8 @@ def decode_header_json(value: str, *, header: str = PAYMENT_SIGNATURE_HEADER) ->
         raise InvalidPayment(f"{header} header is not base64-encoded JSON", param=header) from exc
 
 
-def _field_error(exc: ValidationError, header: str) -> InvalidPayment:
+def field_error(exc: ValidationError, header: str) -> InvalidPayment:
+    """The :class:`InvalidPayment` naming the first field ``exc`` found wrong in ``header``."""
     first = exc.errors(include_url=False)[0]
     loc = ".".join(str(part) for part in first["loc"]) or "(root)"
     if first["type"] == "missing":
@@ -293,7 +294,7 @@ def parse_payment_payload(data: Any, *, version: int | None = None,
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise _field_error(exc, where) from exc
+        raise field_error(exc, where) from exc
 
 
 def as_v2(payload: AnyPaymentPayload, requirements: PaymentRequirements) -> PaymentPayload:
@@ -310,7 +311,7 @@ def decode_model(value: str, model: type[_Wire], *, header: str) -> Any:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise _field_error(exc, header) from exc
+        raise field_error(exc, header) from exc
 
 
 # --------------------------------------------------------------------------- convert
@@ -506,6 +507,7 @@ __all__ = [
     "decode_payment_header",
     "encode_header",
     "exact_requirements",
+    "field_error",
     "from_v1",
     "match_requirements",
     "parse_payment_payload",
