@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,10 @@ def _serve(args: argparse.Namespace) -> int:
         # uvloop stalled burst streams under concurrency in our tests (see
         # benchmarks/RESULTS.md); the standard loop with httptools is used.
         "loop": "asyncio", "http": "httptools"}
+    # uvicorn re-raises a SIGTERM it shut down on, after restoring the handler it found: with
+    # the default one the process would die there, before the finally below stops the
+    # embedded Valkey (left running, holding the data directory). This one exits normally.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         if args.workers == 1:
             uvicorn.run(create_app(settings, redis_url), **options)
@@ -82,6 +87,10 @@ def _serve(args: argparse.Namespace) -> int:
         if embedded is not None:
             embedded.stop()
     return 0
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def raise_open_files_limit() -> tuple[int, int]:
