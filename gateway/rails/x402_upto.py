@@ -29,9 +29,7 @@ outcome was unknown is reconciled against Permit2's nonce bitmap).
 
 from __future__ import annotations
 
-import base64
 import hashlib
-import json
 import logging
 import time
 from typing import Any
@@ -53,9 +51,9 @@ from gateway.rails.upto import (
     upto_requirements,
 )
 from gateway.rails.x402 import (
+    PAYMENT_RESPONSE_HEADER,
     PaymentRequirements,
-    encode_header,
-    settlement_response,
+    settlement_headers,
 )
 from meters.errors import MeterError
 from meters.holds import Hold, HoldBusy, Holds
@@ -65,7 +63,6 @@ from meters.periodic import Periodic
 
 log = logging.getLogger("tollstream.x402.upto")
 
-PAYMENT_RESPONSE_HEADER = "PAYMENT-RESPONSE"
 #: Hold states after ``closing``.
 SETTLED, EXPIRED, FAILED = "settled", "expired", "failed"
 #: How long a closed hold's record outlives its deadline (replays are refused meanwhile;
@@ -246,10 +243,7 @@ class UptoPayments:
                 await self.ledger.redis.delete(lock)
         if result is None:
             return {}
-        body = settlement_response(success=True, transaction=result.tx_hash,
-                                   network=result.network, payer=result.payer,
-                                   amount=result.amount)
-        return {PAYMENT_RESPONSE_HEADER: encode_header(body)}
+        return settlement_headers(result, version=2)
 
     async def _close(self, hold_id: str) -> SettlementResult | None:
         hold = await self.holds.get(hold_id)
@@ -343,9 +337,3 @@ class UptoPayments:
 
     async def status(self) -> dict[str, str]:
         return {"x402 upto authorizations open": str(len(await self.holds.open_ids()))}
-
-
-def decode_settlement(value: str) -> dict[str, Any]:
-    """The JSON of a ``PAYMENT-RESPONSE`` value (for logs and tests)."""
-    result: dict[str, Any] = json.loads(base64.b64decode(value))
-    return result
