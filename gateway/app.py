@@ -9,15 +9,15 @@ import logging
 import os
 import resource
 import secrets
-from collections.abc import AsyncIterator, Mapping
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any, cast
 
 # anyio loads its event-loop backend lazily, reading a file: loaded now, not first under
 # load when the process may be out of file descriptors (it then fails as a KeyError).
 import anyio._backends._asyncio  # noqa: F401
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException
 from starlette.types import Message, Receive, Scope, Send
 
@@ -44,6 +44,9 @@ from meters.ledger import Ledger, connect
 from meters.notices import CreditNotices
 
 log = logging.getLogger("tollstream")
+
+Endpoint = Callable[[Request], Awaitable[Response]]
+Handler = Callable[[Request, Exception], Awaitable[Response]]
 
 
 def build_gateway(settings: Settings, redis_url: str, *,
@@ -122,7 +125,63 @@ class GatewayApp(FastAPI):
                 message["headers"] = [*message.get("headers", []), header]
             await send(message)
 
-        await super().__call__(scope, receive, send_with_id)
+        endpoint = self.model_route(scope)
+        if endpoint is None:
+            await super().__call__(scope, receive, send_with_id)
+        else:
+            await self._serve_model(scope, receive, send_with_id, endpoint)
+
+    def model_route(self, scope: Scope) -> Endpoint | None:
+        """The endpoint of a model request (``POST`` on a model route) when it can be served
+        directly: no middleware was added and no root path is mounted.
+
+        Measured (py-spy, one-token requests): Starlette's router and FastAPI's six
+        middleware layers around every request (exception handling, body limit, telemetry,
+        exit stack, route matching over every route) were a large part of the gateway's CPU
+        per request (benchmarks/RESULTS.md, #13 item 4); a model request needs only the
+        error handlers, which :meth:`_serve_model` applies as Starlette's would.
+        """
+        if scope["method"] != "POST" or self.user_middleware or scope.get("root_path"):
+            return None
+        return routes.MODEL_ROUTES.get(scope["path"])
+
+    async def _serve_model(self, scope: Scope, receive: Receive, send: Send,
+                           endpoint: Endpoint) -> None:
+        """Serve ``endpoint`` with the application's exception handlers: what Starlette's
+        exception middleware and its server-error middleware do, for one route."""
+        scope["app"] = self
+        request = Request(scope, receive, send)
+        started = False
+
+        async def tracked(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            response = await endpoint(request)
+            await response(scope, receive, tracked)
+        except Exception as exc:
+            if started:
+                raise  # the answer is under way: the server logs it and closes the connection
+            try:
+                handler = self._handler_for(exc)
+                if handler is None:
+                    raise
+                answer = await handler(request, exc)
+            except Exception:
+                # Starlette's server-error middleware: a plain 500, the exception to the log.
+                await PlainTextResponse("Internal Server Error", status_code=500)(
+                    scope, receive, send)
+                raise
+            await answer(scope, receive, send)
+
+    def _handler_for(self, exc: Exception) -> Handler | None:
+        for cls in type(exc).__mro__:
+            handler = self.exception_handlers.get(cls)
+            if handler is not None:
+                return cast(Handler, handler)
+        return None
 
 
 def build_rails(settings: Settings, ledger: Ledger) -> PaymentRail:

@@ -266,6 +266,13 @@ async def responses(request: Request) -> Response:
     return await handle(request, get_dialect("openai_responses"))
 
 
+#: The model routes by path: the application serves their ``POST`` without Starlette's
+#: router and middleware (see :meth:`gateway.app.GatewayApp.model_route`); the routes above
+#: serve them when it cannot.
+MODEL_ROUTES = {"/v1/chat/completions": chat_completions, "/v1/messages": messages,
+                "/v1/responses": responses}
+
+
 @router.head("/v1/chat/completions")
 @router.head("/v1/messages")
 @router.head("/v1/responses")

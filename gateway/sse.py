@@ -6,13 +6,16 @@ re-encode on the hot path); only the ``event`` name and ``data`` text are decode
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import anyio
 from sse_starlette import EventSourceResponse
-from sse_starlette.event import ensure_bytes
+from sse_starlette.event import ServerSentEvent, ensure_bytes
 from starlette.types import Message, Receive, Scope, Send
 
 log = logging.getLogger("sse_starlette.sse")  # sse-starlette's, for its own messages
@@ -177,7 +180,64 @@ class EventStreamResponse(EventSourceResponse):
             if getattr(cycle, "disconnected", False):
                 raise ClientGone("the client disconnected")
 
-        await super().__call__(scope, receive, checked)
+        if (scope["type"] != "http" or scope["method"].upper() == "HEAD"
+                or self.send_timeout is not None or self.data_sender_callable is not None):
+            await super().__call__(scope, receive, checked)
+            return
+        await self._serve(receive, checked)
+
+    async def _serve(self, receive: Receive, send: Send) -> None:
+        """sse-starlette's four tasks in one: the stream runs in the request's own task, and
+        a single watcher task listens for the client's disconnect and sends the pings.
+
+        Measured (py-spy, one-token requests): sse-starlette's ``__call__`` spawns four anyio
+        tasks in a task group per response (the stream, pings, the shutdown listener, the
+        disconnect listener) and registers an event with its shutdown watcher, a large share
+        of the gateway's CPU per request (benchmarks/RESULTS.md, #13 item 4). The semantics
+        are kept: a disconnect or a server shutdown cancels the stream (its generator is
+        closed and settles), a ping goes out every ``ping`` seconds under the send lock.
+        """
+        with anyio.CancelScope() as stop:
+            watcher = asyncio.get_running_loop().create_task(self._watch(receive, send, stop))
+            live = _cancel_on_shutdown(stop)
+            try:
+                await self._stream_response(send)
+            finally:
+                live.discard(stop)
+                watcher.cancel()
+        if self.background is not None:
+            await self.background()
+
+    async def _watch(self, receive: Receive, send: Send, stop: anyio.CancelScope) -> None:
+        """Until the client disconnects (then the stream is cancelled): pings, if asked."""
+        interval = self.ping_interval
+        try:
+            while True:
+                try:
+                    if interval > 0:
+                        async with asyncio.timeout(interval):
+                            message = await receive()
+                    else:
+                        message = await receive()
+                except TimeoutError:
+                    await self._send_ping(send)
+                    continue
+                if message["type"] == "http.disconnect":
+                    self.active = False
+                    if self.client_close_handler_callable:
+                        await self.client_close_handler_callable(message)
+                    break
+        except OSError:
+            pass  # a ping the client did not take (ClientGone): it is gone
+        stop.cancel()
+
+    async def _send_ping(self, send: Send) -> None:
+        ping = (self.ping_message_factory() if self.ping_message_factory else
+                ServerSentEvent(comment=f"ping - {datetime.now(UTC)}", sep=self.sep))
+        async with self._send_lock:
+            if self.active:
+                await send({"type": "http.response.body", "body": ensure_bytes(ping, self.sep),
+                            "more_body": True})
 
     async def _stream_response(self, send: Send) -> None:
         """sse-starlette's loop (``send`` is the checked one), one ``send`` per chunk."""
@@ -222,3 +282,38 @@ class EventStreamResponse(EventSourceResponse):
         if scope.cancel_called:
             log.warning(
                 "Body iterator cleanup cancelled after %s seconds", self._cleanup_timeout)
+
+
+
+#: Per event loop, the cancel scopes of the streams being served: cancelled all at once when
+#: the server begins to shut down (sse-starlette's ``AppStatus``), as sse-starlette's
+#: per-response shutdown listener did, with one listener per loop instead of one per response.
+_LIVE: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, set[anyio.CancelScope]] = (
+    weakref.WeakKeyDictionary())
+_LISTENERS: set[asyncio.Task[None]] = set()  # strong references: the loop keeps weak ones
+
+
+def _cancel_on_shutdown(scope: anyio.CancelScope) -> set[anyio.CancelScope]:
+    """Cancel ``scope`` when the server shuts down; the set to discard it from when done."""
+    loop = asyncio.get_running_loop()
+    live = _LIVE.get(loop)
+    if live is None:
+        live = _LIVE[loop] = set()
+        listener = loop.create_task(_cancel_at_shutdown(loop, live))
+        _LISTENERS.add(listener)
+        listener.add_done_callback(_LISTENERS.discard)
+    live.add(scope)
+    return live
+
+
+async def _cancel_at_shutdown(loop: asyncio.AbstractEventLoop,
+                              live: set[anyio.CancelScope]) -> None:
+    try:
+        await EventSourceResponse._listen_for_exit_signal()
+    finally:
+        # The next stream on this loop starts a listener of its own (which returns at once
+        # while the server is still shutting down: that stream is cancelled too).
+        if _LIVE.get(loop) is live:
+            del _LIVE[loop]
+    for scope in list(live):
+        scope.cancel()
