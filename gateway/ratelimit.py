@@ -25,6 +25,7 @@ from starlette.requests import Request
 
 from gateway.errors import TooManyRequests
 from meters.ledger import redis_errors
+from meters.scripts import LuaScript
 
 _BUCKET = """
 -- A token bucket: KEYS[1] hash {tokens, at_ms}. ARGV[1] capacity, ARGV[2] tokens per second.
@@ -66,7 +67,7 @@ class RateLimiter:
         self.limits = limits
         self.client_header = client_header.lower() if client_header else None
         self.enabled = enabled
-        self._script = redis.register_script(_BUCKET)
+        self._script = LuaScript(redis, _BUCKET)
         #: (kind, client) -> monotonic time until which the bucket is known to be empty.
         self._empty: dict[tuple[str, str], float] = {}
 

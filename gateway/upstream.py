@@ -11,6 +11,8 @@ the gateway's own errors.
 from __future__ import annotations
 
 import asyncio
+import time
+import weakref
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -33,12 +35,20 @@ class UpstreamStreamError(Exception):
 
 class UpstreamResponse:
     """A response whose body has not been read yet. Closing it before its end closes the
-    connection, which is how the model is told to stop generating."""
+    connection, which is how the model is told to stop generating.
 
-    def __init__(self, response: aiohttp.ClientResponse) -> None:
+    ``read_timeout``: the longest a read of the body may wait for the upstream (its
+    :class:`Upstreams` watches the reads and closes a response that waited longer).
+    """
+
+    def __init__(self, response: aiohttp.ClientResponse, read_timeout: float) -> None:
         self._response = response
         self.status = response.status
+        self.read_timeout = read_timeout
         self._ahead = b""  # read by buffered(), not yet returned by chunks()
+        #: ``time.monotonic()`` when the read under way began waiting; None between reads.
+        self.waiting_since: float | None = None
+        self.timed_out = False
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """The body, chunk by chunk as it arrives (everything received so far per chunk)."""
@@ -48,12 +58,20 @@ class UpstreamResponse:
                 if self._ahead:
                     chunk, self._ahead = self._ahead, b""
                 else:
+                    self.waiting_since = time.monotonic()
                     chunk = await content.readany()
+                    self.waiting_since = None
                     if not chunk:
                         return
                 yield chunk
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise UpstreamStreamError(type(exc).__name__) from exc
+            name = "TimeoutError" if self.timed_out else type(exc).__name__
+            raise UpstreamStreamError(name) from exc
+
+    def expire(self) -> None:
+        """The read under way waited past the read timeout: it fails, the connection closes."""
+        self.timed_out = True
+        self.close()
 
     def buffered(self) -> bool:
         """Whether the next read of :meth:`chunks` returns without waiting: data (or the end,
@@ -87,6 +105,13 @@ class Upstreams:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._session: aiohttp.ClientSession | None = None
+        #: The responses whose bodies may still be read, for the read-timeout watch.
+        self._open: weakref.WeakSet[UpstreamResponse] = weakref.WeakSet()
+        self._watch: asyncio.Task[None] | None = None
+        timeouts = [u.read_timeout for u in settings.upstreams.values()] or [1.0]
+        #: How often the reads are looked at: a read times out within a quarter of the
+        #: timeout after it (at most a second after it).
+        self.watch_interval = min(1.0, min(timeouts) / 4)
 
     def session(self) -> aiohttp.ClientSession:
         # Created lazily, inside the event loop that uses it.
@@ -97,6 +122,9 @@ class Upstreams:
         return self._session
 
     async def aclose(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -119,23 +147,43 @@ class Upstreams:
         ``?beta=true``). Errors become :class:`UpstreamError` (502), :class:`BadRequest` (the
         upstream rejected a parameter) or :class:`RateLimited` (429)."""
         cfg = self.settings.upstreams[upstream]
-        timeout = aiohttp.ClientTimeout(total=None, connect=cfg.connect_timeout,
-                                        sock_read=cfg.read_timeout)
+        # No sock_read: aiohttp would move a timer on every chunk received (about 4% of the
+        # gateway's CPU per streamed token, py-spy; benchmarks/RESULTS.md, #13 item 4). The
+        # wait for the answer's head has a deadline here; the body's reads are watched by
+        # one task per process (_watch_reads).
+        timeout = aiohttp.ClientTimeout(total=None, connect=cfg.connect_timeout)
         try:
             url = self.url(upstream, path)
-            response = await self.session().post(
-                f"{url}?{query}" if query else url, data=orjson.dumps(body),
-                headers=dict(headers), timeout=timeout)
+            async with asyncio.timeout(cfg.read_timeout):
+                response = await self.session().post(
+                    f"{url}?{query}" if query else url, data=orjson.dumps(body),
+                    headers=dict(headers), timeout=timeout)
         except TimeoutError as exc:
             raise UpstreamError(f"upstream {upstream!r} timed out",
                                 code="upstream_timeout") from exc
         except aiohttp.ClientError as exc:
             raise UpstreamError(f"upstream {upstream!r} is unreachable",
                                 code="upstream_unreachable") from exc
-        wrapped = UpstreamResponse(response)
+        wrapped = UpstreamResponse(response, cfg.read_timeout)
+        self._open.add(wrapped)
+        if self._watch is None:
+            self._watch = asyncio.get_running_loop().create_task(self._watch_reads())
         if response.status >= 400:
             await _raise_for_status(upstream, wrapped)
         return wrapped
+
+
+    async def _watch_reads(self) -> None:
+        """Fail the body reads that waited for their upstream longer than its read timeout
+        (what aiohttp's ``sock_read`` did, checked every :attr:`watch_interval` instead of on
+        every chunk)."""
+        while True:
+            await asyncio.sleep(self.watch_interval)
+            now = time.monotonic()
+            for response in list(self._open):
+                since = response.waiting_since
+                if since is not None and now - since > response.read_timeout:
+                    response.expire()
 
 
 async def _raise_for_status(upstream: str, response: UpstreamResponse) -> None:

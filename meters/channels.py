@@ -25,8 +25,9 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from meters.errors import InvalidAmount
-from meters.ledger import Account, Ledger, account_from, as_text, redis_errors, script
+from meters.ledger import Account, Ledger, account_from, as_text, redis_errors
 from meters.money import MAX_AMOUNT
+from meters.scripts import LuaScript, script
 
 
 class VoucherStatus(enum.IntEnum):
@@ -79,9 +80,9 @@ class Channels:
         self.ledger = ledger
         self.redis = ledger.redis
         self.prefix = ledger.prefix
-        self._open = ledger.redis.register_script(script("channel_open.lua"))
-        self._voucher = ledger.redis.register_script(script("voucher.lua"))
-        self._close = ledger.redis.register_script(script("channel_close.lua"))
+        self._open = LuaScript(ledger.redis, script("channel_open.lua"))
+        self._voucher = LuaScript(ledger.redis, script("voucher.lua"))
+        self._close = LuaScript(ledger.redis, script("channel_close.lua"))
 
     def _key(self, channel_id: str) -> str:
         return f"{self.prefix}chan:{{{account_of(channel_id)}}}"

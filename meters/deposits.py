@@ -34,7 +34,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, cast
 
-from meters.ledger import Ledger, as_text, redis_errors, script
+from meters.ledger import Ledger, as_text, redis_errors
+from meters.scripts import LuaScript, script
 
 SETTLING, SETTLED, CREDITED = "settling", "settled", "credited"
 #: How long a finished record is kept (replays are refused by the chain long after that).
@@ -77,7 +78,7 @@ class Deposits:
         self.redis = ledger.redis
         self.prefix = ledger.prefix
         self._open = f"{self.prefix}deposits:open"
-        self._claim = ledger.redis.register_script(script("claim.lua"))
+        self._claim = LuaScript(ledger.redis, script("claim.lua"))
 
     def _key(self, key: str) -> str:
         return f"{self.prefix}deposit:{key}"

@@ -24,7 +24,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, cast
 
-from meters.ledger import Ledger, as_text, redis_errors, script
+from meters.ledger import Ledger, as_text, redis_errors
+from meters.scripts import LuaScript, script
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,7 +55,7 @@ class Holds:
         self.prefix = ledger.prefix
         self.kind = kind
         self._open_set = f"{self.prefix}{kind}s:open"
-        self._close = ledger.redis.register_script(script("hold_close.lua"))
+        self._close = LuaScript(ledger.redis, script("hold_close.lua"))
         self._accounts: dict[str, str] = {}
 
     def record_key(self, account_id: str) -> str:

@@ -33,12 +33,10 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from importlib import resources
 from typing import Any, cast
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
-from redis.commands.core import AsyncScript
 from redis.driver_info import DriverInfo
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
@@ -46,6 +44,7 @@ from redis.utils import get_lib_version
 
 from meters.errors import AccountNotFound, DuplicateCredit, InvalidAmount, LedgerUnavailable
 from meters.money import MAX_AMOUNT
+from meters.scripts import LuaScript, script
 
 
 @contextlib.contextmanager
@@ -55,11 +54,6 @@ def redis_errors() -> Iterator[None]:
         yield
     except RedisError as exc:
         raise LedgerUnavailable("the ledger (Redis) is unreachable") from exc
-
-
-def script(name: str) -> str:
-    """The source of one of the Lua scripts in ``meters/lua``."""
-    return resources.files("meters").joinpath("lua", name).read_text(encoding="utf-8")
 
 
 #: Named once: without it redis-py reads its package metadata (a file) for every new
@@ -217,15 +211,15 @@ class Ledger:
         #: Bumped whenever liveness is proved again after it had lapsed: holds leased in an
         #: earlier epoch may have been swept meanwhile and must be re-checked before use.
         self.epoch = 0
-        self._lease: AsyncScript = client.register_script(script("lease.lua"))
-        self._settle: AsyncScript = client.register_script(script("settle.lua"))
-        self._sweep: AsyncScript = client.register_script(script("sweep.lua"))
-        self._credit: AsyncScript = client.register_script(script("credit.lua"))
-        self._issue_payment_key: AsyncScript = client.register_script(_ISSUE_PAYMENT_KEY)
-        self._authenticate: AsyncScript = client.register_script(_AUTHENTICATE)
-        self._beat: AsyncScript = client.register_script(_BEAT)
-        self._declare_dead: AsyncScript = client.register_script(_DECLARE_DEAD)
-        self._index_add: AsyncScript = client.register_script(_INDEX_ADD)
+        self._lease: LuaScript = LuaScript(client, script("lease.lua"))
+        self._settle: LuaScript = LuaScript(client, script("settle.lua"))
+        self._sweep: LuaScript = LuaScript(client, script("sweep.lua"))
+        self._credit: LuaScript = LuaScript(client, script("credit.lua"))
+        self._issue_payment_key: LuaScript = LuaScript(client, _ISSUE_PAYMENT_KEY)
+        self._authenticate: LuaScript = LuaScript(client, _AUTHENTICATE)
+        self._beat: LuaScript = LuaScript(client, _BEAT)
+        self._declare_dead: LuaScript = LuaScript(client, _DECLARE_DEAD)
+        self._index_add: LuaScript = LuaScript(client, _INDEX_ADD)
 
     # -- keys -------------------------------------------------------------------------------
     # The hash tag (in braces) of every key a script touches for one account is the account
