@@ -49,6 +49,8 @@ def configure(fmt: str, level: str = "info") -> None:
 def request_done(*, request_id: str, model: str, account_id: str, bill: Bill,
                  started: float) -> None:
     """The one line of a metered request, once its final charge is made."""
+    if not REQUESTS.isEnabledFor(logging.INFO):
+        return  # (a logging level above info: nothing to build)
     fields = {"request_id": request_id, "model": model, "account": account_id,
               "outcome": bill.outcome.value, "input_tokens": bill.input_tokens,
               "output_tokens": bill.output_tokens, "delivered_tokens": bill.delivered_tokens,
