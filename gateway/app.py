@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import logging
 import os
@@ -16,14 +15,13 @@ from typing import Any, cast
 # load when the process may be out of file descriptors (it then fails as a KeyError).
 import anyio._backends._asyncio  # noqa: F401
 from fastapi import APIRouter, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
-from starlette.exceptions import HTTPException
+from fastapi.responses import PlainTextResponse, Response
 from starlette.types import Message, Receive, Scope, Send
 
-from gateway import admin, routes, status
-from gateway.dialects import ErrorInfo, get_dialect
-from gateway.errors import GatewayError, NotFound, Overloaded, ServiceUnavailable
+from gateway import admin, error_answers, routes, status
+from gateway.dialects import ErrorInfo
+from gateway.error_answers import render_error
+from gateway.errors import NotFound, ServiceUnavailable
 from gateway.idempotency import RequestIdempotency
 from gateway.logs import configure as configure_logs
 from gateway.metrics import Metrics
@@ -35,10 +33,9 @@ from gateway.rails.x402_deposits import X402Deposits
 from gateway.ratelimit import Limit, RateLimiter
 from gateway.routing import ModelRouter
 from gateway.settings import Settings
-from gateway.sse import remember_connection
+from gateway.sse_response import remember_connection
 from gateway.state import Gateway
 from gateway.upstream import Upstreams
-from meters.errors import MeterError
 from meters.keeper import Keeper
 from meters.ledger import Ledger, connect
 from meters.notices import CreditNotices
@@ -88,8 +85,10 @@ def build_gateway(settings: Settings, redis_url: str, *,
 
 class GatewayApp(FastAPI):
     """The ASGI application: FastAPI, with its entry point noting the server's connection
-    object for exact delivery accounting (see :class:`gateway.sse.EventStreamResponse`), and
-    admitting at most :attr:`max_requests` requests at once (the rest: 503 overloaded)."""
+    object for exact delivery accounting (see
+    :class:`gateway.sse_response.EventStreamResponse`), admitting at most
+    :attr:`max_requests` requests at once (the rest: 503 overloaded), and serving model
+    requests without Starlette's router and middleware (:meth:`model_route`)."""
 
     #: Requests served at once by this process (0: no limit); set by :func:`create_app`.
     max_requests = 0
@@ -229,11 +228,7 @@ def create_app(settings: Settings, redis_url: str, *, rail: PaymentRail | None =
     app.include_router(status.router)
     app.include_router(admin.router)
     app.include_router(info_router())
-    app.add_exception_handler(GatewayError, _handle_error)
-    app.add_exception_handler(MeterError, _handle_error)
-    app.add_exception_handler(RequestValidationError, _handle_validation)
-    app.add_exception_handler(HTTPException, _handle_http)
-    app.add_exception_handler(OSError, _handle_os_error)
+    error_answers.install(app)
     return app
 
 
@@ -272,102 +267,6 @@ def worker_app() -> FastAPI:
     settings = Settings.load(spec["config"])
     configure_logs(settings.log_format, spec["log_level"])
     return create_app(settings, spec["redis_url"])
-
-
-def _dialect_for(path: str) -> str:
-    if path.startswith("/v1/messages"):
-        return "anthropic_messages"
-    if path.startswith("/v1/responses"):
-        return "openai_responses"
-    return "openai_chat"
-
-
-def render_error(request: Request, info: ErrorInfo,
-                 headers: dict[str, str] | None = None) -> JSONResponse:
-    """An error in the shape of the API the client called (so its SDK raises as usual).
-
-    A request whose payment was settled before it failed still carries the settlement and the
-    issued key (``request.state.payment_headers``): the payer keeps what it paid for.
-    """
-    name = _dialect_for(request.url.path)
-    try:
-        dialect = get_dialect(name)
-    except KeyError:
-        dialect = get_dialect("openai_chat")
-    return JSONResponse(dialect.error_body(info), status_code=info.status,
-                        headers=_with_payment(request, headers))
-
-
-def _with_payment(request: Request, headers: dict[str, str] | None) -> dict[str, str]:
-    paid: dict[str, str] = getattr(request.state, "payment_headers", None) or {}
-    return {**(headers or {}), **paid}
-
-
-async def _handle_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, GatewayError | MeterError)
-    if exc.status >= 500 and not isinstance(exc, Overloaded) and _out_of_fds(exc):
-        # A Redis or upstream connection that failed because this process is out of file
-        # descriptors: the process' own limit, not the ledger's or the model's failure.
-        overloaded = Overloaded("the gateway is out of file descriptors; retry shortly",
-                                headers={"retry-after": "1"})
-        overloaded.__cause__ = exc
-        exc = overloaded
-    if exc.status >= 500:
-        log.warning("%s %s -> %s %s", request.method, request.url.path, exc.status, exc.code)
-    headers = exc.headers if isinstance(exc, GatewayError) else None
-    extra = exc.extra if isinstance(exc, GatewayError) else {}
-    if isinstance(exc, GatewayError) and exc.body is not None:
-        response = JSONResponse(exc.body, status_code=exc.status,
-                                headers=_with_payment(request, headers),
-                                media_type=exc.media_type)
-    else:
-        response = render_error(request, ErrorInfo(exc.status, exc.code, exc.message,
-                                                   exc.param, extra), headers)
-    if isinstance(exc, GatewayError):
-        for name, value in exc.header_list:  # repeated fields (WWW-Authenticate)
-            response.headers.append(name, value)
-    return response
-
-
-def _out_of_fds(exc: BaseException) -> bool:
-    """Whether ``exc`` or an exception it was raised from is ``EMFILE`` / ``ENFILE``."""
-    seen: BaseException | None = exc
-    for _ in range(10):
-        if seen is None:
-            return False
-        if isinstance(seen, OSError) and seen.errno in (errno.EMFILE, errno.ENFILE):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
-
-
-async def _handle_os_error(request: Request, exc: Exception) -> Response:
-    """Out of file descriptors (a socket, a file) anywhere in a request: 503 overloaded, the
-    process' own limit reached, not a bug. Any other ``OSError`` is one (500)."""
-    assert isinstance(exc, OSError)
-    if not _out_of_fds(exc):
-        raise exc
-    err = Overloaded("the gateway is out of file descriptors; retry shortly",
-                     headers={"retry-after": "1"})
-    err.__cause__ = exc
-    return await _handle_error(request, err)
-
-
-async def _handle_validation(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, RequestValidationError)
-    first: dict[str, Any] = exc.errors()[0] if exc.errors() else {}
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    param = ".".join(loc) or "body"
-    message = f"{param}: {first.get('msg', 'invalid request')}"
-    return render_error(request, ErrorInfo(400, "invalid_request", message, param))
-
-
-async def _handle_http(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, HTTPException)
-    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-    message = ("no such route" if exc.status_code == 404 else str(exc.detail))
-    return render_error(request, ErrorInfo(exc.status_code, code, message),
-                        dict(exc.headers or {}))
 
 
 def info_router() -> APIRouter:

@@ -20,7 +20,7 @@ from gateway.idempotency import Record, RequestIdempotency
 from gateway.logs import request_done
 from gateway.rails import Paid
 from gateway.relay import RelayContext, relay
-from gateway.sse import EventStreamResponse
+from gateway.sse_response import EventStreamResponse
 from gateway.state import Gateway, Model
 from gateway.upstream import UpstreamResponse, UpstreamStreamError
 from meters.errors import InsufficientFunds, MeterError

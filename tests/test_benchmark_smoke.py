@@ -38,3 +38,24 @@ def test_mpp_latency_benchmark_runs() -> None:
     assert result.returncode == 0, result.stderr[-2000:]
     for figure in ("open (relayed", "voucher (HEAD)", "added by the voucher"):
         assert figure in result.stdout
+
+
+def test_ab_benchmark_runs_two_revisions_side_by_side(tmp_path: Path) -> None:
+    """A tiny run of benchmarks/ab.py: two exports of the checked-out commit served side by
+    side, every phase completed, a figure per round and a paired ratio for the second."""
+    root = Path(__file__).parent.parent
+    if subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"],
+                      capture_output=True).returncode != 0:
+        pytest.skip("not a git checkout: benchmarks/ab.py exports revisions with git")
+    out = tmp_path / "ab.json"
+    result = subprocess.run([sys.executable, "-m", "benchmarks.ab", "HEAD", "HEAD~0",
+                             "--rounds", "1", "--streams", "2", "--tokens", "5", "--rate",
+                             "100", "--requests", "4", "--concurrency", "2", "--json",
+                             str(out)], capture_output=True, text=True, timeout=110, cwd=root)
+    assert result.returncode == 0, result.stderr[-2000:]
+    figures = json.loads(out.read_text())["figures"]
+    assert [f["revision"] for f in figures] == ["HEAD", "HEAD~0"]
+    for f in figures:
+        assert len(f["per_request_ms"]) == 1 and f["per_request_ms"][0] > 0
+        assert f["all_in_ms"][0] > 0 and f["vs_direct"][0] > 0
+    assert "HEAD~0/HEAD per chunk: median" in result.stdout

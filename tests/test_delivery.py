@@ -14,7 +14,7 @@ from fastapi import Request
 from starlette.types import Message
 
 from gateway.app import GatewayApp
-from gateway.sse import CONNECTION_KEY, EventStreamResponse
+from gateway.sse_response import CONNECTION_KEY, EventStreamResponse
 from tests.servers import serve
 
 pytestmark = pytest.mark.timeout(30)

@@ -28,15 +28,8 @@ from starlette.types import Message
 from gateway.app import GatewayApp
 from gateway.dialects import EventInfo
 from gateway.dialects.openai_chat import _CONTENT_CHUNK, ChatStream, OpenAIChat
-from gateway.sse import (
-    CONNECTION_KEY,
-    SERVER_SEND_KEY,
-    EventStreamResponse,
-    SSEEvent,
-    SSEProtocolError,
-    iter_batches,
-    parse_event,
-)
+from gateway.sse import SSEEvent, SSEProtocolError, iter_batches, parse_event
+from gateway.sse_response import CONNECTION_KEY, SERVER_SEND_KEY, EventStreamResponse
 from meters.tokens import get_tokenizer
 from tests.conftest import SIM_KEY
 from tests.servers import serve

@@ -16,7 +16,7 @@ import orjson
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from gateway.sse import EventStreamResponse
+from gateway.sse_response import EventStreamResponse
 from meters.tokens import get_tokenizer
 
 WORDS = (" the", " quick", " brown", " fox", " jumps", " over", " a", " lazy", " dog", ",",
