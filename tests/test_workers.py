@@ -169,6 +169,23 @@ def test_workers_share_one_embedded_valkey_which_the_parent_stops(
     assert "2 workers" in err.read_text()
 
 
+def test_one_worker_stopped_by_sigterm_stops_its_embedded_valkey(
+        sim: str, tmp_path: Path) -> None:
+    """uvicorn re-raises the SIGTERM it shut down on: the process must still reach the code
+    that stops the Valkey it started (a Valkey left running holds the data directory)."""
+    config = write_config(tmp_path / "c.toml", sim, data_dir=str(tmp_path / "data"))
+    with serve_process(config) as (_, proc, err):
+        info = running(tmp_path / "data")
+        assert info["pid"] == proc.pid
+        valkey = info["valkey_pid"]
+        assert not gone(valkey)
+        stop(proc)  # SIGTERM
+    # Ended by the signal, as a shell reports it (128 + 15), not killed by it (-15).
+    assert proc.returncode == 128 + signal.SIGTERM, err.read_text()[-2000:]
+    wait_until(lambda: gone(valkey), "the embedded Valkey to stop", timeout=10)
+    assert running(tmp_path / "data") == {}
+
+
 def test_a_second_gateway_on_the_same_data_dir_is_refused(sim: str, tmp_path: Path) -> None:
     config = write_config(tmp_path / "c.toml", sim, data_dir=str(tmp_path / "data"))
     with serve_process(config) as (url, proc, _):
