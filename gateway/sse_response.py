@@ -19,6 +19,10 @@ from starlette.types import Message, Receive, Scope, Send
 
 log = logging.getLogger("sse_starlette.sse")  # sse-starlette's, for its own messages
 
+#: Seconds into a stream at which its disconnect and ping watcher starts (see
+#: :meth:`EventStreamResponse._serve`).
+WATCH_AFTER = 0.1
+
 
 #: Scope key under which the application's entry point keeps the server's request cycle.
 CONNECTION_KEY = "tollstream.connection"
@@ -112,15 +116,28 @@ class EventStreamResponse(EventSourceResponse):
         of the gateway's CPU per request (benchmarks/RESULTS.md, #13 item 4). The semantics
         are kept: a disconnect or a server shutdown cancels the stream (its generator is
         closed and settles), a ping goes out every ``ping`` seconds under the send lock.
+
+        The watcher starts :data:`WATCH_AFTER` seconds into the stream: most answers are over
+        by then, and need no task at all. Until then a disconnect is noticed at the next send
+        (each is checked), or when the watcher starts.
         """
+        loop = asyncio.get_running_loop()
+        watcher: asyncio.Task[None] | None = None
         with anyio.CancelScope() as stop:
-            watcher = asyncio.get_running_loop().create_task(self._watch(receive, send, stop))
+
+            def watch() -> None:
+                nonlocal watcher
+                watcher = loop.create_task(self._watch(receive, send, stop))
+
+            later = loop.call_later(WATCH_AFTER, watch)
             live = _cancel_on_shutdown(stop)
             try:
                 await self._stream_response(send)
             finally:
+                later.cancel()
                 live.discard(stop)
-                watcher.cancel()
+                if watcher is not None:
+                    watcher.cancel()
         if self.background is not None:
             await self.background()
 

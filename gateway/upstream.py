@@ -147,23 +147,25 @@ class Upstreams:
         ``?beta=true``). Errors become :class:`UpstreamError` (502), :class:`BadRequest` (the
         upstream rejected a parameter) or :class:`RateLimited` (429)."""
         cfg = self.settings.upstreams[upstream]
-        # No sock_read: aiohttp would move a timer on every chunk received (about 4% of the
-        # gateway's CPU per streamed token, py-spy; benchmarks/RESULTS.md, #13 item 4). The
-        # wait for the answer's head has a deadline here; the body's reads are watched by
-        # one task per process (_watch_reads).
-        timeout = aiohttp.ClientTimeout(total=None, connect=cfg.connect_timeout)
+        timeout = aiohttp.ClientTimeout(total=None, connect=cfg.connect_timeout,
+                                        sock_read=cfg.read_timeout)
         try:
             url = self.url(upstream, path)
-            async with asyncio.timeout(cfg.read_timeout):
-                response = await self.session().post(
-                    f"{url}?{query}" if query else url, data=orjson.dumps(body),
-                    headers=dict(headers), timeout=timeout)
+            response = await self.session().post(
+                f"{url}?{query}" if query else url, data=orjson.dumps(body),
+                headers=dict(headers), timeout=timeout)
         except TimeoutError as exc:
             raise UpstreamError(f"upstream {upstream!r} timed out",
                                 code="upstream_timeout") from exc
         except aiohttp.ClientError as exc:
             raise UpstreamError(f"upstream {upstream!r} is unreachable",
                                 code="upstream_unreachable") from exc
+        if response.connection is not None:
+            # sock_read bounded the wait for the head. For the body aiohttp would move a
+            # timer on every chunk received (about 4% of the gateway's CPU per streamed token,
+            # py-spy; benchmarks/RESULTS.md, #13 item 4): its reads are watched by one task
+            # per process instead (_watch_reads). (aiohttp turns it off so for WebSockets.)
+            response.connection.protocol.read_timeout = None  # type: ignore[union-attr]
         wrapped = UpstreamResponse(response, cfg.read_timeout)
         self._open.add(wrapped)
         if self._watch is None:
