@@ -61,6 +61,9 @@ class UpstreamSettings(_Frozen):
     api_key: SecretStr | None = None
     api_key_env: str | None = None
     connect_timeout: float = 5.0
+    #: Seconds the upstream may stay silent: before the answer's head, and while a read of
+    #: its body waits (checked every quarter of it, at most every second, by one task per
+    #: process); then 502 ``upstream_timeout``, or the stream ends as failed upstream.
     read_timeout: float = 120.0
     #: Client headers passed through to this upstream, by lowercase name prefix (e.g.
     #: ``["openai-beta", "x-sim-"]``). Credentials are never passed through.
