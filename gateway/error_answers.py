@@ -13,7 +13,7 @@ import errno
 import logging
 from typing import Any
 
-from fastapi import Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
@@ -121,8 +121,8 @@ async def _handle_http(request: Request, exc: Exception) -> Response:
                         dict(exc.headers or {}))
 
 
-def install(app: Any) -> None:
-    """Register the handlers on ``app`` (a FastAPI application)."""
+def install(app: FastAPI) -> None:
+    """Register the handlers on ``app``."""
     app.add_exception_handler(GatewayError, _handle_error)
     app.add_exception_handler(MeterError, _handle_error)
     app.add_exception_handler(RequestValidationError, _handle_validation)
