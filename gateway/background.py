@@ -39,3 +39,5 @@ def serve(app: Any, *, port: int | None = None, timeout: float = 15.0) -> Iterat
     finally:
         server.should_exit = True
         thread.join(timeout)
+    if thread.is_alive():  # said, not left behind: a shutdown that hangs is a bug
+        raise RuntimeError(f"uvicorn on port {port} did not stop within {timeout:g} s")

@@ -97,7 +97,9 @@ class EventStreamResponse(EventSourceResponse):
 
         async def checked(message: Message) -> None:
             await send(message)
-            if getattr(cycle, "disconnected", False):
+            # The end of the body is not checked: every event was written, and a client that
+            # stops reading at ``[DONE]`` (the SDKs do) is not an error to log.
+            if getattr(cycle, "disconnected", False) and message.get("more_body", True):
                 raise ClientGone("the client disconnected")
 
         if (scope["type"] != "http" or scope["method"].upper() == "HEAD"

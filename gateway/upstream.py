@@ -190,7 +190,8 @@ class Upstreams:
 
 async def _raise_for_status(upstream: str, response: UpstreamResponse) -> None:
     try:
-        raw = await asyncio.wait_for(response.read(MAX_ERROR_BODY), 10)
+        async with asyncio.timeout(10):  # not wait_for: see meters/connection.py
+            raw = await response.read(MAX_ERROR_BODY)
     except (UpstreamStreamError, TimeoutError):
         raw = b""
     finally:

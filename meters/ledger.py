@@ -42,6 +42,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.utils import get_lib_version
 
+from meters.connection import CancelSafeConnection
 from meters.errors import AccountNotFound, DuplicateCredit, InvalidAmount, LedgerUnavailable
 from meters.money import MAX_AMOUNT
 from meters.scripts import LuaScript, script
@@ -86,7 +87,7 @@ def connect(url: str, *, cluster: bool = False, max_connections: int = 64,
             driver_info=_DRIVER))
     pool = aioredis.BlockingConnectionPool.from_url(
         url, max_connections=max_connections, timeout=pool_timeout, socket_connect_timeout=1,
-        socket_timeout=3, driver_info=_DRIVER)
+        socket_timeout=3, driver_info=_DRIVER, connection_class=CancelSafeConnection)
     return aioredis.Redis(connection_pool=pool)
 
 
@@ -100,12 +101,21 @@ class BoundedCluster(RedisCluster):
     def __init__(self, *args: Any, max_in_flight: int = 64, pool_timeout: float = 5.0,
                  **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        # redis-py's cluster client takes no connection class (it names its own): every node
+        # it has or learns later is built from these kwargs, and none has connected yet.
+        if not kwargs.get("ssl"):
+            self.connection_kwargs["connection_class"] = CancelSafeConnection
+            for node in self.startup_nodes:
+                node.connection_class = CancelSafeConnection
         self._in_flight = asyncio.Semaphore(max_in_flight)
         self._pool_timeout = pool_timeout
 
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
         try:
-            await asyncio.wait_for(self._in_flight.acquire(), self._pool_timeout)
+            # Not asyncio.wait_for: on Python 3.11 it can swallow a cancellation
+            # (meters/connection.py).
+            async with asyncio.timeout(self._pool_timeout):
+                await self._in_flight.acquire()
         except TimeoutError as exc:
             raise RedisConnectionError("no free Redis connection within "
                                        f"{self._pool_timeout:g} s") from exc

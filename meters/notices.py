@@ -50,8 +50,11 @@ class CreditNotices:
         Redis is unreachable: waiters then fall back to their re-checks)."""
         if self._task is None:
             self._task = asyncio.create_task(self._listen(), name="tollstream-notices")
+        # asyncio.timeout, not wait_for, here and below: on Python 3.11 wait_for can
+        # swallow the caller's cancellation (meters/connection.py).
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._subscribed.wait(), 2.0)
+            async with asyncio.timeout(2.0):
+                await self._subscribed.wait()
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -79,7 +82,8 @@ class CreditNotices:
         """Wait for ``event`` at most ``timeout`` (and at most one re-check period); whether
         it was set. Clears it for the next wait."""
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(event.wait(), max(0.0, min(timeout, self.recheck_seconds)))
+            async with asyncio.timeout(max(0.0, min(timeout, self.recheck_seconds))):
+                await event.wait()
         fired = event.is_set()
         event.clear()
         return fired

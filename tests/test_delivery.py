@@ -68,3 +68,37 @@ async def test_a_send_after_the_disconnect_stops_the_stream_at_once() -> None:
     # Events are produced one send ahead at most: the stream stopped at the first send that
     # did not reach the client, it did not run on into the void.
     assert len(written) == 3 and produced <= 5
+
+
+async def test_a_client_gone_after_the_last_event_is_not_an_error() -> None:
+    """The SDKs stop reading at ``[DONE]`` and close: only the end of the body (which carries
+    no event) is dropped, and the answer completes without an error for the server to log."""
+    class Connection:
+        disconnected = False
+
+    connection = Connection()
+    written: list[bytes] = []
+
+    async def events() -> AsyncIterator[bytes]:
+        yield b"data: 1\n\n"
+        yield b"data: [DONE]\n\n"
+
+    async def send(message: Message) -> None:
+        if message["type"] != "http.response.body":
+            return
+        if written[-1:] == [b"data: [DONE]\n\n"]:
+            # The client closed on [DONE]; the server learns it before the next write,
+            # which it drops (as uvicorn does).
+            connection.disconnected = True
+            return
+        written.append(message["body"])
+
+    async def receive() -> Message:
+        await asyncio.sleep(3600)
+        return {"type": "http.disconnect"}
+
+    scope = {"type": "http", "method": "GET", "path": "/", "headers": [],
+             CONNECTION_KEY: connection}
+    async with asyncio.timeout(10):
+        await EventStreamResponse(events(), ping=0)(scope, receive, send)
+    assert written == [b"data: 1\n\n", b"data: [DONE]\n\n"]

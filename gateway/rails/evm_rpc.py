@@ -111,7 +111,10 @@ class ChainRpc:
     async def call(self, network: EvmNetwork, call: Callable[[], Awaitable[T]]) -> T:
         """Run one RPC call, translating failures (reverts and not-found pass through)."""
         try:
-            return await asyncio.wait_for(call(), network.rpc_timeout)
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow the
+            # caller's cancellation (meters/connection.py).
+            async with asyncio.timeout(network.rpc_timeout):
+                return await call()
         except (ContractLogicError, TransactionNotFound):
             raise
         except RPC_DOWN as exc:
