@@ -259,3 +259,17 @@ def gw(gateway_factory: Callable[..., contextlib.AbstractContextManager[RunningG
        ) -> Iterator[RunningGateway]:
     with gateway_factory() as running:
         yield running
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """The fuzz suite's cases per target (tests/test_fuzz.py), however the suite ran: the
+    summary comes as a user property of its report, so a pytest-xdist worker's reaches the
+    terminal too."""
+    for kind in ("passed", "failed", "skipped"):
+        for report in terminalreporter.stats.get(kind, []):
+            for name, lines in getattr(report, "user_properties", ()):
+                if name == "tollstream_fuzz_summary" and report.when == "call":
+                    terminalreporter.write_sep("-", "tollstream fuzz cases")
+                    for line in lines:
+                        terminalreporter.write_line(line)
+                    return

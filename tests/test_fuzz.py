@@ -78,6 +78,8 @@ BUDGET = {
     "routing": 800, "x402_payments": 1100, "rate_limits": 300,
 }
 MINIMUM_TOTAL = 10_000
+#: The user property carrying the summary lines to the terminal summary (tests/conftest.py).
+SUMMARY_PROPERTY = "tollstream_fuzz_summary"
 
 #: Cases sent per target, and the statuses they got.
 COUNTS: Counter[str] = Counter()
@@ -1087,6 +1089,8 @@ def test_regression_credit_past_int64_is_refused_not_503(fgw: FuzzGateway) -> No
 
 def test_fuzz_ran_enough_cases(record_property: Callable[[str, object], None]) -> None:
     """At least MINIMUM_TOTAL cases when every target ran (the breakdown is in the summary)."""
+    if COUNTS:  # tests/conftest.py prints it, also when this ran in a pytest-xdist worker
+        record_property(SUMMARY_PROPERTY, summary_lines())
     missing = sorted(set(BUDGET) - set(COUNTS))
     if missing:
         pytest.skip(f"not every fuzz target ran (missing: {', '.join(missing)})")
@@ -1112,19 +1116,3 @@ def summary_lines() -> list[str]:
     if os.environ.get("TOLLSTREAM_FUZZ_CODES"):
         lines += [f"{target}: {dict(codes.most_common())}" for target, codes in CODES.items()]
     return lines
-
-
-class _Report:
-    """Writes the counts into pytest's terminal summary (visible with -q too)."""
-
-    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
-        if COUNTS:
-            terminalreporter.write_sep("-", "tollstream fuzz cases")
-            for line in summary_lines():
-                terminalreporter.write_line(line)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _fuzz_report(pytestconfig: pytest.Config) -> None:
-    if not pytestconfig.pluginmanager.has_plugin("tollstream-fuzz-report"):
-        pytestconfig.pluginmanager.register(_Report(), "tollstream-fuzz-report")
