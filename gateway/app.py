@@ -36,8 +36,9 @@ from gateway.settings import Settings
 from gateway.sse_response import remember_connection
 from gateway.state import Gateway
 from gateway.upstream import Upstreams
+from meters.connection import connect
 from meters.keeper import Keeper
-from meters.ledger import Ledger, connect
+from meters.ledger import Ledger
 from meters.notices import CreditNotices
 
 log = logging.getLogger("tollstream")

@@ -26,7 +26,7 @@ import redis.asyncio as aioredis
 from starlette.responses import Response
 
 from gateway.errors import BadRequest, Conflict
-from meters.ledger import as_text, redis_errors
+from meters.connection import as_text, redis_errors
 
 HEADER = "idempotency-key"
 #: Longest key accepted (Stripe's limit).

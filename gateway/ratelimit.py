@@ -24,7 +24,7 @@ import redis.asyncio as aioredis
 from starlette.requests import Request
 
 from gateway.errors import TooManyRequests
-from meters.ledger import redis_errors
+from meters.connection import redis_errors
 from meters.scripts import LuaScript
 
 _BUCKET = """

@@ -24,8 +24,9 @@ import enum
 from dataclasses import dataclass
 from typing import Any, cast
 
+from meters.connection import as_text, redis_errors
 from meters.errors import InvalidAmount
-from meters.ledger import Account, Ledger, account_from, as_text, redis_errors
+from meters.ledger import Account, Ledger, account_from
 from meters.money import MAX_AMOUNT
 from meters.scripts import LuaScript, script
 

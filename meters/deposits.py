@@ -34,7 +34,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, cast
 
-from meters.ledger import Ledger, as_text, redis_errors
+from meters.connection import as_text, redis_errors
+from meters.ledger import Ledger
 from meters.scripts import LuaScript, script
 
 SETTLING, SETTLED, CREDITED = "settling", "settled", "credited"

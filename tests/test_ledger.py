@@ -9,8 +9,9 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
+from meters.connection import connect
 from meters.errors import AccountNotFound, DuplicateCredit, InsufficientFunds, LedgerUnavailable
-from meters.ledger import Ledger, connect
+from meters.ledger import Ledger
 from meters.meter import Outcome, Policy, StreamMeter
 from meters.money import Asset
 from meters.rates import Rate

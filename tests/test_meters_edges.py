@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from meters import tokens
+from meters.connection import connect
 from meters.errors import AccountNotFound, ConfigError, InvalidAmount
-from meters.ledger import Ledger, connect
+from meters.ledger import Ledger
 from meters.meter import Outcome, StreamMeter
 from meters.money import MAX_AMOUNT, Asset, format_decimal, parse_decimal
 from meters.rates import Rate

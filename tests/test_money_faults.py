@@ -34,8 +34,9 @@ import redis
 
 from gateway.app import create_app
 from gateway.simulator import text_of
+from meters.connection import connect
 from meters.errors import LedgerUnavailable
-from meters.ledger import Ledger, connect
+from meters.ledger import Ledger
 from meters.meter import Outcome, StreamMeter
 from meters.money import Asset
 from meters.rates import Rate

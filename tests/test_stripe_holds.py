@@ -200,7 +200,8 @@ async def test_after_a_crash_the_sweeper_captures_once(
 async def test_a_hold_nearing_its_expiry_is_closed(stripe_url: str, redis_url: str) -> None:
     from gateway.rails.stripe.client import StripeApi
     from gateway.rails.stripe.holds import HoldKeeper
-    from meters.ledger import Ledger, connect
+    from meters.connection import connect
+    from meters.ledger import Ledger
     from meters.money import fiat_account
 
     ledger = Ledger(connect(redis_url), prefix=track_prefix(f"t{secrets.token_hex(4)}:"))

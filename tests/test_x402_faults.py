@@ -32,9 +32,10 @@ from gateway.rails.evm import (
 from gateway.rails.facilitator import LocalSettlement
 from gateway.rails.x402_deposits import X402Deposits, payer_account_id
 from gateway.settings import Settings
+from meters.connection import connect
 from meters.deposits import Deposit
 from meters.errors import AccountNotFound
-from meters.ledger import Ledger, connect
+from meters.ledger import Ledger
 from tests.chain_fixtures import *  # noqa: F403  (session fixtures: chain, evm_network, settler)
 from tests.chain_fixtures import (
     PAY_TO,

@@ -31,8 +31,9 @@ from gateway.rails.x402 import (
     encode_header,
 )
 from gateway.rails.x402_deposits import X402Deposits, payer_account_id
+from meters.connection import connect
 from meters.deposits import Deposit
-from meters.ledger import Ledger, connect
+from meters.ledger import Ledger
 from meters.tokens import get_tokenizer
 from tests.chain_fixtures import *  # noqa: F403  (session fixtures: chain, evm_network, settler)
 from tests.chain_fixtures import PAY_TO, make_auth, new_account

@@ -15,8 +15,10 @@ import pytest
 
 from gateway.chain.devchain import DevChain
 from gateway.rails.evm import EvmNetwork
+from meters.apikeys import hash_key
+from meters.connection import connect
 from meters.errors import AccountNotFound
-from meters.ledger import Ledger, connect, hash_key
+from meters.ledger import Ledger
 from tests.chain_fixtures import *  # noqa: F403  (session fixtures: chain, evm_network, settler)
 from tests.chain_fixtures import make_auth, new_account
 from tests.conftest import RunningGateway, new_prefix

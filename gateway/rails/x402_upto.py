@@ -55,9 +55,10 @@ from gateway.rails.x402 import (
     PaymentRequirements,
     settlement_headers,
 )
+from meters.connection import redis_errors
 from meters.errors import MeterError
 from meters.holds import Hold, HoldBusy, Holds
-from meters.ledger import Ledger, redis_errors
+from meters.ledger import Ledger
 from meters.meter import Bill, StreamMeter
 from meters.periodic import Periodic
 

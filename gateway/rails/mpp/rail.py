@@ -46,7 +46,8 @@ from gateway.rails.mpp.session import EvmSession, SessionResult
 from gateway.rails.mpp.session_stream import SessionStream
 from gateway.rails.mpp.settler import ChannelSettler
 from gateway.rails.stripe.charge import StripeCharge
-from meters.ledger import Ledger, redis_errors
+from meters.connection import redis_errors
+from meters.ledger import Ledger
 from meters.rates import Rate
 
 log = logging.getLogger("tollstream.mpp")

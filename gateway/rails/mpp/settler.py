@@ -23,8 +23,9 @@ from gateway.errors import GatewayError
 from gateway.rails.mpp.channel import Voucher
 from gateway.rails.mpp.escrow import EscrowClient
 from meters.channels import Channels
+from meters.connection import redis_errors
 from meters.errors import MeterError
-from meters.ledger import Ledger, redis_errors
+from meters.ledger import Ledger
 from meters.periodic import Periodic
 
 log = logging.getLogger("tollstream.mpp.settler")

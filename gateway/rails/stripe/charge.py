@@ -51,7 +51,8 @@ from gateway.rails.mpp.scheme import (
 from gateway.rails.stripe.client import StripeApi, StripeRefused
 from gateway.rails.stripe.holds import HoldKeeper
 from gateway.rails.x402_deposits import API_KEY_HEADER
-from meters.ledger import Ledger, as_text, redis_errors
+from meters.connection import as_text, redis_errors
+from meters.ledger import Ledger
 from meters.money import Asset, account_currency, fiat_account, round_up
 
 #: How long a challenge's claim is kept (well past any challenge's expiry).

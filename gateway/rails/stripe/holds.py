@@ -23,9 +23,10 @@ from typing import Any
 
 from gateway.errors import Conflict, GatewayError, NotFound
 from gateway.rails.stripe.client import StripeApi
+from meters.connection import redis_errors
 from meters.errors import MeterError
 from meters.holds import Hold, HoldBusy, Holds
-from meters.ledger import Ledger, redis_errors
+from meters.ledger import Ledger
 from meters.periodic import Periodic
 
 log = logging.getLogger("tollstream.stripe.holds")

@@ -32,8 +32,9 @@ import orjson
 
 from gateway.errors import GatewayError
 from gateway.rails.stripe.client import StripeApi, StripeRefused
+from meters.connection import as_text, redis_errors
 from meters.errors import MeterError
-from meters.ledger import Ledger, as_text, redis_errors
+from meters.ledger import Ledger
 from meters.periodic import Periodic
 
 log = logging.getLogger("tollstream.stripe.meter")
