@@ -20,7 +20,8 @@ import pytest_asyncio
 from gateway.chain.devchain import DevChain
 from gateway.errors import ServiceUnavailable, UpstreamError
 from gateway.rails.evm import EvmNetwork, EvmSettler
-from gateway.rails.facilitator import RemoteFacilitator, create_facilitator_app
+from gateway.rails.facilitator import create_facilitator_app
+from gateway.rails.facilitator_client import RemoteFacilitator
 from gateway.rails.x402 import exact_requirements
 from tests.chain_fixtures import *  # noqa: F403  (session fixtures: chain, evm_network, settler)
 from tests.chain_fixtures import PAY_TO, Raw, make_auth, new_account, new_payer, payment, reply

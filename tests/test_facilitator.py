@@ -13,12 +13,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from gateway.chain.devchain import DevChain
 from gateway.errors import PaymentRejected, ServiceUnavailable, UpstreamError
 from gateway.rails.evm import ERR_NONCE_USED, ERR_VALUE_MISMATCH, EvmNetwork, EvmSettler
-from gateway.rails.facilitator import (
-    LocalSettlement,
-    RemoteFacilitator,
-    Settlement,
-    create_facilitator_app,
-)
+from gateway.rails.facilitator import LocalSettlement, Settlement, create_facilitator_app
+from gateway.rails.facilitator_client import RemoteFacilitator
 from gateway.rails.x402 import (
     PaymentPayload,
     PaymentPayloadV1,

@@ -23,7 +23,8 @@ from gateway.chain.devchain import DevChain
 from gateway.errors import PaymentRejected, ServiceUnavailable
 from gateway.rails import x402 as wire
 from gateway.rails.evm import EvmNetwork, EvmSettler
-from gateway.rails.facilitator import RemoteFacilitator, create_facilitator_app
+from gateway.rails.facilitator import create_facilitator_app
+from gateway.rails.facilitator_client import RemoteFacilitator
 from gateway.rails.x402 import PaymentPayloadV1, exact_requirements
 from tests.chain_fixtures import *  # noqa: F403  (session fixtures: chain, evm_network, settler)
 from tests.chain_fixtures import PAY_TO, make_auth, new_account, new_payer, payment

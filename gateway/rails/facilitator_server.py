@@ -3,7 +3,7 @@
 ``POST /verify``, ``POST /settle`` and ``GET /supported`` on top of
 :class:`~gateway.rails.facilitator.LocalSettlement`: tollstream can be its own (self-hosted)
 facilitator, and tests get a real remote one for
-:class:`~gateway.rails.facilitator.RemoteFacilitator`.
+:class:`~gateway.rails.facilitator_client.RemoteFacilitator`.
 
 It answers as a facilitator built from the x402 SDK (``x402Facilitator``) does, so the SDK's
 ``HTTPFacilitatorClient`` (which raises on anything but HTTP 200) works against it:

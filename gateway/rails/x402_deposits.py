@@ -37,7 +37,8 @@ from gateway.errors import (
 from gateway.rail_settings import X402NetworkSettings
 from gateway.rails.base import Offer, Paid, PaymentRail, render
 from gateway.rails.evm import EvmNetwork, EvmSettler, SettlementNotSubmitted, SettlementResult
-from gateway.rails.facilitator import LocalSettlement, RemoteFacilitator, Settlement
+from gateway.rails.facilitator import LocalSettlement, Settlement
+from gateway.rails.facilitator_client import RemoteFacilitator
 from gateway.rails.upto import SCHEME_UPTO
 from gateway.rails.x402 import (
     PAYMENT_SIGNATURE_HEADER,

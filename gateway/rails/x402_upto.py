@@ -41,7 +41,7 @@ from gateway.rails.base import Paid
 from gateway.rails.eip3009 import EvmNetwork
 from gateway.rails.evm import SettlementNotSubmitted, SettlementResult
 from gateway.rails.evm_rpc import ChainRpc
-from gateway.rails.facilitator import RemoteFacilitator
+from gateway.rails.facilitator_client import RemoteFacilitator
 from gateway.rails.upto import (
     ERR_NONCE_USED,
     SCHEME_UPTO,
