@@ -22,7 +22,7 @@ from gateway.errors import ServiceUnavailable, UpstreamError
 from gateway.rails.evm import EvmNetwork, EvmSettler
 from gateway.rails.facilitator import create_facilitator_app
 from gateway.rails.facilitator_client import RemoteFacilitator
-from gateway.rails.x402 import exact_requirements
+from gateway.rails.x402_challenge import exact_requirements
 from tests.chain_fixtures import *  # noqa: F403  (session fixtures: chain, evm_network, settler)
 from tests.chain_fixtures import PAY_TO, Raw, make_auth, new_account, new_payer, payment, reply
 from tests.servers import serve

@@ -30,7 +30,8 @@ from gateway.rails.evm import (
     typed_data,
 )
 from gateway.rails.facilitator import LocalSettlement, create_facilitator_app
-from gateway.rails.x402 import PaymentPayload, exact_requirements
+from gateway.rails.x402 import PaymentPayload
+from gateway.rails.x402_challenge import exact_requirements
 from tests.chain_fixtures import *  # noqa: F403  (session fixtures: chain, evm_network, settler)
 from tests.chain_fixtures import PAY_TO, make_auth
 from tests.servers import serve

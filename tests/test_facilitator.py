@@ -15,12 +15,8 @@ from gateway.errors import PaymentRejected, ServiceUnavailable, UpstreamError
 from gateway.rails.evm import ERR_NONCE_USED, ERR_VALUE_MISMATCH, EvmNetwork, EvmSettler
 from gateway.rails.facilitator import LocalSettlement, Settlement, create_facilitator_app
 from gateway.rails.facilitator_client import RemoteFacilitator
-from gateway.rails.x402 import (
-    PaymentPayload,
-    PaymentPayloadV1,
-    PaymentRequirements,
-    exact_requirements,
-)
+from gateway.rails.x402 import PaymentPayload, PaymentPayloadV1, PaymentRequirements
+from gateway.rails.x402_challenge import exact_requirements
 from tests.chain_fixtures import *  # noqa: F403  (session fixtures: chain, evm_network, settler)
 from tests.chain_fixtures import PAY_TO, RpcProxy, make_auth, new_account, rpc_result, via
 from tests.servers import free_port, serve

@@ -22,10 +22,12 @@ from fastapi.responses import JSONResponse, RedirectResponse, Response
 from gateway.chain.devchain import DevChain
 from gateway.errors import PaymentRejected, ServiceUnavailable
 from gateway.rails import x402 as wire
+from gateway.rails import x402_challenge as challenge_wire
 from gateway.rails.evm import EvmNetwork, EvmSettler
 from gateway.rails.facilitator import create_facilitator_app
 from gateway.rails.facilitator_client import RemoteFacilitator
-from gateway.rails.x402 import PaymentPayloadV1, exact_requirements
+from gateway.rails.x402 import PaymentPayloadV1
+from gateway.rails.x402_challenge import exact_requirements
 from tests.chain_fixtures import *  # noqa: F403  (session fixtures: chain, evm_network, settler)
 from tests.chain_fixtures import PAY_TO, make_auth, new_account, new_payer, payment
 from tests.conftest import RunningGateway
@@ -439,14 +441,14 @@ async def test_v1_body_says_which_networks_v1_cannot_name(evm_network: EvmNetwor
     from x402.schemas.v1 import PaymentRequiredV1
 
     offer = exact_requirements(evm_network, amount=1_000, pay_to=PAY_TO)
-    challenge = wire.build_payment_required(
+    challenge = challenge_wire.build_payment_required(
         resource=wire.ResourceInfo(url="http://gw/v1/chat/completions"), accepts=[offer])
     body = challenge.body
-    assert body["accepts"] == [] and body[wire.V2_ONLY_FIELD] == [evm_network.network]
+    assert body["accepts"] == [] and body[challenge_wire.V2_ONLY_FIELD] == [evm_network.network]
     assert evm_network.network in body["error"] and "x402 v2" in body["error"]
     parsed = PaymentRequiredV1.model_validate(body)
     assert parsed.accepts == [] and evm_network.network in (parsed.error or "")
-    named = wire.build_payment_required(resource=wire.ResourceInfo(url="http://gw"),
+    named = challenge_wire.build_payment_required(resource=wire.ResourceInfo(url="http://gw"),
                                         accepts=[offer.model_copy(
                                             update={"network": "eip155:84532"})])
-    assert wire.V2_ONLY_FIELD not in named.body and len(named.body["accepts"]) == 1
+    assert challenge_wire.V2_ONLY_FIELD not in named.body and len(named.body["accepts"]) == 1

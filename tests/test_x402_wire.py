@@ -20,13 +20,15 @@ from gateway.rails.x402 import (
     PaymentRequired,
     PaymentRequirements,
     ResourceInfo,
-    build_payment_required,
     decode_payment_header,
     encode_header,
+    to_authorization,
+)
+from gateway.rails.x402_challenge import (
+    build_payment_required,
     exact_requirements,
     match_requirements,
     settlement_headers,
-    to_authorization,
 )
 from tests.chain_fixtures import *  # noqa: F403  (session fixtures: chain, evm_network, settler)
 from tests.chain_fixtures import PAY_TO, make_auth, new_nonce

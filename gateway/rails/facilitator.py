@@ -37,13 +37,10 @@ from gateway.rails.x402 import (
     PaymentRequirementsV1,
     SettlementResponse,
     _Wire,
-    caip2,
-    from_v1,
-    match_requirements,
     parse_payment_payload,
     to_authorization,
-    v1_network_name,
 )
+from gateway.rails.x402_challenge import caip2, from_v1, match_requirements, v1_network_name
 
 # Reason codes of the x402 SDK's exact/EVM facilitator (x402.mechanisms.evm.constants).
 ERR_NETWORK_MISMATCH = "network_mismatch"

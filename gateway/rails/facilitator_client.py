@@ -31,10 +31,9 @@ from gateway.rails.x402 import (
     ResourceInfo,
     SettlementResponse,
     as_v2,
-    caip2,
     to_authorization,
-    to_v1,
 )
+from gateway.rails.x402_challenge import caip2, to_v1
 
 _TX_HASH = re.compile(r"^0x[0-9a-fA-F]{64}$")
 

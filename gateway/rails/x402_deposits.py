@@ -47,15 +47,17 @@ from gateway.rails.x402 import (
     PaymentPayload,
     PaymentRequirements,
     ResourceInfo,
-    build_payment_required,
     decode_header_json,
     encode_header,
+    parse_payment_payload,
+    to_authorization,
+)
+from gateway.rails.x402_challenge import (
+    build_payment_required,
     exact_requirements,
     match_requirements,
-    parse_payment_payload,
     settlement_headers,
     settlement_response,
-    to_authorization,
 )
 from gateway.rails.x402_upto import UptoPayments
 from gateway.settings import Settings

@@ -50,11 +50,8 @@ from gateway.rails.upto import (
     parse_upto_payload,
     upto_requirements,
 )
-from gateway.rails.x402 import (
-    PAYMENT_RESPONSE_HEADER,
-    PaymentRequirements,
-    settlement_headers,
-)
+from gateway.rails.x402 import PAYMENT_RESPONSE_HEADER, PaymentRequirements
+from gateway.rails.x402_challenge import settlement_headers
 from meters.connection import redis_errors
 from meters.errors import MeterError
 from meters.holds import Hold, HoldBusy, Holds

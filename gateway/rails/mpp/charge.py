@@ -30,12 +30,8 @@ from gateway.rails.mpp.scheme import (
     _Strict,
     encode_receipt,
 )
-from gateway.rails.x402 import (
-    Authorization,
-    ExactEvmPayload,
-    PaymentPayload,
-    exact_requirements,
-)
+from gateway.rails.x402 import Authorization, ExactEvmPayload, PaymentPayload
+from gateway.rails.x402_challenge import exact_requirements
 from gateway.rails.x402_deposits import API_KEY_HEADER, SettlementFailed, X402Deposits
 from meters.ledger import Ledger
 from meters.money import Asset
