@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import orjson
@@ -34,6 +34,8 @@ from gateway.rails.x402 import (
     to_authorization,
 )
 from gateway.rails.x402_challenge import caip2, to_v1
+
+Answer = TypeVar("Answer", bound=BaseModel)
 
 _TX_HASH = re.compile(r"^0x[0-9a-fA-F]{64}$")
 
@@ -174,11 +176,7 @@ class RemoteFacilitator:
     async def verify_result(self, payload: AnyPaymentPayload | UptoPaymentPayload,
                             requirements: PaymentRequirements) -> VerifyResult:
         """Raw ``/verify`` answer (does not raise on ``isValid: false``)."""
-        data = await self._call("POST", "/verify", self._body(payload, requirements))
-        try:
-            return VerifyResult.model_validate(data)
-        except ValidationError as exc:
-            raise UpstreamError("facilitator /verify answered an unexpected shape") from exc
+        return await self._answer("/verify", payload, requirements, VerifyResult)
 
     async def verify(self, payload: AnyPaymentPayload | UptoPaymentPayload,
                      requirements: PaymentRequirements) -> str:
@@ -194,11 +192,15 @@ class RemoteFacilitator:
     async def settle_result(self, payload: AnyPaymentPayload | UptoPaymentPayload,
                             requirements: PaymentRequirements) -> SettleResult:
         """Raw ``/settle`` answer (does not raise on ``success: false``)."""
-        data = await self._call("POST", "/settle", self._body(payload, requirements))
+        return await self._answer("/settle", payload, requirements, SettlementResponse)
+
+    async def _answer(self, path: str, payload: AnyPaymentPayload | UptoPaymentPayload,
+                      requirements: PaymentRequirements, model: type[Answer]) -> Answer:
+        data = await self._call("POST", path, self._body(payload, requirements))
         try:
-            return SettlementResponse.model_validate(data)
+            return model.model_validate(data)
         except ValidationError as exc:
-            raise UpstreamError("facilitator /settle answered an unexpected shape") from exc
+            raise UpstreamError(f"facilitator {path} answered an unexpected shape") from exc
 
     async def settle(self, payload: AnyPaymentPayload | UptoPaymentPayload,
                      requirements: PaymentRequirements) -> SettlementResult:
