@@ -23,25 +23,19 @@ class Periodic:
         self.outages = outages
         self.log = log
         self._task: asyncio.Task[None] | None = None
-        self._stopping = False
 
     async def start(self) -> None:
-        self._stopping = False
         self._task = asyncio.create_task(self._run(), name=self.name)
 
     async def stop(self) -> None:
         if self._task is not None:
-            # The flag as well as the cancellation: a library that swallows a cancellation
-            # (redis-py's writes did on Python 3.11, meters/connection.py) then costs at most
-            # the rest of the pass, not a shutdown that never ends.
-            self._stopping = True
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
 
     async def _run(self) -> None:
-        while not self._stopping:
+        while True:
             try:
                 await self.run_pass()
             except self.outages as exc:
