@@ -18,6 +18,11 @@ and the same paced phase straight to the simulator, for throughput against direc
     python -m benchmarks.ab 9dbcb2d f31d9bd HEAD --rounds 5 --json out.json
 
 Ratios are paired within each round against the first revision; medians and ranges printed.
+
+All revisions share this virtualenv. A C accelerator that a revision's ``pyproject.toml`` does
+not depend on is hidden from its process (:data:`OPTIONAL_C`: hiredis, which redis-py picks
+up by itself when installed), so an old revision runs as it shipped, not faster for a
+dependency added later.
 """
 
 from __future__ import annotations
@@ -72,15 +77,38 @@ def export(revision: str, into: Path) -> Path:
     return tree
 
 
+#: Packages other packages use when they are installed, hidden from a revision whose
+#: pyproject.toml does not name them.
+OPTIONAL_C = ("hiredis",)
+
+
+def hide_undeclared(tree: Path) -> list[str]:
+    """Directories to put first on ``tree``'s path: each holds a stand-in, which raises
+    ImportError, for an :data:`OPTIONAL_C` package the tree does not depend on."""
+    declared = (tree / "pyproject.toml").read_text(encoding="utf-8")
+    paths = []
+    for name in OPTIONAL_C:
+        if f'"{name}' in declared:
+            continue
+        stand_in = tree.parent / f"without-{name}" / name
+        stand_in.mkdir(parents=True, exist_ok=True)
+        (stand_in / "__init__.py").write_text(
+            f"raise ImportError('{name} is hidden: this revision does not depend on it')\n")
+        paths.append(str(stand_in.parent))
+    return paths
+
+
 def start(stack: Stack, revision: str, tree: Path) -> Gateway:
-    """``tollstream serve`` from ``tree`` (its own modules first on the path), funded."""
+    """``tollstream serve`` from ``tree`` (its own modules first on the path, then stand-ins
+    for the accelerators it does not depend on: :func:`hide_undeclared`), funded."""
     port = free_port()
+    path = os.pathsep.join([str(tree), *hide_undeclared(tree)])
     with (stack.work / f"gateway-{revision}.log").open("ab") as log:
         popen = subprocess.Popen(
             [sys.executable, "-m", "gateway.cli", "serve", "--config", str(stack.config),
              "--port", str(port), "--log-level", "warning"], cwd=tree, stdout=log,
             stderr=subprocess.STDOUT, start_new_session=True,
-            env={**os.environ, "PYTHONPATH": str(tree)})
+            env={**os.environ, "PYTHONPATH": path})
     stack.processes.append(Process(popen))
     url = f"http://127.0.0.1:{port}"
     wait_http(f"{url}/healthz", timeout=60)

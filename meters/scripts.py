@@ -6,7 +6,10 @@ machine, of which about 75 us are its command wrapper (retries, observability ho
 blocking pool (a condition, a timer and a socket check per checkout); the command itself on a
 connection at hand costs about 110 us (benchmarks/RESULTS.md, #13 item 4). So a single-node
 client's scripts run on connections the scripts keep at hand (:class:`ScriptConnections`),
-borrowed from the client's own pool: ``redis_max_connections`` still bounds them all.
+borrowed from the client's own pool: ``redis_max_connections`` still bounds them all. Their
+commands are packed by hiredis (C; redis-py's asyncio connection packs in Python), and
+redis-py reads the replies with hiredis's parser when it is installed (a dependency): one
+lease and one settle ~200 us of CPU instead of ~250 us (benchmarks/RESULTS.md, session 19).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from importlib import resources
 from typing import Any
 
 import redis.asyncio as aioredis
+from hiredis import pack_command
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -86,7 +90,7 @@ class ScriptConnections:
     @staticmethod
     async def _once(connection: AbstractConnection, args: tuple[Any, ...]) -> Any:
         try:
-            await connection.send_command(*args)
+            await connection.send_packed_command(pack_command(args))
             return await connection.read_response()
         except ResponseError:
             raise  # an error answer, read in full: the connection is clean

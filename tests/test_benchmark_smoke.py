@@ -59,3 +59,23 @@ def test_ab_benchmark_runs_two_revisions_side_by_side(tmp_path: Path) -> None:
         assert len(f["per_request_ms"]) == 1 and f["per_request_ms"][0] > 0
         assert f["all_in_ms"][0] > 0 and f["vs_direct"][0] > 0
     assert "HEAD~0/HEAD per chunk: median" in result.stdout
+
+
+@pytest.mark.parametrize("declared", [True, False])
+def test_ab_hides_an_accelerator_a_revision_does_not_depend_on(tmp_path: Path,
+                                                               declared: bool) -> None:
+    """A revision whose pyproject.toml does not name hiredis runs without it (redis-py
+    falls back to its Python parser), one that does runs with it: an old revision is
+    measured as it shipped."""
+    from benchmarks.ab import hide_undeclared
+
+    tree = tmp_path / "trees" / "rev"
+    tree.mkdir(parents=True)
+    deps = '"redis>=5.0",\n' + ('"hiredis>=3.2",\n' if declared else "")
+    (tree / "pyproject.toml").write_text(f"[project]\ndependencies = [\n{deps}]\n")
+    path = ":".join([str(tree), *hide_undeclared(tree)])
+    probe = subprocess.run([sys.executable, "-c", "import redis.utils as u; "
+                            "print(u.HIREDIS_AVAILABLE)"], capture_output=True, text=True,
+                           timeout=60, env={"PYTHONPATH": path, "PATH": ""})
+    assert probe.returncode == 0, probe.stderr
+    assert probe.stdout.strip() == str(declared)
