@@ -209,9 +209,10 @@ class EventStreamResponse(EventSourceResponse):
         if self._alone:
             # No watcher, so no ping to wait for: anyio's lock would cost a loop turn (its
             # acquire yields) on every request. A watcher started meanwhile finds the
-            # response inactive and sends nothing.
+            # response inactive and sends nothing. The end of the body is not checked for
+            # delivery (see ``checked``): it can skip the wrappers too.
             self.active = False
-            await send(end)
+            await (send if direct is None else direct)(end)
             return
         async with self._send_lock:
             self.active = False

@@ -60,8 +60,14 @@ class CancelSafeConnection(aioredis.Connection):
         chunks = [command] if isinstance(command, bytes) else command
         writer: Any = self._writer
         try:
-            async with asyncio.timeout(self.socket_timeout):
-                writer.writelines(chunks)
+            writer.writelines(chunks)
+            if writer.transport.get_write_buffer_size():
+                # Part of the command waits for the socket: the drain may wait, bounded.
+                async with asyncio.timeout(self.socket_timeout):
+                    await writer.drain()
+            else:
+                # All of it went out: the drain cannot wait (it raises only a connection's
+                # error), so no deadline is armed (one per command, 1.5% of a request's CPU).
                 await writer.drain()
         except TimeoutError:
             await self.disconnect(nowait=True)
