@@ -16,7 +16,8 @@ from web3 import HTTPProvider, Web3
 from web3.exceptions import ContractLogicError
 
 from gateway.chain import build
-from gateway.chain.devchain import CHAIN_ID, DevChain, find_anvil, start_chain
+from gateway.chain.anvil import find_anvil
+from gateway.chain.devchain import CHAIN_ID, DevChain, start_chain
 from gateway.rails.evm import EvmNetwork
 from tests.chain_fixtures import *  # noqa: F403  (session fixtures: chain, evm_network, settler)
 from tests.chain_fixtures import PAY_TO, make_auth

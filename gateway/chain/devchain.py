@@ -21,8 +21,9 @@ Both mine each transaction at once and an empty block every ``block_time`` secon
 head's timestamp follows the wall clock even when nobody transacts.
 
 ``TOLLSTREAM_CHAIN_BACKEND`` (``auto`` | ``anvil`` | ``eth-tester``) overrides the choice and
-``TOLLSTREAM_ANVIL`` names an anvil binary. All keys here are public test keys: the relayer is
-anvil's first default account, the wallets derive from fixed strings. Never use them elsewhere.
+``TOLLSTREAM_ANVIL`` names an anvil binary (:mod:`gateway.chain.anvil` runs it). All keys here
+are public test keys: the relayer is anvil's first default account, the wallets derive from
+fixed strings. Never use them elsewhere.
 
 Usage::
 
@@ -34,28 +35,22 @@ Usage::
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import os
-import shutil
 import signal
-import socket
-import subprocess
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any, Literal, cast
 
-import httpx
 from eth_account import Account
 from eth_utils import keccak
 from hexbytes import HexBytes
 from web3 import HTTPProvider, Web3
 from web3.types import RPCEndpoint, TxParams
 
+from gateway.chain.anvil import find_anvil, start_anvil
 from gateway.chain.build import (
     ESCROW_ARTIFACT,
     PERMIT2_ARTIFACT,
@@ -74,8 +69,6 @@ DEFAULT_TOKEN_VERSION = "2"
 ESCROW_GRACE_PERIOD = 900
 # Anvil's first default account (mnemonic "test test ... junk"); public, test-only.
 RELAYER_KEY = "0xac0974bec39a17e36ba4a6b4d238ff944bacb478cbed5efcae784d7bf4f2ff80"
-REPO_ROOT = Path(__file__).resolve().parents[2]
-STARTUP_TIMEOUT = 15.0
 MAX_UINT256 = 2**256 - 1
 # Gas limit of a wallet's approve(Permit2) (TestUSDC uses about 46k for a fresh allowance).
 APPROVE_GAS = 100_000
@@ -159,95 +152,6 @@ class DevChain:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.stop()
-
-
-# --------------------------------------------------------------------------- anvil
-
-
-def find_anvil() -> str | None:
-    """Path of an anvil binary, or None.
-
-    The native binary inside the platform package is preferred over ``.bin/anvil`` (a node
-    wrapper) so that stopping the process really stops the chain.
-    """
-    env = os.environ.get("TOLLSTREAM_ANVIL")
-    if env:
-        return env
-    modules = REPO_ROOT / "node_modules"
-    for native in sorted(modules.glob("@foundry-rs/anvil-*/bin/anvil")):
-        if os.access(native, os.X_OK):
-            return str(native)
-    wrapper = modules / ".bin" / "anvil"
-    if wrapper.exists() and shutil.which("node"):
-        return str(wrapper)
-    return shutil.which("anvil")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _wait_rpc(url: str, proc: subprocess.Popen[bytes] | None, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    body = {"jsonrpc": "2.0", "id": 1, "method": "eth_chainId", "params": []}
-    while True:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"anvil exited with code {proc.returncode}")
-        try:
-            if httpx.post(url, json=body, timeout=1.0).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"dev chain at {url} did not answer within {timeout}s")
-        time.sleep(0.05)
-
-
-def _anvil_mining_args(block_time: float | None) -> list[str]:
-    """Mining and clock flags. ``--mixed-mining`` mines each transaction at once (automine:
-    no latency added to settlement) *and* an empty block every ``block_time`` seconds, so the
-    head never lags the wall clock by more than that; with automine alone an idle chain's head
-    keeps the timestamp of its last transaction, and simulations against it think a fresh
-    authorization is "not yet valid". Interval mining alone would add up to a block time to
-    every settlement. 1 s is the finest useful interval: timestamps have 1 s resolution."""
-    if block_time is None:
-        return []
-    return ["--block-time", f"{block_time:g}", "--mixed-mining"]
-
-
-def _start_anvil(binary: str, port: int | None, mining_args: list[str]
-                 ) -> tuple[str, Callable[[], None]]:
-    attempts = 1 if port else 3  # a picked free port can be taken before anvil binds it
-    last: Exception | None = None
-    for _ in range(attempts):
-        use_port = port or _free_port()
-        proc = subprocess.Popen(
-            [binary, "--host", "127.0.0.1", "--port", str(use_port),
-             "--chain-id", str(CHAIN_ID), "--accounts", "1", "--silent", *mining_args],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        url = f"http://127.0.0.1:{use_port}"
-        try:
-            _wait_rpc(url, proc, STARTUP_TIMEOUT)
-        except RuntimeError as exc:
-            last = exc
-            _stop_process(proc)
-            continue
-        return url, functools.partial(_stop_process, proc)
-    raise RuntimeError(f"could not start anvil: {last}")
-
-
-def _stop_process(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
 
 
 # --------------------------------------------------------------------------- deploy
@@ -346,7 +250,7 @@ def start_chain(*, wallets: int = 3, funding: int = DEFAULT_FUNDING, port: int |
     if choice == "anvil" and anvil is None:
         raise RuntimeError("anvil not found: run `npm install` at the repo root")
     if anvil is not None:
-        url, stopper = _start_anvil(anvil, port, _anvil_mining_args(block_time))
+        url, stopper = start_anvil(anvil, port, chain_id=CHAIN_ID, block_time=block_time)
         used = "anvil"
     elif choice in ("auto", "eth-tester"):
         url, stopper = start_tester(port, chain_id=CHAIN_ID, block_time=block_time,
