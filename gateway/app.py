@@ -18,7 +18,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import PlainTextResponse, Response
 from starlette.types import Message, Receive, Scope, Send
 
-from gateway import admin, error_answers, routes, status
+from gateway import admin, error_answers, routes, status, unmetered_routes
 from gateway.dialects import ErrorInfo
 from gateway.error_answers import render_error
 from gateway.errors import NotFound, ServiceUnavailable
@@ -226,6 +226,7 @@ def create_app(settings: Settings, redis_url: str, *, rail: PaymentRail | None =
     app.state.gateway = gw
     app.max_requests = request_limit(settings)
     app.include_router(routes.router)
+    app.include_router(unmetered_routes.router)
     app.include_router(status.router)
     app.include_router(admin.router)
     app.include_router(info_router())
