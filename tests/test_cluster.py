@@ -33,7 +33,7 @@ from redis.cluster import RedisCluster
 from meters.channels import Channels, VoucherStatus
 from meters.connection import CancelSafeConnection, as_text, connect
 from meters.deposits import Deposit, Deposits
-from meters.errors import DuplicateCredit
+from meters.errors import DuplicateCredit, LedgerUnavailable
 from meters.holds import Holds
 from meters.keeper import Keeper
 from meters.ledger import Ledger
@@ -210,6 +210,36 @@ async def test_a_cancelled_cluster_command_is_cancelled(ledger: Ledger) -> None:
     nodes = ledger.redis.get_nodes()  # type: ignore[attr-defined]
     assert len(nodes) == 3
     assert {node.connection_class for node in nodes} == {CancelSafeConnection}
+
+
+async def test_past_its_commands_at_once_the_cluster_client_waits_then_fails_closed(
+        cluster_url: str, sync_cluster: RedisCluster) -> None:
+    """``redis_max_connections`` commands at once (BoundedCluster); one more waits up to the
+    pool timeout for a turn, then the ledger is unavailable (503), not an error from inside
+    redis-py; once the slot is free again, commands run."""
+    client = connect(cluster_url, cluster=True, max_connections=1, pool_timeout=0.2)
+    ledger = Ledger(client, prefix=f"c{secrets.token_hex(3)}:")
+    account = (await ledger.create_account(10))[0].id
+    waiting = f"{ledger.prefix}wait"
+    try:
+        # Holds the only turn until something is pushed onto the list.
+        blocker = asyncio.create_task(client.blpop([waiting], timeout=20))
+        for _ in range(1000):
+            if client._in_flight.locked():  # type: ignore[attr-defined]
+                break
+            await asyncio.sleep(0)
+        assert client._in_flight.locked()  # type: ignore[attr-defined]
+        started = time.monotonic()
+        with pytest.raises(LedgerUnavailable) as raised:
+            await ledger.get_account(account)
+        assert time.monotonic() - started >= 0.2
+        assert "no free Redis connection within 0.2 s" in str(raised.value.__cause__)
+        sync_cluster.rpush(waiting, "go")
+        async with asyncio.timeout(10):
+            assert await blocker == (waiting.encode(), b"go")
+        assert (await ledger.get_account(account)).balance == 10
+    finally:
+        await client.aclose()
 
 
 async def test_dead_owner_swept_across_nodes(ledger: Ledger,
