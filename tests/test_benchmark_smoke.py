@@ -79,3 +79,14 @@ def test_ab_hides_an_accelerator_a_revision_does_not_depend_on(tmp_path: Path,
                            timeout=60, env={"PYTHONPATH": path, "PATH": ""})
     assert probe.returncode == 0, probe.stderr
     assert probe.stdout.strip() == str(declared)
+
+
+def test_floor_benchmark_relays_and_reports_both_relays() -> None:
+    result = subprocess.run([sys.executable, "-m", "benchmarks.floor", "--streams", "2",
+                             "--rate", "20", "--seconds", "3.5"], capture_output=True,
+                            text=True, timeout=110, cwd=Path(__file__).parent.parent)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    assert [line.split(":")[0].strip() for line in lines] == ["protocol", "streams"]
+    assert all("us of CPU per chunk" in line for line in lines)
+    assert "Traceback" not in result.stderr
