@@ -12,6 +12,7 @@ process over a connection of its own, and its CPU per chunk is measured over the
 
     python -m benchmarks.floor                    # both relays, 64 streams at 50 chunks/s
     python -m benchmarks.floor --relay streams --streams 256 --seconds 10
+    python -m benchmarks.floor --loop uvloop      # the relay on uvloop (installed by hand)
 """
 
 from __future__ import annotations
@@ -120,8 +121,17 @@ async def _relay(kind: str, streams: int, sink_port: int, start_feed: Callable[[
     return used, counted
 
 
-def run(kind: str, streams: int, rate: float, seconds: float) -> tuple[float, int]:
-    """One relay's (CPU seconds, chunks), with its feeder and sink started and stopped."""
+def run(kind: str, streams: int, rate: float, seconds: float, loop: str = "asyncio"
+        ) -> tuple[float, int]:
+    """One relay's (CPU seconds, chunks), with its feeder and sink started and stopped;
+    ``loop``: the relay's event loop (the feeder and sink use asyncio's)."""
+    runner: Callable[..., tuple[float, int]] = asyncio.run
+    if loop == "uvloop":
+        try:
+            import uvloop
+        except ImportError as exc:  # not a dependency of the project
+            raise SystemExit("--loop uvloop: uvloop is not installed") from exc
+        runner = uvloop.run
     sink_port, ready = free_port(), multiprocessing.Event()
     sink = multiprocessing.Process(target=_sink, args=(sink_port, ready, seconds), daemon=True)
     sink.start()
@@ -136,7 +146,7 @@ def run(kind: str, streams: int, rate: float, seconds: float) -> tuple[float, in
     try:
         if not ready.wait(30):
             raise RuntimeError("the sink did not start")
-        return asyncio.run(_relay(kind, streams, sink_port, start_feed, seconds))
+        return runner(_relay(kind, streams, sink_port, start_feed, seconds))
     finally:
         for process in (*feeders, sink):
             process.terminate()
@@ -150,17 +160,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--streams", type=int, default=64)
     parser.add_argument("--rate", type=float, default=50.0, help="chunks/s per stream")
     parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio",
+                        help="the relay's event loop")
     args = parser.parse_args(argv)
     if args.seconds <= 2 * MARGIN:
         parser.error(f"--seconds must be more than {2 * MARGIN:g}")
     kinds = ["protocol", "streams"] if args.relay == "both" else [args.relay]
     for kind in kinds:
-        cpu, chunks = run(kind, args.streams, args.rate, args.seconds)
+        cpu, chunks = run(kind, args.streams, args.rate, args.seconds, args.loop)
         if not chunks:
             print(f"{kind:>8}: no chunk relayed", file=sys.stderr)
             return 1
         print(f"{kind:>8}: {cpu / chunks * 1e6:.1f} us of CPU per chunk ({chunks} chunks, "
-              f"{args.streams} streams at {args.rate:g}/s)", flush=True)
+              f"{args.streams} streams at {args.rate:g}/s, {args.loop})", flush=True)
     return 0
 
 
