@@ -1,9 +1,11 @@
-"""Run an ASGI app under uvicorn in a background thread (demo, benchmarks, tests)."""
+"""Run an ASGI app under uvicorn in a background thread, and stop a child process (demo,
+benchmarks, tests)."""
 
 from __future__ import annotations
 
 import contextlib
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -17,6 +19,18 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def stop_process(proc: subprocess.Popen[bytes], *, grace: float = 5.0) -> None:
+    """Terminate ``proc`` if it still runs; kill it if it has not exited ``grace`` seconds
+    later."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
 
 
 @contextlib.contextmanager

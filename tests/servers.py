@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import httpx
 
-from gateway.background import free_port, serve
+from gateway.background import free_port, serve, stop_process
 
 __all__ = ["free_port", "gateway_process", "serve"]
 
@@ -44,10 +44,4 @@ def gateway_process(config: str, *, env: dict[str, str] | None = None,
             time.sleep(0.1)
         yield url, proc
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+        stop_process(proc, grace=10)

@@ -19,6 +19,7 @@ import httpx
 import pytest
 import redis
 
+from gateway.background import stop_process
 from gateway.embedded import running
 from tests.conftest import ADMIN_TOKEN, SIM_KEY, assert_money_invariant
 from tests.servers import free_port
@@ -69,17 +70,7 @@ def serve_process(config: str, *args: str, preexec: Callable[[], None] | None = 
             time.sleep(0.1)
         yield url, proc, err
     finally:
-        stop(proc)
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        stop_process(proc, grace=20)
 
 
 def wait_until(check: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
@@ -162,7 +153,7 @@ def test_workers_share_one_embedded_valkey_which_the_parent_stops(
         assert not list(client.scan_iter(f"{prefix}res:*"))  # no reservation left behind
         client.close()
         valkey = info["valkey_pid"]
-        stop(proc)
+        stop_process(proc, grace=20)
     assert proc.returncode == 0, err.read_text()[-2000:]
     wait_until(lambda: gone(valkey), "the embedded Valkey to stop", timeout=10)
     assert running(tmp_path / "data") == {}  # the lock file no longer names a server
@@ -179,7 +170,7 @@ def test_one_worker_stopped_by_sigterm_stops_its_embedded_valkey(
         assert info["pid"] == proc.pid
         valkey = info["valkey_pid"]
         assert not gone(valkey)
-        stop(proc)  # SIGTERM
+        stop_process(proc, grace=20)  # SIGTERM
     # Ended by the signal, as a shell reports it (128 + 15), not killed by it (-15).
     assert proc.returncode == 128 + signal.SIGTERM, err.read_text()[-2000:]
     wait_until(lambda: gone(valkey), "the embedded Valkey to stop", timeout=10)

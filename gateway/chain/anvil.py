@@ -17,7 +17,7 @@ from pathlib import Path
 
 import httpx
 
-from gateway.background import free_port
+from gateway.background import free_port, stop_process
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 #: Seconds anvil has to answer its first JSON-RPC call.
@@ -99,15 +99,4 @@ def wait_rpc(url: str, proc: subprocess.Popen[bytes] | None, timeout: float) -> 
         time.sleep(0.05)
 
 
-def stop_process(proc: subprocess.Popen[bytes]) -> None:
-    """Terminate ``proc`` (kill it after 5 s)."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-
-
-__all__ = ["find_anvil", "mining_args", "start_anvil", "stop_process", "wait_rpc"]
+__all__ = ["find_anvil", "mining_args", "start_anvil", "wait_rpc"]
