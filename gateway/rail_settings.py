@@ -170,6 +170,10 @@ class X402Settings(_Frozen):
     api_key_idle_seconds: int = Field(default=30 * 86400, ge=60)
     networks: dict[str, X402NetworkSettings] = {}
     upto: X402UptoSettings = X402UptoSettings()
+    #: How often each process looks for deposits requests left between claim and credit
+    #: (a settlement not confirmed in time, a process that died) and finishes them with the
+    #: chain's answer (gateway/rails/x402_recovery.py).
+    recovery_interval_seconds: float = Field(default=60.0, gt=0)
 
     @model_validator(mode="after")
     def _check(self) -> X402Settings:

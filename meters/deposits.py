@@ -39,6 +39,8 @@ from meters.ledger import Ledger
 from meters.scripts import LuaScript, script
 
 SETTLING, SETTLED, CREDITED = "settling", "settled", "credited"
+#: A record's ``error`` when its request ended not knowing whether the chain took it.
+UNCONFIRMED = "unconfirmed"
 #: How long a finished record is kept (replays are refused by the chain long after that).
 RECORD_TTL_SECONDS = 30 * 86400
 #: A listed deposit without a record is unlisted once its listing is this old (see above).
@@ -118,6 +120,11 @@ class Deposits:
 
     async def mark_settled(self, key: str, transaction: str) -> None:
         await self._update(key, status=SETTLED, transaction=transaction)
+
+    async def mark_unconfirmed(self, key: str, transaction: str) -> None:
+        """The request that claimed it ended without knowing whether the chain took it
+        (``transaction``, when one was sent, may still land): recovery finishes it."""
+        await self._update(key, error=UNCONFIRMED, transaction=transaction)
 
     async def abandon(self, key: str) -> None:
         """Forget a claim whose settlement was refused (nothing moved on-chain), so the payer

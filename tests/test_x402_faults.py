@@ -8,6 +8,7 @@ Two of them were strict xfails of bugs in x402_deposits.py, fixed since.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import dataclasses
 import json
@@ -22,6 +23,7 @@ from starlette.requests import Request
 
 from gateway.chain.devchain import DevChain
 from gateway.errors import PaymentRejected, ServiceUnavailable
+from gateway.rail_settings import X402Settings
 from gateway.rails.evm import (
     ERR_INSUFFICIENT_BALANCE,
     Eip3009Authorization,
@@ -31,6 +33,7 @@ from gateway.rails.evm import (
 )
 from gateway.rails.facilitator import LocalSettlement
 from gateway.rails.x402_deposits import X402Deposits, payer_account_id
+from gateway.rails.x402_recovery import settle_bound
 from gateway.settings import Settings
 from meters.connection import connect
 from meters.deposits import Deposit
@@ -92,6 +95,7 @@ def short_timeouts(rail: X402Deposits, **timeouts: float) -> None:
     networks and local settlement with ``timeouts`` so a fault fails within the test."""
     rail.networks = {k: dataclasses.replace(n, **timeouts) for k, n in rail.networks.items()}
     rail.settlement = LocalSettlement(rail.settler, list(rail.networks.values()))
+    rail.recovery.networks, rail.recovery.settlement = rail.networks, rail.settlement
 
 
 async def claim(rail: X402Deposits, network: EvmNetwork, auth: Eip3009Authorization) -> str:
@@ -131,6 +135,10 @@ async def test_recovery_settles_a_still_valid_unused_claim(
     await dead.aclose()  # died before settling
     restarted = X402Deposits(settings, ledger)
     try:
+        # A claim younger than the longest a request may take to settle is left alone: its
+        # request may still be on it.
+        assert await restarted.recover(min_age=3600) == 0
+        assert not await settler.authorization_used(auth.from_, auth.nonce, evm_network)
         assert await restarted.recover() == 1
         assert await restarted.recover() == 0
         assert await restarted.deposits.unfinished() == []
@@ -231,6 +239,67 @@ async def test_unknown_outcome_keeps_the_claim_for_recovery(
     finally:
         await restarted.aclose()
     assert await credited(ledger, evm_network, auth.payer) == DEPOSIT
+
+
+async def test_unknown_outcome_is_credited_by_the_running_rail(
+        chain: DevChain, evm_network: EvmNetwork, settler: EvmSettler, rpc_proxy: RpcProxy,
+        ledger_for: Callable[[Settings], Ledger]) -> None:
+    """No receipt in time: 503 naming the transaction. The same payment sent again is told
+    its settlement is pending (503 ``settlement_pending``, the transaction named), not that
+    it was used. The running rail's periodic recovery leaves the claim alone while a request
+    could still be on it, then credits it, without a restart; sent again after that, the
+    payment is refused as used."""
+    settings = rail_settings(chain, rpc_proxy.url)
+    ledger = ledger_for(settings)
+    rpc_proxy.hooks["eth_getTransactionReceipt"] = lambda req, fwd: rpc_result(req, None)
+    key = new_payer(chain, DEPOSIT)
+    auth = make_auth(evm_network, key, value=DEPOSIT)
+    rail = X402Deposits(settings, ledger)
+    short_timeouts(rail, receipt_timeout=1.0)
+    rail.recovery.interval, rail.recovery.min_age = 0.1, 3600.0
+    paid = payment(auth, rail.accepts(0)[0])
+    try:
+        await rail.start()  # recovery passes every 0.1 s from here on
+        with pytest.raises(ServiceUnavailable) as info:
+            await rail.pay(http_request(), paid, 0)
+        tx = info.value.extra["transaction"]
+        with pytest.raises(ServiceUnavailable) as again:
+            await rail.pay(http_request(), paid, 0)
+        assert again.value.code == "settlement_pending"
+        assert again.value.extra == {"transaction": tx}
+        assert await rail.recovery.recover(min_age=3600) == 0
+        assert await credited(ledger, evm_network, auth.payer) == 0
+        rail.recovery.min_age = 0.0  # the claim is now "older than any request"
+        deadline = time.monotonic() + 20
+        while await credited(ledger, evm_network, auth.payer) == 0:
+            assert time.monotonic() < deadline, "the running rail never credited it"
+            await asyncio.sleep(0.05)
+        assert await rail.deposits.unfinished() == []
+        with pytest.raises(PaymentRejected) as used:
+            await rail.pay(http_request(), paid, 0)
+        assert used.value.code == "invalid_exact_evm_nonce_already_used"
+    finally:
+        await rail.aclose()
+    assert await credited(ledger, evm_network, auth.payer) == DEPOSIT
+    assert (await settler.transaction_status(tx, evm_network)).state == "success"
+
+
+def test_recovery_waits_past_the_longest_settlement() -> None:
+    """A settling claim is taken up by recovery only past the longest a request can spend
+    settling it: local, receipt wait plus ten RPC calls; remote, every /settle call and the
+    pauses between them; a minute on top."""
+    local = rail_settings_for_bound("local")
+    assert settle_bound(local) == 120 + 10 * 10 + 60
+    remote = rail_settings_for_bound("remote")
+    assert settle_bound(remote) == 30 * (3 + 2) + 2 * 3 + 60
+
+
+def rail_settings_for_bound(mode: str) -> X402Settings:
+    return X402Settings.model_validate({
+        "enabled": True, "mode": mode, "pay_to": PAY_TO,
+        "facilitator_url": "https://facilitator.example/" if mode == "remote" else None,
+        "networks": {"local": {"preset": "local", "asset": PAY_TO,
+                               "relayer_key": "0x" + "1" * 64}}})
 
 
 async def test_refused_settlement_releases_the_claim(

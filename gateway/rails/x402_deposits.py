@@ -13,15 +13,15 @@ Flow of one deposit (the request carries ``PAYMENT-SIGNATURE`` (v2) or ``X-PAYME
 5. credit the payer's account (one per network + asset + payer address) exactly once, issue an
    API key and answer with ``PAYMENT-RESPONSE`` and ``Tollstream-Api-Key``.
 
-A process that dies between 4 and 5 leaves the record ``settling``/``settled``; :meth:`start`
-asks the chain whether the authorization was used and finishes the credit.
+A request that does not get from 3 to 5 (its process died, the chain did not confirm in time)
+leaves the record ``settling``/``settled``; the rail's recovery (:mod:`.x402_recovery`), at
+start and then periodically, asks the chain whether the authorization was used and finishes
+the credit.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
-import json
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -59,9 +59,10 @@ from gateway.rails.x402_challenge import (
     settlement_headers,
     settlement_response,
 )
+from gateway.rails.x402_recovery import DepositRecovery, settle_bound
 from gateway.rails.x402_upto import UptoPayments
 from gateway.settings import Settings
-from meters.deposits import SETTLED, Deposit, Deposits
+from meters.deposits import CREDITED, UNCONFIRMED, Deposit, DepositRecord, Deposits
 from meters.ledger import Ledger
 from meters.money import Asset
 from meters.rates import Rate
@@ -128,7 +129,12 @@ class X402Deposits(PaymentRail):
             self.settlement = LocalSettlement(self.settler, list(self.networks.values()))
         self.deposits = Deposits(ledger)
         self.ledger = ledger
-        self._recovery: asyncio.Task[None] | None = None
+        #: Finishes deposits requests left unfinished: at start, then every
+        #: ``recovery_interval_seconds``.
+        self.recovery = DepositRecovery(
+            deposits=self.deposits, settler=self.settler, settlement=self.settlement,
+            networks=self.networks, min_age=settle_bound(cfg),
+            interval=cfg.recovery_interval_seconds)
         #: The ``upto`` scheme, when offered (:mod:`gateway.rails.x402_upto`).
         self.upto: UptoPayments | None = None
         if cfg.upto.enabled:
@@ -141,65 +147,22 @@ class X402Deposits(PaymentRail):
 
     # -- lifecycle ----------------------------------------------------------------------------
     async def start(self) -> None:
-        # In the background: a slow chain RPC must not hold up serving requests.
-        self._recovery = asyncio.create_task(self._recover_logged(), name="x402-recovery")
+        self.recovery.start()
         if self.upto is not None:
             await self.upto.start()
 
     async def aclose(self) -> None:
-        if self._recovery is not None and not self._recovery.done():
-            self._recovery.cancel()
+        await self.recovery.aclose()
         if self.upto is not None:
             await self.upto.aclose()
         if self.remote is not None:
             await self.remote.aclose()
         await self.settler.aclose()
 
-    async def _recover_logged(self) -> None:
-        try:
-            finished = await self.recover()
-            if finished:
-                log.warning("finished %d deposits a previous process left unfinished", finished)
-        except GatewayError as exc:
-            log.error("deposit recovery failed (%s); it runs again at the next start", exc.code)
-
-    async def recover(self) -> int:
-        """Finish deposits left between settlement and credit; returns how many were credited.
-
-        The chain is the judge: an authorization that was used was settled (credit it); one
-        that was not is settled now if still valid, else dropped (nothing moved).
-        """
-        credited = 0
-        for record in await self.deposits.unfinished():
-            deposit = record.deposit
-            network = self.networks.get(deposit.network)
-            if network is None:
-                continue
-            payload = parse_payment_payload(_json(deposit.payload))
-            auth = to_authorization(payload)
-            if record.status != SETTLED:
-                if await self.settler.authorization_used(auth.from_, auth.nonce, network):
-                    # Used: settled by us (or relayed by anyone: the transfer went to pay_to
-                    # either way), unless the payer cancelled it, when nothing moved.
-                    if await self.settler.authorization_canceled(
-                            auth.from_, auth.nonce, network, from_block=deposit.block):
-                        log.warning("deposit %s: the payer cancelled the authorization; "
-                                    "nothing to credit", deposit.key)
-                        await self.deposits.abandon(deposit.key)
-                        continue
-                else:
-                    requirements = PaymentRequirements.model_validate(
-                        _json(deposit.requirements))
-                    try:
-                        result = await self.settlement.settle(payload, requirements)
-                    except (PaymentRejected, SettlementNotSubmitted):
-                        # Nothing moved: release the claim (the payer may pay again).
-                        await self.deposits.abandon(deposit.key)
-                        continue
-                    await self.deposits.mark_settled(deposit.key, result.tx_hash)
-            if await self.deposits.credit(record, label=f"x402 {deposit.payer}"):
-                credited += 1
-        return credited
+    async def recover(self, *, min_age: float = 0.0) -> int:
+        """Finish the deposits left between claim and credit whose claim is older than
+        ``min_age`` seconds; returns how many were credited (:mod:`.x402_recovery`)."""
+        return await self.recovery.recover(min_age=min_age)
 
     # -- challenge ----------------------------------------------------------------------------
     def accepts(self, needed: int) -> list[PaymentRequirements]:
@@ -304,21 +267,24 @@ class X402Deposits(PaymentRail):
         (nothing moved), :class:`SettlementFailed` (the chain refused the settlement) or
         :class:`ServiceUnavailable` (outcome unknown, recovery finishes it)."""
         auth = to_authorization(payload)
-        await self.settlement.verify(payload, requirements)
         network = self.networks[requirements.network]
+        key = f"{network.network}:{network.asset.lower()}:{auth.payer.lower()}:{auth.nonce}"
+        # A payment sent again: said as what became of it, before the chain (which only
+        # knows the authorization is used) is asked.
+        existing = await self.deposits.get(key)
+        if existing is not None:
+            raise _taken(existing)
+        await self.settlement.verify(payload, requirements)
         account_id = payer_account_id(network.network, network.asset, auth.payer)
         # Where recovery starts looking for a cancellation of this authorization.
         block = await self.settler.head_block(network)
         deposit = Deposit(
-            key=f"{network.network}:{network.asset.lower()}:{auth.payer.lower()}:{auth.nonce}",
-            account_id=account_id, amount=requirements.amount, payer=auth.payer,
+            key=key, account_id=account_id, amount=requirements.amount, payer=auth.payer,
             network=network.network, asset=network.asset,
             payload=_dumps(payload), requirements=_dumps(requirements), block=block)
         claimed, record = await self.deposits.begin(deposit)
         if not claimed:
-            raise PaymentRejected(
-                "this authorization was already used for a deposit; its API key was returned "
-                "with the first response", code="invalid_exact_evm_nonce_already_used")
+            raise _taken(record)
         try:
             result = await self.settlement.settle(payload, requirements)
         except PaymentRejected as exc:
@@ -329,9 +295,12 @@ class X402Deposits(PaymentRail):
             # the payer's retry is not refused as "already used".
             await self.deposits.abandon(deposit.key)
             raise
-        except ServiceUnavailable:
-            # Outcome unknown (the transfer may be in flight): the record stays open and the
-            # next start-up's recovery asks the chain.
+        except ServiceUnavailable as exc:
+            # Outcome unknown (the transfer may be in flight): the record stays open, marked
+            # so that the payment sent again is told so, and the recovery (x402_recovery.py)
+            # asks the chain once no request can still be on it.
+            await self.deposits.mark_unconfirmed(deposit.key,
+                                                 str(exc.extra.get("transaction", "")))
             raise
         await self.deposits.mark_settled(deposit.key, result.tx_hash)
         await self.deposits.credit(record, label=f"{label} {auth.payer}")
@@ -354,6 +323,24 @@ class X402Deposits(PaymentRail):
         return render(err, [offer], needed=needed)
 
 
+def _taken(record: DepositRecord) -> GatewayError:
+    """The answer to a payment whose authorization already has a deposit record. A key is
+    never handed out here: a settled authorization is public on-chain, so presenting it again
+    proves nothing about who presents it. The payer's next payment brings a key to the same
+    account (one per payer), whose balance includes this deposit."""
+    if record.status != CREDITED and record.error == UNCONFIRMED:
+        # Its request ended with a 503: no key went out, and the transfer may land.
+        return ServiceUnavailable(
+            "this payment's settlement was not confirmed when it was sent; once the chain "
+            "confirms it, it is credited to the payer's account (a new payment returns a key "
+            "to that balance)", code="settlement_pending",
+            extra={"transaction": record.transaction} if record.transaction else None)
+    # Credited, or being settled by the request that claimed it (which returns its key).
+    return PaymentRejected(
+        "this authorization was already used for a deposit; its API key goes with the "
+        "response of the request that settled it", code="invalid_exact_evm_nonce_already_used")
+
+
 def _scheme(data: Any) -> Any:
     """``accepted.scheme`` of a decoded v2 payment, if it has one."""
     accepted = data.get("accepted") if isinstance(data, dict) else None
@@ -362,7 +349,3 @@ def _scheme(data: Any) -> Any:
 
 def _dumps(model: Any) -> str:
     return str(model.model_dump_json(by_alias=True, exclude_none=True))
-
-
-def _json(text: str) -> Any:
-    return json.loads(text)
