@@ -167,9 +167,11 @@ async def relay(ctx: RelayContext, response: UpstreamResponse) -> AsyncIterator[
                             while granted < n:  # asked again while a payment falls short
                                 yield b"".join(await ctx.pause_events(meter, n - granted))
                                 got = await meter.wait_for(n - granted, until=deadline)
-                                if not got:
+                                if not got and time.monotonic() >= deadline:
                                     ctx.metrics.event("pause_timeout", ctx.model)
                                     break
+                                # Nothing, before the deadline: a credit went to another
+                                # stream on the account; ask again for what is needed now.
                                 granted += got
                             else:
                                 ctx.metrics.event("resume", ctx.model)

@@ -186,20 +186,27 @@ class StreamMeter:
     async def wait_for(self, n: int, *, until: float) -> int:
         """Pause: wait until money enters the account (a voucher, a deposit) and the lease can
         be renewed, or until ``until`` (a ``time.monotonic()`` deadline). Returns the tokens
-        granted meanwhile (fewer than ``n`` when only part was paid), 0 at the deadline.
+        granted meanwhile (fewer than ``n`` when only part was paid); 0 at the deadline, or
+        before it when a credit arrived but other streams on the account took all of it.
+
+        That last return is for the caller to ask for money again, for what it needs now:
+        streams sharing an account (an MPP channel) are each woken by a credit and race for
+        it, and a stream that lost the race would otherwise wait in silence until its
+        deadline while the payer, paid up for what was asked, sends nothing more.
 
         With :attr:`notices` a credit in any process wakes the wait at once (Redis pub/sub);
         without, or if a message was lost, the balance is re-checked periodically."""
         watch = (self.notices.watch(self.account_id) if self.notices is not None
                  else contextlib.nullcontext(None))
         with watch as event:  # registered before the check: a credit in between is seen
+            credited = False
             while True:
                 granted = await self._renew_and_take(n)
                 left = until - time.monotonic()
-                if granted or left <= 0:
+                if granted or left <= 0 or credited:
                     return granted
                 if self.notices is not None and event is not None:
-                    await self.notices.wait(event, left)
+                    credited = await self.notices.wait(event, left)
                 else:
                     await asyncio.sleep(min(self.poll_interval, left))
 

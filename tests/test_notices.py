@@ -123,3 +123,37 @@ async def test_without_a_subscription_the_recheck_finds_the_credit(redis_url: st
     meter.delivered_tokens(1)
     await meter.close(Outcome.CUT)
     await ledger.redis.aclose()
+
+
+async def test_a_credit_another_stream_took_ends_the_wait_to_ask_again(
+        pair: tuple[Ledger, Ledger, CreditNotices]) -> None:
+    """Two streams paused on one account, one credit that pays one lease: one stream takes
+    it, and the other's wait returns at once with nothing, so that its relay asks again for
+    what is needed now. Waiting on silently until its pause timeout, it starved: nothing else
+    would ask the payer for more (seen: an MPP session stream among four on one channel cut
+    after its first voucher's worth, the client never asked again)."""
+    here, there, notices = pair
+    account, _ = await here.create_account(8)
+    meters = [StreamMeter(here, account.id, ONE_PER_TOKEN, lease_tokens=4,
+                          policy=Policy.PAUSE, pause_timeout=30, poll_interval=60,
+                          notices=notices) for _ in range(2)]
+    for meter in meters:
+        await meter.open(0)
+    for meter in meters:
+        while await meter.acquire(1) == 1:
+            meter.delivered_tokens(1)
+    until = time.monotonic() + 30
+    waits = [asyncio.create_task(meter.wait_for(1, until=until)) for meter in meters]
+    deadline = time.monotonic() + 5
+    while len(notices._waiters.get(account.id, ())) < 2:
+        assert time.monotonic() < deadline, "the meters never waited"
+        await asyncio.sleep(0.01)
+    await there.credit(account.id, 4)  # one lease's worth
+    got = await asyncio.wait_for(asyncio.gather(*waits), 10)
+    assert sorted(got) == [0, 1]
+    assert time.monotonic() < until - 15  # the one left out did not sit out its deadline
+    for meter, granted in zip(meters, got, strict=True):
+        meter.delivered_tokens(granted)
+        await meter.close(Outcome.CUT)
+    state = await here.get_account(account.id)
+    assert (state.spent, state.held, state.balance) == (9, 0, 3)

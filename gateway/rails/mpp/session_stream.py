@@ -4,11 +4,13 @@ Generation").
 
 The stream is metered by the ordinary :class:`~meters.meter.StreamMeter` against the channel's
 ledger account (``acceptedCumulative - spent``). When the vouchers run out it does not cut: it
-sends one ``payment-need-voucher`` event and pauses until a voucher arriving on another request
+sends a ``payment-need-voucher`` event and pauses until a voucher arriving on another request
 (``HEAD`` or any method on the model route) credits the channel, which wakes it through
-:mod:`meters.notices`; with no voucher within the pause timeout it ends, billed what was
-delivered. A stream that ended well sends a last ``payment-receipt`` event after its final
-charge. Only clients that presented a session credential ever get these events.
+:mod:`meters.notices`. It asks again, for what it needs then, when the voucher fell short or
+went to another stream on the same channel (they share its balance and race for each
+credit). With no voucher within the pause timeout it ends, billed what was delivered. A
+stream that ended well sends a last ``payment-receipt`` event after its final charge. Only
+clients that presented a session credential ever get these events.
 """
 
 from __future__ import annotations
