@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -81,12 +82,17 @@ def test_ab_hides_an_accelerator_a_revision_does_not_depend_on(tmp_path: Path,
     assert probe.stdout.strip() == str(declared)
 
 
-def test_floor_benchmark_relays_and_reports_both_relays() -> None:
+def test_floor_benchmark_relays_and_reports_every_relay() -> None:
     result = subprocess.run([sys.executable, "-m", "benchmarks.floor", "--streams", "2",
                              "--rate", "20", "--seconds", "3.5"], capture_output=True,
                             text=True, timeout=110, cwd=Path(__file__).parent.parent)
     assert result.returncode == 0, result.stderr[-2000:]
     lines = result.stdout.splitlines()
-    assert [line.split(":")[0].strip() for line in lines] == ["protocol", "streams"]
+    assert [line.split(":")[0].strip() for line in lines] == [
+        "protocol", "streams", "work", "work-task", "work-aiohttp"]
     assert all("us of CPU per chunk" in line for line in lines)
+    # The work relays parsed, counted and metered every chunk: one token each.
+    for line in lines[2:]:
+        counts = re.search(r"\((\d+) chunks, (\d+) tokens metered", line)
+        assert counts is not None and int(counts[1]) > 0 and counts[1] == counts[2], line
     assert "Traceback" not in result.stderr
