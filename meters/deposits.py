@@ -126,6 +126,14 @@ class Deposits:
         (``transaction``, when one was sent, may still land): recovery finishes it."""
         await self._update(key, error=UNCONFIRMED, transaction=transaction)
 
+    async def take_for_recovery(self, key: str, seconds: float) -> bool:
+        """Whether this caller may finish deposit ``key`` now: the first to ask within
+        ``seconds`` may. Recovery runs in every process; without this each would settle the
+        same old claim, all but one of the transactions reverting (gas spent for nothing)."""
+        with redis_errors():
+            return bool(await self.redis.set(f"{self.prefix}deposit-recovery:{key}", "1",
+                                             nx=True, px=max(1, int(seconds * 1000))))
+
     async def abandon(self, key: str) -> None:
         """Forget a claim whose settlement was refused (nothing moved on-chain), so the payer
         may retry the same authorization once the problem is fixed (e.g. wallet funded)."""

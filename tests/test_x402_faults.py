@@ -284,6 +284,30 @@ async def test_unknown_outcome_is_credited_by_the_running_rail(
     assert (await settler.transaction_status(tx, evm_network)).state == "success"
 
 
+async def test_one_process_at_a_time_settles_an_old_claim(
+        chain: DevChain, evm_network: EvmNetwork, rpc_proxy: RpcProxy,
+        ledger_for: Callable[[Settings], Ledger]) -> None:
+    """Recovery runs in every process: a claim left settling is settled by the first process
+    to take it up, and the others leave it (one transaction, not one per process)."""
+    settings = rail_settings(chain, rpc_proxy.url)
+    ledger = ledger_for(settings)
+    key = new_payer(chain, DEPOSIT)
+    auth = make_auth(evm_network, key, value=DEPOSIT)
+    dead = X402Deposits(settings, ledger)
+    await claim(dead, evm_network, auth)
+    await dead.aclose()  # died before settling
+    workers = [X402Deposits(settings, ledger) for _ in range(3)]
+    rpc_proxy.seen.clear()
+    try:
+        done = await asyncio.gather(*(worker.recover() for worker in workers))
+    finally:
+        for worker in workers:
+            await worker.aclose()
+    assert sorted(done) == [0, 0, 1]
+    assert rpc_proxy.seen.count("eth_sendRawTransaction") == 1
+    assert await credited(ledger, evm_network, auth.payer) == DEPOSIT
+
+
 def test_recovery_waits_past_the_longest_settlement() -> None:
     """A settling claim is taken up by recovery only past the longest a request can spend
     settling it: local, receipt wait plus ten RPC calls; remote, every /settle call and the

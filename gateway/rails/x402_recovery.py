@@ -16,8 +16,8 @@ A claim still ``settling`` may belong to a request in flight in this or another 
 settling it a second time would race that request (a second transaction, reverted, and a
 payer told their payment failed while it was credited). So a ``settling`` claim is taken up
 only once it is older than the longest a request's settlement can take
-(:func:`settle_bound`); a ``settled`` one (the chain took it, only the credit is missing) at
-any age.
+(:func:`settle_bound`), and by one process at a time (the first to take it, for that long);
+a ``settled`` one (the chain took it, only the credit is missing) at any age, by any process.
 """
 
 from __future__ import annotations
@@ -111,8 +111,12 @@ class DepositRecovery:
             network = self.networks.get(record.deposit.network)
             if network is None:
                 continue  # another rail's engine serves that network
-            if record.status != SETTLED and now - record.created < min_age:
-                continue  # its request may still be settling it
+            if record.status != SETTLED:
+                if now - record.created < min_age:
+                    continue  # its request may still be settling it
+                if not await self.deposits.take_for_recovery(record.deposit.key,
+                                                             self.min_age):
+                    continue  # another process is finishing it
             try:
                 if await self._finish(record, network):
                     credited += 1
