@@ -28,7 +28,8 @@ from typing import Any
 
 from gateway.dialects import Dialect, get_dialect
 from gateway.errors import BadRequest, NotFound, PaymentRequired
-from gateway.settings import ModelSettings, PriceSettings, RouteSettings, Settings
+from gateway.model_settings import ModelSettings, PriceSettings, RouteSettings
+from gateway.settings import Settings
 from meters.money import Asset, account_currency
 from meters.rates import Rate
 from meters.tokens import Tokenizer, get_tokenizer
