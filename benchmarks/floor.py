@@ -72,16 +72,22 @@ def _feed(port: int, streams: int, rate: float, seconds: float, http: bool) -> N
         if http:
             for writer in writers:
                 writer.write(HEAD)
-        end = time.monotonic() + seconds
-        while time.monotonic() < end:
-            tick = time.monotonic()
-            for writer in writers:
-                writer.write(chunk)
-            await asyncio.sleep(max(0.0, 1 / rate - (time.monotonic() - tick)))
+        await _paced(writers, chunk, rate, seconds)
         for writer in writers:
             writer.close()
 
     asyncio.run(main())
+
+
+async def _paced(writers: list[asyncio.StreamWriter], chunk: bytes, rate: float,
+                 seconds: float) -> None:
+    """``chunk`` to every writer ``rate`` times a second for ``seconds``."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        tick = time.monotonic()
+        for writer in writers:
+            writer.write(chunk)
+        await asyncio.sleep(max(0.0, 1 / rate - (time.monotonic() - tick)))
 
 
 def _serve_feed(port: int, streams: int, rate: float, seconds: float, ready: Event) -> None:
@@ -104,12 +110,7 @@ def _serve_feed(port: int, streams: int, rate: float, seconds: float, ready: Eve
         async with await asyncio.start_server(answer, "127.0.0.1", port):
             ready.set()
             await arrived.wait()
-            end = time.monotonic() + seconds
-            while time.monotonic() < end:
-                tick = time.monotonic()
-                for writer in writers:
-                    writer.write(chunk)
-                await asyncio.sleep(max(0.0, 1 / rate - (time.monotonic() - tick)))
+            await _paced(writers, chunk, rate, seconds)
             for writer in writers:
                 writer.write(b"0\r\n\r\n")
                 writer.close()

@@ -147,7 +147,7 @@ class X402Deposits(PaymentRail):
 
     # -- lifecycle ----------------------------------------------------------------------------
     async def start(self) -> None:
-        self.recovery.start()
+        await self.recovery.start()
         if self.upto is not None:
             await self.upto.start()
 

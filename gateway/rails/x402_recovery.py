@@ -22,8 +22,6 @@ a ``settled`` one (the chain took it, only the credit is missing) at any age, by
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import logging
 import time
@@ -37,6 +35,7 @@ from gateway.rails.facilitator import Settlement
 from gateway.rails.x402 import PaymentRequirements, parse_payment_payload, to_authorization
 from meters.deposits import SETTLED, DepositRecord, Deposits
 from meters.errors import LedgerUnavailable
+from meters.periodic import Periodic
 
 log = logging.getLogger("tollstream.x402")
 
@@ -74,32 +73,25 @@ class DepositRecovery:
         #: How old a ``settling`` claim must be before recovery settles it itself.
         self.min_age = min_age
         self.interval = interval
-        self._task: asyncio.Task[None] | None = None
+        self._loop: Periodic | None = None
 
-    def start(self) -> None:
+    async def start(self) -> None:
         """Recover now and then every :attr:`interval` seconds, in the background (a slow
         chain RPC must not hold up serving requests)."""
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="x402-recovery")
+        if self._loop is None:
+            self._loop = Periodic("x402-recovery", self.interval, self._pass,
+                                  outages=(LedgerUnavailable,), log=log)
+            await self._loop.start()
 
     async def aclose(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        if self._loop is not None:
+            await self._loop.stop()
+            self._loop = None
 
-    async def _run(self) -> None:
-        while True:
-            try:
-                finished = await self.recover(min_age=self.min_age)
-                if finished:
-                    log.warning("credited %d deposits that requests had left unfinished",
-                                finished)
-            except LedgerUnavailable:
-                log.error("deposit recovery: the ledger is unreachable; again in %g s",
-                          self.interval)
-            await asyncio.sleep(self.interval)
+    async def _pass(self) -> None:
+        finished = await self.recover(min_age=self.min_age)
+        if finished:
+            log.warning("credited %d deposits that requests had left unfinished", finished)
 
     async def recover(self, *, min_age: float = 0.0) -> int:
         """Finish the unfinished deposits on this recovery's networks whose claim is older
