@@ -213,8 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--deposit", default=None,
                       help="the x402 deposit the gateway asks for, or the MPP channel's "
                            "deposit, in USDC (default 0.0001 / 0.002)")
-    demo.add_argument("--rail", choices=["x402", "mpp"], default="x402",
-                      help="how the agent pays: x402 deposits, or one MPP session")
+    demo.add_argument("--rail", choices=["x402", "mpp", "upto"], default="x402",
+                      help="how the agent pays: x402 deposits, one MPP session, or x402 upto "
+                           "authorizations settled to the token")
     demo.add_argument("--prompt", default="Tell me a long story about a toll bridge.")
     demo.add_argument("--pause", type=float, default=0.0,
                       help="seconds to wait between the steps, for people watching")
@@ -233,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     # One line per upstream request is noise at INFO (and the demo prints its own story).
-    for noisy in ("httpx", "httpx2", "web3"):
+    for noisy in ("httpx", "httpx2", "web3", "x402"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     args = build_parser().parse_args(argv)
     return int(args.func(args))

@@ -11,11 +11,17 @@ machine-readable reason, on-chain balances and the ledger's balance.
 With ``--rail mpp`` the agent pays by an MPP session instead: it opens an escrow channel once,
 streams two answers that pause for vouchers (and a top-up) and resume on the next token, then
 closes the channel; the escrow pays the gateway exactly what was spent and refunds the rest.
+
+With ``--rail upto`` the agent is the official x402 SDK's client with its ``upto`` scheme: each
+request's 402 is answered with a Permit2 authorization for at most the request's price (its
+prompt and ``max_tokens``), and the gateway settles on-chain exactly what the answer cost.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import logging
 import secrets
 import sys
@@ -63,8 +69,9 @@ def _beat() -> None:
 
 def run_demo(*, deposit: str | None = None, prompt: str = "Tell me a story.",
              rail: str = "x402", pause: float = 0.0) -> int:
-    """Run the demo (``rail``: ``x402`` deposits, or an ``mpp`` session; ``pause``: seconds
-    between the steps, for people watching); returns the process exit code."""
+    """Run the demo (``rail``: ``x402`` deposits, an ``mpp`` session, or ``upto``
+    authorizations; ``pause``: seconds between the steps, for people watching); returns the
+    process exit code."""
     _PAUSE[0] = pause
     # The demo tells its own story: the gateway's per-request lines would interleave.
     logging.getLogger("tollstream").setLevel(logging.WARNING)
@@ -92,7 +99,8 @@ def run_demo(*, deposit: str | None = None, prompt: str = "Tell me a story.",
             else:
                 raw["x402"] = {"enabled": True, "pay_to": PAY_TO,
                                "deposit": deposit or "0.0001", "min_output_tokens": 16,
-                               "networks": {"local": network}}
+                               "networks": {"local": network},
+                               "upto": {"enabled": rail == "upto"}}
             settings = Settings.from_mapping(raw)
             app = create_app(settings, redis_url)
             # Priced as the gateway prices it: by its route, from the shipped price table.
@@ -100,6 +108,8 @@ def run_demo(*, deposit: str | None = None, prompt: str = "Tell me a story.",
             with serve(app) as url:
                 if rail == "mpp":
                     return _session_agent(url, settings, rate, chain, prompt)
+                if rail == "upto":
+                    return _upto_agent(url, settings, rate, chain, prompt)
                 return _agent(url, settings, rate, chain, prompt)
     finally:
         redis.stop()
@@ -234,3 +244,88 @@ def _session_agent(url: str, settings: Settings, rate: Rate, chain: DevChain,
     _say(f"on-chain  wallet {asset.format(before)} -> {asset.format(after)} {asset.symbol}; "
          f"the gateway (payee) received {asset.format(payee_after - payee_before)}")
     return 0
+
+
+#: Output tokens each upto request may have: what its authorization covers...
+UPTO_MAX_TOKENS = 300
+#: ...and how many the simulated model's answers have.
+UPTO_ANSWER_TOKENS = 120
+
+
+def _upto_agent(url: str, settings: Settings, rate: Rate, chain: DevChain,
+                prompt: str) -> int:
+    """The upto story: two requests, each authorized for at most its price and settled
+    on-chain for exactly what it cost, read from the chain."""
+    asset = settings.asset_obj()
+    payer = chain.wallets[0]
+    before, merchant_before = _balances(chain, payer.address)
+    _say(f"gateway   {url}  (embedded Redis, simulated model, local chain {chain.backend})")
+    _say(f"price     {MODEL}: {asset.format(rate.input_per_mtok)} in / "
+         f"{asset.format(rate.output_per_mtok)} out {asset.symbol} per million tokens")
+    _say(f"wallet    {payer.address}: {asset.format(before)} {asset.symbol} on-chain "
+         "(Permit2 approved once)")
+    paid_before, received_before = before, merchant_before
+    for attempt, question in enumerate((prompt, SECOND_QUESTION), 1):
+        body = {"model": MODEL, "messages": [{"role": "user", "content": question}],
+                "stream": True, "max_tokens": UPTO_MAX_TOKENS}
+        offer = _upto_offer(httpx.post(f"{url}/v1/chat/completions", json=body, timeout=30))
+        _say(f"\n402       Payment Required: upto at most {asset.format(int(offer['amount']))} "
+             f"{asset.symbol} (the prompt and {UPTO_MAX_TOKENS} output tokens at the model's "
+             "price), settled by the facilitator "
+             f"{offer['extra']['facilitatorAddress']}")
+        _say(f"agent     request {attempt}, openai SDK over the x402 SDK's httpx client "
+             f"(upto): {question!r}")
+        _beat()
+        usage = asyncio.run(_upto_stream(url, chain, payer.private_key, body))
+        _say()
+        paid, received = _balances(chain, payer.address)
+        cost = rate.charge(usage["prompt_tokens"], usage["completion_tokens"])
+        _say(f"settled   {asset.format(paid_before - paid)} {asset.symbol} moved on-chain for "
+             f"{usage['prompt_tokens']} prompt + {usage['completion_tokens']} output tokens "
+             f"(priced {asset.format(cost)}); the payTo received "
+             f"{asset.format(received - received_before)}")
+        paid_before, received_before = paid, received
+        _beat()
+    _say(f"\non-chain  wallet {asset.format(before)} -> {asset.format(paid_before)} "
+         f"{asset.symbol}; gateway's payTo received "
+         f"{asset.format(received_before - merchant_before)}; no account, no key, no balance "
+         "left at the gateway")
+    return 0
+
+
+def _upto_offer(response: httpx.Response) -> dict[str, Any]:
+    """The ``upto`` requirement of a 402 (its PAYMENT-REQUIRED header, x402 v2)."""
+    required = json.loads(base64.b64decode(response.headers["PAYMENT-REQUIRED"]))
+    return next(req for req in required["accepts"] if req["scheme"] == "upto")
+
+
+async def _upto_stream(url: str, chain: DevChain, key: str, body: dict[str, Any]
+                       ) -> dict[str, int]:
+    """Stream ``body`` with the stock openai SDK over the official x402 SDK's httpx client,
+    which answers the 402 with an upto authorization; print the text, return its usage."""
+    from x402 import x402Client
+    from x402.http.clients import x402HttpxClient
+    from x402.mechanisms.evm.upto.client import UptoEvmScheme
+
+    client = x402Client()
+    client.register("eip155:*", UptoEvmScheme(Account.from_key(key)))
+    client.set_spend_controls({"allowed_assets": [{"network": chain.network,
+                                                   "asset": chain.token}]})
+    usage: dict[str, int] = {}
+    async with x402HttpxClient(client, timeout=60) as http:
+        sdk = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0,
+                                 http_client=http)
+        stream = await sdk.chat.completions.create(
+            model=body["model"], messages=body["messages"], stream=True,
+            max_tokens=body["max_tokens"], stream_options={"include_usage": True},
+            # The simulated model answers in fewer tokens than the maximum authorized, as a
+            # model does that finishes its answer.
+            extra_headers={"x-sim-output-tokens": str(UPTO_ANSWER_TOKENS)})
+        async for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                sys.stdout.write(chunk.choices[0].delta.content)
+                sys.stdout.flush()
+            if chunk.usage is not None:
+                usage = {"prompt_tokens": chunk.usage.prompt_tokens,
+                         "completion_tokens": chunk.usage.completion_tokens}
+    return usage

@@ -49,3 +49,20 @@ def test_the_mpp_demo_opens_pauses_resumes_tops_up_and_closes() -> None:
     received = re.search(r"the gateway \(payee\) received ([\d.]+)", out)
     assert closed is not None and received is not None, out
     assert closed.group(1) == received.group(1)  # what the ledger spent is what the chain paid
+
+
+def test_the_upto_demo_settles_each_answer_to_the_token_below_its_maximum() -> None:
+    out = demo("--rail", "upto")
+    maxima = re.findall(r"upto at most ([\d.]+) USDC", out)
+    settled = re.findall(r"settled   ([\d.]+) USDC moved on-chain for \d+ prompt \+ (\d+) "
+                         r"output tokens \(priced ([\d.]+)\); the payTo received ([\d.]+)", out)
+    assert len(maxima) == len(settled) == 2, out
+    for maximum, (moved, output, priced, received) in zip(maxima, settled, strict=True):
+        # What the chain moved is the answer's price, to the atomic unit, and less than the
+        # authorization allowed: the answer was shorter than max_tokens.
+        assert moved == priced == received, out
+        assert 0 < parse_decimal(moved, 6) < parse_decimal(maximum, 6), out
+        assert output == "120", out
+    total = re.search(r"gateway's payTo received ([\d.]+); no account", out)
+    assert total is not None, out
+    assert parse_decimal(total.group(1), 6) == sum(parse_decimal(m[0], 6) for m in settled)
