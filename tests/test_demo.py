@@ -3,9 +3,12 @@ own process, on embedded defaults), each checked by what it prints."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import re
 import subprocess
 import sys
+import tomllib
+from pathlib import Path
 
 import pytest
 
@@ -14,11 +17,56 @@ from meters.money import parse_decimal
 pytestmark = pytest.mark.timeout(240)
 
 
+ROOT = Path(__file__).resolve().parent.parent
+
+#: Runs ``tollstream`` with the modules of the test extra's own packages made unimportable:
+#: the demo is installed without them (``scripts/demo`` installs the ``chain`` extra).
+BOOT = """
+import sys
+blocked = set(sys.argv.pop(1).split(","))
+
+class TestExtraOnly:
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in blocked:
+            raise ModuleNotFoundError(f"No module named {name!r} (only in the test extra)")
+        return None
+
+sys.meta_path.insert(0, TestExtraOnly())
+from gateway.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _name(requirement: str) -> str:
+    return re.split(r"[<>=!~\[; ]", requirement, maxsplit=1)[0].lower().replace("_", "-")
+
+
+def modules_of_the_test_extra() -> set[str]:
+    """The top-level modules of the packages only the test extra installs (coverage, which
+    measures the subprocess, excepted)."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    shipped = {_name(r) for r in project["dependencies"]}
+    shipped |= {_name(r) for r in project["optional-dependencies"]["chain"]}
+    test_only = {_name(r) for r in project["optional-dependencies"]["test"]}
+    test_only -= shipped | {"tollstream", "coverage"}
+    return {module for module, dists in importlib.metadata.packages_distributions().items()
+            if any(_name(d) in test_only for d in dists)}
+
+
 def demo(*args: str) -> str:
-    result = subprocess.run([sys.executable, "-m", "gateway.cli", "demo", *args],
-                            capture_output=True, text=True, timeout=200)
+    blocked = ",".join(sorted(modules_of_the_test_extra()))
+    result = subprocess.run([sys.executable, "-c", BOOT, blocked, "demo", *args],
+                            capture_output=True, text=True, timeout=200, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
+
+
+def test_the_demo_runs_without_the_test_extra() -> None:
+    """What the block covers: pympp was once only in the test extra, and the demo (its MPP
+    session client) failed on a fresh machine with ``No module named 'mpp'``."""
+    blocked = modules_of_the_test_extra()
+    assert {"pytest", "hypothesis", "anthropic", "jsonschema"} <= blocked
+    assert not blocked & {"mpp", "x402", "openai", "coverage", "gateway", "meters"}
 
 
 def test_the_x402_demo_pays_is_cut_tops_up_and_streams_again() -> None:
