@@ -1,9 +1,8 @@
-"""The pooled HTTP client that talks to model APIs.
+"""The model APIs, called through the gateway's own HTTP/1.1 client (:mod:`gateway.http_client`).
 
-It is aiohttp rather than httpx: on the hot path httpx's pool walks every connection on each
-request start and close (``is_idle`` / ``has_expired``, a socket check per idle connection)
-and parses HTTP/1.1 in pure Python; with tens of concurrent streams that was the largest single
-cost of the gateway (benchmarks/RESULTS.md). aiohttp's exceptions never leave this module:
+First httpx, then aiohttp: httpx's pool walked every connection on each request start and
+close and parsed HTTP/1.1 in pure Python; aiohttp's receive path then cost 8-18 us per
+streamed chunk (benchmarks/RESULTS.md). The client's exceptions never leave this module:
 :class:`UpstreamResponse` raises :class:`UpstreamStreamError`, :meth:`Upstreams.open` raises
 the gateway's own errors.
 """
@@ -11,19 +10,28 @@ the gateway's own errors.
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 import weakref
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
-import aiohttp
 import orjson
 
 from gateway.errors import BadRequest, RateLimited, UpstreamError
+from gateway.http_client import (
+    ClientError,
+    Connection,
+    InvalidHeader,
+    MalformedResponse,
+    Pool,
+    ReadTimeout,
+)
 from gateway.settings import Settings
 
 _NEVER_FORWARD = frozenset({"authorization", "x-api-key", "cookie", "payment-signature",
-                            "x-payment", "host", "content-length"})
+                            "x-payment", "host", "content-length", "transfer-encoding",
+                            "connection", "accept-encoding"})
 
 #: Upstream error bodies are read for their message, never more than this.
 MAX_ERROR_BODY = 64 * 1024
@@ -35,55 +43,50 @@ class UpstreamStreamError(Exception):
 
 class UpstreamResponse:
     """A response whose body has not been read yet. Closing it before its end closes the
-    connection, which is how the model is told to stop generating.
+    connection, which is how the model is told to stop generating; closing it after its end
+    returns the connection to the pool.
 
     ``read_timeout``: the longest a read of the body may wait for the upstream (its
-    :class:`Upstreams` watches the reads and closes a response that waited longer).
+    :class:`Upstreams` watches the reads and fails a read that waited longer).
     """
 
-    def __init__(self, response: aiohttp.ClientResponse, read_timeout: float) -> None:
-        self._response = response
-        self.status = response.status
+    def __init__(self, connection: Connection, read_timeout: float) -> None:
+        self._conn: Connection | None = connection
+        self.status = connection.status
         self.read_timeout = read_timeout
-        self._ahead = b""  # read by buffered(), not yet returned by chunks()
         #: ``time.monotonic()`` when the read under way began waiting; None between reads.
         self.waiting_since: float | None = None
         self.timed_out = False
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """The body, chunk by chunk as it arrives (everything received so far per chunk)."""
-        content = self._response.content
-        try:
-            while True:
-                if self._ahead:
-                    chunk, self._ahead = self._ahead, b""
-                else:
-                    self.waiting_since = time.monotonic()
-                    chunk = await content.readany()
-                    self.waiting_since = None
-                    if not chunk:
-                        return
+        conn = self._conn
+        if conn is None:
+            raise UpstreamStreamError("closed")
+        while True:
+            if not conn.ready():
+                self.waiting_since = time.monotonic()
+                await conn.wait()
+                self.waiting_since = None
+            chunk = conn.take()
+            if chunk:
                 yield chunk
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            name = "TimeoutError" if self.timed_out else type(exc).__name__
-            raise UpstreamStreamError(name) from exc
+            elif conn.error is not None:
+                name = "TimeoutError" if self.timed_out else type(conn.error).__name__
+                raise UpstreamStreamError(name) from conn.error
+            elif conn.complete:
+                return
 
     def expire(self) -> None:
         """The read under way waited past the read timeout: it fails, the connection closes."""
         self.timed_out = True
-        self.close()
+        if self._conn is not None:
+            self._conn.fail(ReadTimeout("no data within the read timeout"))
 
     def buffered(self) -> bool:
         """Whether the next read of :meth:`chunks` returns without waiting: data (or the end,
         or an error) has already arrived. Call it only between reads."""
-        if self._ahead:
-            return True
-        content = self._response.content
-        if content.is_eof() or content.exception() is not None:
-            return True
-        # read_nowait: aiohttp's public way to look at what arrived; kept for chunks().
-        self._ahead = content.read_nowait()
-        return bool(self._ahead)
+        return self._conn is None or self._conn.ready()
 
     async def read(self, limit: int) -> bytes:
         """The whole body; :class:`UpstreamStreamError` past ``limit`` bytes."""
@@ -95,16 +98,20 @@ class UpstreamResponse:
         return bytes(body)
 
     def close(self) -> None:
-        # close(), not release(): a half-read stream must drop its connection.
-        self._response.close()
+        """Done with the body (idempotent: the connection may serve another request next)."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
 
 
 class Upstreams:
-    """One pooled session for all upstreams of the process."""
+    """One connection pool for all upstreams of the process.
 
-    def __init__(self, settings: Settings) -> None:
+    ``ssl_context``: whom TLS upstreams are trusted by (the system's store when None)."""
+
+    def __init__(self, settings: Settings, ssl_context: ssl.SSLContext | None = None) -> None:
         self.settings = settings
-        self._session: aiohttp.ClientSession | None = None
+        self.pool = Pool(ssl_context)
         #: The responses whose bodies may still be read, for the read-timeout watch.
         self._open: weakref.WeakSet[UpstreamResponse] = weakref.WeakSet()
         self._watch: asyncio.Task[None] | None = None
@@ -113,21 +120,11 @@ class Upstreams:
         #: timeout after it (at most a second after it).
         self.watch_interval = min(1.0, min(timeouts) / 4)
 
-    def session(self) -> aiohttp.ClientSession:
-        # Created lazily, inside the event loop that uses it.
-        if self._session is None:
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
-                skip_auto_headers=("User-Agent",))
-        return self._session
-
     async def aclose(self) -> None:
         if self._watch is not None:
             self._watch.cancel()
             self._watch = None
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        self.pool.close()
 
     def forwarded(self, upstream: str, headers: Mapping[str, str]) -> dict[str, str]:
         """The client headers this upstream is configured to receive."""
@@ -147,33 +144,31 @@ class Upstreams:
         ``?beta=true``). Errors become :class:`UpstreamError` (502), :class:`BadRequest` (the
         upstream rejected a parameter) or :class:`RateLimited` (429)."""
         cfg = self.settings.upstreams[upstream]
-        timeout = aiohttp.ClientTimeout(total=None, connect=cfg.connect_timeout,
-                                        sock_read=cfg.read_timeout)
+        url = self.url(upstream, path)
+        lines = [f"{name}: {value}" for name, value in headers.items()
+                 if name.lower() not in ("host", "content-length")]
         try:
-            url = self.url(upstream, path)
-            response = await self.session().post(
-                f"{url}?{query}" if query else url, data=orjson.dumps(body),
-                headers=dict(headers), timeout=timeout)
+            connection = await self.pool.request(
+                f"{url}?{query}" if query else url, lines, orjson.dumps(body),
+                connect_timeout=cfg.connect_timeout, head_timeout=cfg.read_timeout)
         except TimeoutError as exc:
             raise UpstreamError(f"upstream {upstream!r} timed out",
                                 code="upstream_timeout") from exc
-        except aiohttp.ClientError as exc:
+        except InvalidHeader as exc:
+            raise BadRequest(f"a header cannot be sent to the model API: {exc}",
+                             code="invalid_header") from exc
+        except MalformedResponse as exc:
+            raise UpstreamError(f"upstream {upstream!r} answered malformed HTTP") from exc
+        except (ClientError, OSError) as exc:
             raise UpstreamError(f"upstream {upstream!r} is unreachable",
                                 code="upstream_unreachable") from exc
-        if response.connection is not None:
-            # sock_read bounded the wait for the head. For the body aiohttp would move a
-            # timer on every chunk received (about 4% of the gateway's CPU per streamed token,
-            # py-spy; benchmarks/RESULTS.md, #13 item 4): its reads are watched by one task
-            # per process instead (_watch_reads). (aiohttp turns it off so for WebSockets.)
-            response.connection.protocol.read_timeout = None  # type: ignore[union-attr]
-        wrapped = UpstreamResponse(response, cfg.read_timeout)
+        wrapped = UpstreamResponse(connection, cfg.read_timeout)
         self._open.add(wrapped)
         if self._watch is None:
             self._watch = asyncio.get_running_loop().create_task(self._watch_reads())
-        if response.status >= 400:
+        if wrapped.status >= 400:
             await _raise_for_status(upstream, wrapped)
         return wrapped
-
 
     async def _watch_reads(self) -> None:
         """Fail the body reads that waited for their upstream longer than its read timeout
