@@ -15,8 +15,10 @@ reused only after a complete answer. What it does not, on purpose: redirects, pr
 was not told to trust the environment either), cookies, HTTP/2, retries (a POST to a model API
 is not idempotent: it is billed upstream).
 
-Errors are its own (:class:`ClientError` and subclasses, or ``OSError`` / ``TimeoutError``
-from connecting); :mod:`gateway.upstream` turns them into the gateway's.
+:class:`Pool` is the client; one connection and the errors of an exchange are in
+:mod:`gateway.http_connection`. Errors are those (:class:`ClientError` and subclasses), or
+``OSError`` / ``TimeoutError`` from connecting; :mod:`gateway.upstream` turns them into the
+gateway's.
 """
 
 from __future__ import annotations
@@ -24,38 +26,24 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
-import zlib
+from collections.abc import Hashable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-import httptools
+from gateway.http_connection import (
+    HIGH_WATER,
+    ClientError,
+    Connection,
+    Disconnected,
+    InvalidHeader,
+    MalformedResponse,
+    ReadTimeout,
+)
 
-#: A reader this far behind stops the socket until it catches up.
-HIGH_WATER = 256 * 1024
 #: An idle connection older than this is closed rather than reused: below the 5 s after which
 #: uvicorn and Node servers close idle connections, so the gateway does not send on a
 #: connection such a server is closing (nginx keeps them 75 s, Cloudflare longer).
 KEEPALIVE_SECONDS = 4.0
-
-
-class ClientError(Exception):
-    """The exchange failed after the connection was made."""
-
-
-class Disconnected(ClientError):
-    """The connection closed (or was closed) before the answer ended."""
-
-
-class MalformedResponse(ClientError):
-    """The upstream's bytes are not an HTTP/1.1 answer this client reads."""
-
-
-class ReadTimeout(ClientError):
-    """The reader gave up waiting for the body (see ``gateway.upstream``'s read watch)."""
-
-
-class InvalidHeader(ValueError):
-    """A header this client will not send: a line break in it, or outside latin-1."""
 
 
 @dataclass(frozen=True)
@@ -83,178 +71,6 @@ class Origin:
         return host if self.port == default else f"{host}:{self.port}"
 
 
-class Connection(asyncio.Protocol):
-    """One connection, carrying one answer at a time. The parser's callbacks fill
-    :attr:`status` and the body buffer; :meth:`take` and :meth:`wait` read it."""
-
-    def __init__(self, pool: Pool, origin: Origin) -> None:
-        self.pool, self.origin = pool, origin
-        self.transport: asyncio.Transport | None = None
-        self.status = 0
-        self.error: ClientError | None = None
-        self.idle_since = 0.0
-        self._reset()
-
-    def _reset(self) -> None:
-        loop = asyncio.get_running_loop()
-        self.status = 0
-        self.complete = False
-        self._parser = httptools.HttpResponseParser(self)
-        self._headers: list[tuple[bytes, bytes]] = []
-        self._head: asyncio.Future[None] = loop.create_future()
-        self._buffer: list[bytes] = []
-        self._size = 0
-        self._waiter: asyncio.Future[None] | None = None
-        self._paused = False
-        self._decoder: zlib._Decompress | None = None
-        self._until_close = False  # the body ends when the connection does
-        self._keep_alive = False
-
-    # -- asyncio.Protocol ------------------------------------------------------------------
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-
-    def data_received(self, data: bytes) -> None:
-        try:
-            self._parser.feed_data(data)
-        except httptools.HttpParserError as exc:
-            self.fail(MalformedResponse(f"the upstream's answer is not HTTP/1.1: {exc}"))
-        except zlib.error as exc:  # raised by on_body, through the parser
-            self.fail(MalformedResponse(f"the upstream's compressed body is corrupt: {exc}"))
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.pool.forget(self)
-        if self.complete or self.error is not None:
-            return
-        if self._head.done() and self._until_close:
-            self._end()  # a close-delimited body: the close is its end
-            return
-        self.error = Disconnected("the upstream closed the connection before the answer ended")
-        self._wake()
-
-    # -- httptools callbacks (they must not raise: the parser would wrap it) ---------------
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name.lower(), value))
-
-    def on_headers_complete(self) -> None:
-        self.status = self._parser.get_status_code()
-        # Asked now: llhttp's answer is only meaningful before the message completes.
-        self._keep_alive = self._parser.should_keep_alive()
-        names = {name for name, _ in self._headers}
-        self._until_close = (b"content-length" not in names
-                             and b"transfer-encoding" not in names
-                             and self.status not in (204, 304) and self.status >= 200)
-        for name, value in self._headers:
-            if name == b"content-encoding":
-                coding = value.strip().lower()
-                if coding in (b"gzip", b"x-gzip", b"deflate"):
-                    self._decoder = zlib.decompressobj(47)  # gzip or zlib, by its header
-                elif coding not in (b"", b"identity"):
-                    self.fail(MalformedResponse(
-                        f"the upstream's body is encoded {value.decode('latin-1')!r}"))
-                    return
-        if not self._head.done():
-            self._head.set_result(None)
-
-    def on_body(self, body: bytes) -> None:
-        if self.error is not None:
-            return  # failed: nothing more is read
-        if self._decoder is not None:
-            body = self._decoder.decompress(body)
-        if body:
-            self._buffer.append(body)
-            self._size += len(body)
-            if self._size > HIGH_WATER and not self._paused and self.transport is not None:
-                self._paused = True
-                self.transport.pause_reading()
-            self._wake()
-
-    def on_message_complete(self) -> None:
-        self._end()
-
-    # -- the reader's side -----------------------------------------------------------------
-
-    def _end(self) -> None:
-        if self._decoder is not None:
-            rest = self._decoder.flush()
-            if rest:
-                self._buffer.append(rest)
-                self._size += len(rest)
-        self.complete = True
-        self._wake()
-
-    def _wake(self) -> None:
-        if not self._head.done():
-            if self.error is not None:
-                self._head.set_exception(self.error)
-                self._head.exception()  # retrieved: a caller that stopped waiting is fine
-            else:
-                self._head.set_result(None)
-        waiter = self._waiter
-        if waiter is not None:
-            self._waiter = None
-            if not waiter.done():
-                waiter.set_result(None)
-
-    def fail(self, error: ClientError) -> None:
-        """End the exchange with ``error`` and close the connection."""
-        if self.error is None and not self.complete:
-            self.error = error
-        self._wake()
-        if self.transport is not None:
-            self.transport.close()
-
-    def send(self, head: bytes, body: bytes) -> None:
-        assert self.transport is not None
-        self.transport.write(head + body)
-
-    async def head(self) -> None:
-        """Wait for the answer's status line and headers."""
-        await self._head
-
-    def ready(self) -> bool:
-        """Whether :meth:`take` has something to say: data, the end, or an error."""
-        return bool(self._buffer) or self.complete or self.error is not None
-
-    def take(self) -> bytes:
-        """What arrived since the last take (``b""`` when nothing did)."""
-        if not self._buffer:
-            return b""
-        data = self._buffer[0] if len(self._buffer) == 1 else b"".join(self._buffer)
-        self._buffer.clear()
-        self._size = 0
-        if self._paused and self.transport is not None:
-            self._paused = False
-            self.transport.resume_reading()
-        return data
-
-    async def wait(self) -> None:
-        """Until :meth:`ready`."""
-        if self.ready():
-            return
-        self._waiter = asyncio.get_running_loop().create_future()
-        await self._waiter
-
-    def reusable(self) -> bool:
-        return (self.complete and self.error is None and not self._buffer
-                and self._keep_alive and not self._until_close
-                and self.transport is not None and not self.transport.is_closing())
-
-    def close(self) -> None:
-        """Done with the answer: back to the pool when it was read to its end over a
-        connection that stays open, else closed (which tells the model to stop)."""
-        if self.reusable():
-            self.pool.release(self)
-        elif self.transport is not None:
-            self.transport.close()
-
-    def recycle(self) -> None:
-        self._reset()
-
-
 class Pool:
     """Idle connections by origin; connections are made on demand, without a limit (as the
     aiohttp connector had ``limit=0``): each stream holds one for its length."""
@@ -263,13 +79,22 @@ class Pool:
                  keepalive: float = KEEPALIVE_SECONDS) -> None:
         self._ssl = ssl_context
         self.keepalive = keepalive
-        self._idle: dict[Origin, list[Connection]] = {}
+        self._idle: dict[Hashable, list[Connection]] = {}  # by Origin
         self.connections_made = 0
 
     def _context(self) -> ssl.SSLContext:
         if self._ssl is None:
             self._ssl = ssl.create_default_context()
         return self._ssl
+
+    def done(self, conn: Connection) -> None:
+        """The caller is done with ``conn``'s answer: kept for reuse when it was read to its
+        end over a connection that stays open, else closed (which, before the answer's end,
+        tells the model to stop)."""
+        if conn.reusable():
+            self.release(conn)
+        else:
+            conn.close()
 
     async def request(self, url: str, head_lines: list[str], body: bytes, *,
                       connect_timeout: float, head_timeout: float) -> Connection:
@@ -328,15 +153,40 @@ class Pool:
         tls = origin.scheme == "https"
         async with asyncio.timeout(timeout):
             _, conn = await loop.create_connection(
-                lambda: Connection(self, origin), origin.host, origin.port,
+                lambda: Connection(origin, self.forget), origin.host, origin.port,
                 ssl=self._context() if tls else None,
                 server_hostname=origin.host if tls else None)
         self.connections_made += 1
         return conn
 
     def release(self, conn: Connection) -> None:
-        conn.idle_since = time.monotonic()
-        self._idle.setdefault(conn.origin, []).append(conn)
+        """Keep ``conn`` for reuse (its ``idle_since``: when its answer ended)."""
+        idle = self._idle.setdefault(conn.origin, [])
+        idle.append(conn)
+        self._prune(idle, time.monotonic())
+
+    def prune(self) -> None:
+        """Close the connections idle past the keep-alive, so a burst's connections do not
+        stay open (a file descriptor each) once the load is gone. Called periodically."""
+        now = time.monotonic()
+        for idle in self._idle.values():
+            self._prune(idle, now)
+
+    def _prune(self, idle: list[Connection], now: float) -> None:
+        # Oldest first (near enough: appended as released, taken from the end; one out of
+        # order is closed when taken or at a later prune).
+        expired = 0
+        while expired < len(idle) and now - idle[expired].idle_since >= self.keepalive:
+            expired += 1
+        if expired:
+            for conn in idle[:expired]:
+                if conn.transport is not None:
+                    conn.transport.close()  # its connection_lost finds it gone already
+            del idle[:expired]
+
+    def idle(self) -> int:
+        """How many connections are idle in the pool."""
+        return sum(len(idle) for idle in self._idle.values())
 
     def forget(self, conn: Connection) -> None:
         """A connection closed: it is not idle any more."""
@@ -352,5 +202,5 @@ class Pool:
         self._idle.clear()
 
 
-__all__ = ["ClientError", "Connection", "Disconnected", "InvalidHeader", "MalformedResponse",
-           "Origin", "Pool", "ReadTimeout"]
+__all__ = ["HIGH_WATER", "ClientError", "Connection", "Disconnected", "InvalidHeader",
+           "MalformedResponse", "Origin", "Pool", "ReadTimeout"]

@@ -50,8 +50,9 @@ class UpstreamResponse:
     :class:`Upstreams` watches the reads and fails a read that waited longer).
     """
 
-    def __init__(self, connection: Connection, read_timeout: float) -> None:
+    def __init__(self, connection: Connection, pool: Pool, read_timeout: float) -> None:
         self._conn: Connection | None = connection
+        self._pool = pool
         self.status = connection.status
         self.read_timeout = read_timeout
         #: ``time.monotonic()`` when the read under way began waiting; None between reads.
@@ -101,7 +102,7 @@ class UpstreamResponse:
         """Done with the body (idempotent: the connection may serve another request next)."""
         conn, self._conn = self._conn, None
         if conn is not None:
-            conn.close()
+            self._pool.done(conn)
 
 
 class Upstreams:
@@ -162,7 +163,7 @@ class Upstreams:
         except (ClientError, OSError) as exc:
             raise UpstreamError(f"upstream {upstream!r} is unreachable",
                                 code="upstream_unreachable") from exc
-        wrapped = UpstreamResponse(connection, cfg.read_timeout)
+        wrapped = UpstreamResponse(connection, self.pool, cfg.read_timeout)
         self._open.add(wrapped)
         if self._watch is None:
             self._watch = asyncio.get_running_loop().create_task(self._watch_reads())
@@ -176,6 +177,7 @@ class Upstreams:
         every chunk)."""
         while True:
             await asyncio.sleep(self.watch_interval)
+            self.pool.prune()
             now = time.monotonic()
             for response in list(self._open):
                 since = response.waiting_since

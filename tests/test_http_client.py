@@ -1,7 +1,8 @@
-"""The gateway's HTTP/1.1 client (gateway/http_client.py), against real servers on loopback:
-the simulator (uvicorn) for keep-alive, and raw asyncio servers for what a well-behaved server
-does not do (TLS with a test CA, a close mid-body, a close-delimited or gzip body, a writer
-the reader cannot keep up with, bytes that are not HTTP).
+"""The gateway's HTTP/1.1 client (gateway/http_client.py, gateway/http_connection.py), against
+real servers on loopback: the simulator (uvicorn) for keep-alive, and raw asyncio servers for
+what a well-behaved server does not do (TLS with a test CA, a close mid-body, a
+close-delimited or gzip body, a writer the reader cannot keep up with, bytes that are not
+HTTP).
 
 Each test runs in its own event loop under a time bound (``asyncio.wait_for``).
 """
@@ -313,7 +314,7 @@ def test_an_idle_connection_the_server_closed_is_not_reused() -> None:
                 while not conn.complete:
                     await conn.wait()
                 assert conn.take() == b"ok"
-                conn.close()
+                pool.done(conn)
                 while conn.transport is not None and not conn.transport.is_closing():
                     await asyncio.sleep(0.01)  # until the server's close arrives
             return pool.connections_made
@@ -323,3 +324,45 @@ def test_an_idle_connection_the_server_closed_is_not_reused() -> None:
 
     assert run(main()) == 3
     assert len(requests) == 3
+
+
+def test_connections_idle_past_the_keepalive_are_closed() -> None:
+    """A burst's connections do not stay open once the load is gone (a descriptor each)."""
+    closed = 0
+    all_closed = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal closed
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+        await writer.drain()
+        await reader.read()  # kept open until the client closes it
+        closed += 1
+        if closed == 3:
+            all_closed.set()
+
+    async def one(pool: Pool, port: int) -> None:
+        conn = await pool.request(f"http://127.0.0.1:{port}/", [], b"{}",
+                                  connect_timeout=5, head_timeout=5)
+        while not conn.complete:
+            await conn.wait()
+        conn.take()
+        pool.done(conn)
+
+    async def main() -> tuple[int, int, int]:
+        server, port = await raw_server(handler)
+        pool = Pool(keepalive=0.3)
+        try:
+            await asyncio.gather(*(one(pool, port) for _ in range(3)))
+            idle_after_burst = pool.idle()
+            pool.prune()  # not yet expired: kept
+            kept = pool.idle()
+            await asyncio.sleep(0.4)  # past the keep-alive (the condition is time itself)
+            pool.prune()
+            await asyncio.wait_for(all_closed.wait(), 10)
+            return idle_after_burst, kept, pool.idle()
+        finally:
+            pool.close()
+            server.close()
+
+    assert run(main()) == (3, 3, 0)
