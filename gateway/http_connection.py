@@ -75,8 +75,6 @@ class Connection(asyncio.Protocol):
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
             self.fail(MalformedResponse(f"the upstream's answer is not HTTP/1.1: {exc}"))
-        except zlib.error as exc:  # raised by on_body, through the parser
-            self.fail(MalformedResponse(f"the upstream's compressed body is corrupt: {exc}"))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._on_lost(self)
@@ -95,6 +93,9 @@ class Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self.status = self._parser.get_status_code()
+        if self.status < 200:  # an interim answer (103 Early Hints): the real one follows
+            self._headers.clear()
+            return
         # Asked now: llhttp's answer is only meaningful before the message completes.
         self._keep_alive = self._parser.should_keep_alive()
         names = {name for name, _ in self._headers}
@@ -117,7 +118,11 @@ class Connection(asyncio.Protocol):
         if self.error is not None:
             return  # failed: nothing more is read
         if self._decoder is not None:
-            body = self._decoder.decompress(body)
+            try:
+                body = self._decoder.decompress(body)
+            except zlib.error as exc:
+                self.fail(MalformedResponse(f"the upstream's compressed body is corrupt: {exc}"))
+                return
         if body:
             self._buffer.append(body)
             self._size += len(body)
@@ -127,13 +132,18 @@ class Connection(asyncio.Protocol):
             self._wake()
 
     def on_message_complete(self) -> None:
-        self._end()
+        if self.status >= 200:  # not the end of an interim answer
+            self._end()
 
     # -- the reader's side -----------------------------------------------------------------
 
     def _end(self) -> None:
         if self._decoder is not None:
-            rest = self._decoder.flush()
+            try:
+                rest = self._decoder.flush()
+            except zlib.error as exc:
+                self.fail(MalformedResponse(f"the upstream's compressed body is corrupt: {exc}"))
+                return
             if rest:
                 self._buffer.append(rest)
                 self._size += len(rest)

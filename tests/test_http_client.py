@@ -136,7 +136,8 @@ def test_tls_with_the_upstreams_ca(tmp_path: Path) -> None:
     assert code == "upstream_unreachable"
 
 
-@pytest.mark.parametrize("answer", ["close-delimited", "gzip", "content-length"])
+@pytest.mark.parametrize("answer", ["close-delimited", "gzip", "content-length",
+                                    "early-hints"])
 def test_bodies_framed_every_way_arrive_whole(answer: str) -> None:
     payload = b"".join(b"data: {\"n\": %d}\n\n" % i for i in range(2000))
 
@@ -149,6 +150,8 @@ def test_bodies_framed_every_way_arrive_whole(answer: str) -> None:
                 await writer.drain()
             writer.close()
             return
+        if answer == "early-hints":  # an interim answer first: the real one follows
+            writer.write(b"HTTP/1.1 103 Early Hints\r\nlink: </a>; rel=preload\r\n\r\n")
         body = gzip.compress(payload) if answer == "gzip" else payload
         coding = b"content-encoding: gzip\r\n" if answer == "gzip" else b""
         writer.write(b"HTTP/1.1 200 OK\r\n%bcontent-length: %d\r\n\r\n%b"
@@ -366,3 +369,28 @@ def test_connections_idle_past_the_keepalive_are_closed() -> None:
             server.close()
 
     assert run(main()) == (3, 3, 0)
+
+
+def test_a_corrupt_compressed_body_fails_the_read() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        body = gzip.compress(b"data: 1\n\n")[:12] + b"not deflate at all"
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-encoding: gzip\r\ncontent-length: %d\r\n"
+                     b"\r\n%b" % (len(body), body))
+        await writer.drain()
+        await reader.read()
+
+    async def main() -> str:
+        server, port = await raw_server(handler)
+        upstreams = upstreams_for(f"http://127.0.0.1:{port}/v1")
+        try:
+            response = await upstreams.open("sim", "/chat/completions", BODY, HEADERS)
+            with pytest.raises(UpstreamStreamError) as info:
+                await response.read(1 << 20)
+            response.close()
+            return str(info.value)
+        finally:
+            await upstreams.aclose()
+            server.close()
+
+    assert run(main()) == "MalformedResponse"
