@@ -92,14 +92,15 @@ class Pool:
         end over a connection that stays open, else closed (which, before the answer's end,
         tells the model to stop)."""
         if conn.reusable():
-            self.release(conn)
+            self._release(conn)
         else:
             conn.close()
 
     async def request(self, url: str, head_lines: list[str], body: bytes, *,
                       connect_timeout: float, head_timeout: float) -> Connection:
         """POST ``body`` to ``url`` with the given header lines; return the connection once
-        the answer's head arrived (the body not read yet; the caller closes it).
+        the answer's head arrived (the body not read yet; the caller hands it back with
+        :meth:`done`).
 
         Raises ``OSError`` or ``TimeoutError`` (connecting), :class:`ClientError` (after),
         ``TimeoutError`` (no head within ``head_timeout``), :class:`InvalidHeader`,
@@ -130,8 +131,7 @@ class Pool:
             async with asyncio.timeout(timeout):
                 await conn.head()
         except BaseException:
-            if conn.transport is not None:
-                conn.transport.close()
+            conn.close()
             raise
         return conn
 
@@ -144,8 +144,7 @@ class Pool:
                     and not conn.transport.is_closing()):
                 conn.recycle()
                 return conn
-            if conn.transport is not None:
-                conn.transport.close()
+            conn.close()
         return None
 
     async def _connect(self, origin: Origin, timeout: float) -> Connection:
@@ -159,7 +158,7 @@ class Pool:
         self.connections_made += 1
         return conn
 
-    def release(self, conn: Connection) -> None:
+    def _release(self, conn: Connection) -> None:
         """Keep ``conn`` for reuse (its ``idle_since``: when its answer ended)."""
         idle = self._idle.setdefault(conn.origin, [])
         idle.append(conn)
@@ -180,8 +179,7 @@ class Pool:
             expired += 1
         if expired:
             for conn in idle[:expired]:
-                if conn.transport is not None:
-                    conn.transport.close()  # its connection_lost finds it gone already
+                conn.close()  # its connection_lost finds it gone already
             del idle[:expired]
 
     def idle(self) -> int:
@@ -197,8 +195,7 @@ class Pool:
     def close(self) -> None:
         for idle in self._idle.values():
             for conn in idle:
-                if conn.transport is not None:
-                    conn.transport.close()
+                conn.close()
         self._idle.clear()
 
 

@@ -17,6 +17,8 @@ import httptools
 
 #: A reader this far behind stops the socket until it catches up.
 HIGH_WATER = 256 * 1024
+
+
 class ClientError(Exception):
     """The exchange failed after the connection was made."""
 
@@ -44,14 +46,14 @@ class Connection(asyncio.Protocol):
     def __init__(self, origin: Hashable, on_lost: Callable[[Connection], None]) -> None:
         self.origin, self._on_lost = origin, on_lost
         self.transport: asyncio.Transport | None = None
-        self.status = 0
-        self.error: ClientError | None = None
         self.idle_since = 0.0
-        self._reset()
+        self.recycle()
 
-    def _reset(self) -> None:
+    def recycle(self) -> None:
+        """Ready for the next exchange (a reused connection: the last one ended cleanly)."""
         loop = asyncio.get_running_loop()
         self.status = 0
+        self.error: ClientError | None = None
         self.complete = False
         self._parser = httptools.HttpResponseParser(self)
         self._headers: list[tuple[bytes, bytes]] = []
@@ -101,7 +103,7 @@ class Connection(asyncio.Protocol):
         names = {name for name, _ in self._headers}
         self._until_close = (b"content-length" not in names
                              and b"transfer-encoding" not in names
-                             and self.status not in (204, 304) and self.status >= 200)
+                             and self.status not in (204, 304))
         for name, value in self._headers:
             if name == b"content-encoding":
                 coding = value.strip().lower()
@@ -118,11 +120,7 @@ class Connection(asyncio.Protocol):
         if self.error is not None:
             return  # failed: nothing more is read
         if self._decoder is not None:
-            try:
-                body = self._decoder.decompress(body)
-            except zlib.error as exc:
-                self.fail(MalformedResponse(f"the upstream's compressed body is corrupt: {exc}"))
-                return
+            body = self._decoded(body)
         if body:
             self._buffer.append(body)
             self._size += len(body)
@@ -135,14 +133,22 @@ class Connection(asyncio.Protocol):
         if self.status >= 200:  # not the end of an interim answer
             self._end()
 
+    def _decoded(self, body: bytes, last: bool = False) -> bytes:
+        """``body`` through the body's decoder (its rest when ``last``). A corrupt body fails
+        the exchange (and gives ``b""``) rather than raising inside the parser's callback."""
+        assert self._decoder is not None
+        try:
+            return self._decoder.flush() if last else self._decoder.decompress(body)
+        except zlib.error as exc:
+            self.fail(MalformedResponse(f"the upstream's compressed body is corrupt: {exc}"))
+            return b""
+
     # -- the reader's side -----------------------------------------------------------------
 
     def _end(self) -> None:
         if self._decoder is not None:
-            try:
-                rest = self._decoder.flush()
-            except zlib.error as exc:
-                self.fail(MalformedResponse(f"the upstream's compressed body is corrupt: {exc}"))
+            rest = self._decoded(b"", last=True)
+            if self.error is not None:
                 return
             if rest:
                 self._buffer.append(rest)
@@ -170,8 +176,7 @@ class Connection(asyncio.Protocol):
         if self.error is None and not self.complete:
             self.error = error
         self._wake()
-        if self.transport is not None:
-            self.transport.close()
+        self.close()
 
     def send(self, head: bytes, body: bytes) -> None:
         assert self.transport is not None
@@ -214,9 +219,6 @@ class Connection(asyncio.Protocol):
         end, tells the model to stop)."""
         if self.transport is not None:
             self.transport.close()
-
-    def recycle(self) -> None:
-        self._reset()
 
 
 __all__ = ["HIGH_WATER", "ClientError", "Connection", "Disconnected", "InvalidHeader",

@@ -10,10 +10,11 @@ Each test runs in its own event loop under a time bound (``asyncio.wait_for``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import ssl
 import subprocess
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,18 @@ async def raw_server(handler: Handler, ssl_context: ssl.SSLContext | None = None
 def upstreams_for(base_url: str, ssl_context: ssl.SSLContext | None = None) -> Upstreams:
     return Upstreams(make_settings("http://unused", upstreams={"sim": {
         "base_url": base_url, "api_key": SIM_KEY, "read_timeout": 5}}), ssl_context)
+
+
+@contextlib.asynccontextmanager
+async def raw_upstreams(handler: Handler) -> AsyncIterator[Upstreams]:
+    """An upstream "sim" served by ``handler`` on a free loopback port (plain HTTP)."""
+    server, port = await raw_server(handler)
+    upstreams = upstreams_for(f"http://127.0.0.1:{port}/v1")
+    try:
+        yield upstreams
+    finally:
+        await upstreams.aclose()
+        server.close()
 
 
 def sim_upstreams(sim: str) -> Upstreams:
@@ -160,16 +173,11 @@ def test_bodies_framed_every_way_arrive_whole(answer: str) -> None:
         await reader.read()
 
     async def main() -> bytes:
-        server, port = await raw_server(handler)
-        upstreams = upstreams_for(f"http://127.0.0.1:{port}/v1")
-        try:
+        async with raw_upstreams(handler) as upstreams:
             response = await upstreams.open("sim", "/chat/completions", BODY, HEADERS)
             body = await response.read(1 << 22)
             response.close()
             return body
-        finally:
-            await upstreams.aclose()
-            server.close()
 
     assert run(main()) == payload
 
@@ -183,19 +191,14 @@ def test_a_close_mid_body_fails_the_read_after_what_arrived() -> None:
         writer.transport.abort()
 
     async def main() -> tuple[list[bytes], str]:
-        server, port = await raw_server(handler)
-        upstreams = upstreams_for(f"http://127.0.0.1:{port}/v1")
         got: list[bytes] = []
-        try:
+        async with raw_upstreams(handler) as upstreams:
             response = await upstreams.open("sim", "/chat/completions", BODY, HEADERS)
             with pytest.raises(UpstreamStreamError) as info:
                 async for chunk in response.chunks():
                     got.append(chunk)
             response.close()
             return got, str(info.value)
-        finally:
-            await upstreams.aclose()
-            server.close()
 
     got, error = run(main())
     assert got == [b"data: 1\n\n"]
@@ -216,16 +219,11 @@ def test_an_answer_that_cannot_be_read_is_a_502(answer: bytes, code: str) -> Non
         writer.close()
 
     async def main() -> str:
-        server, port = await raw_server(handler)
-        upstreams = upstreams_for(f"http://127.0.0.1:{port}/v1")
-        try:
+        async with raw_upstreams(handler) as upstreams:
             with pytest.raises(UpstreamError) as info:
                 response = await upstreams.open("sim", "/chat/completions", BODY, HEADERS)
                 await response.read(1 << 20)  # not reached when open raises, as it must
             return info.value.code
-        finally:
-            await upstreams.aclose()
-            server.close()
 
     assert run(main()) == code
 
@@ -237,16 +235,11 @@ def test_a_header_with_a_line_break_is_refused_before_anything_is_sent() -> None
         seen.append(await reader.read())
 
     async def main() -> str:
-        server, port = await raw_server(handler)
-        upstreams = upstreams_for(f"http://127.0.0.1:{port}/v1")
-        try:
+        async with raw_upstreams(handler) as upstreams:
             with pytest.raises(BadRequest) as info:
                 await upstreams.open("sim", "/chat/completions", BODY,
                                      {**HEADERS, "x-sim-a": "b\r\nx-injected: 1"})
             return info.value.code
-        finally:
-            await upstreams.aclose()
-            server.close()
 
     assert run(main()) == "invalid_header"
     assert seen == []  # no connection was even made
@@ -273,9 +266,7 @@ def test_a_reader_that_stops_reading_stops_the_socket() -> None:
         await reader.read()
 
     async def main() -> tuple[int, int]:
-        server, port = await raw_server(handler)
-        upstreams = upstreams_for(f"http://127.0.0.1:{port}/v1")
-        try:
+        async with raw_upstreams(handler) as upstreams:
             response = await upstreams.open("sim", "/chat/completions", BODY, HEADERS)
             chunks = response.chunks()
             first = await anext(chunks)
@@ -288,9 +279,6 @@ def test_a_reader_that_stops_reading_stops_the_socket() -> None:
                 rest += len(chunk)
             response.close()
             return buffered, rest
-        finally:
-            await upstreams.aclose()
-            server.close()
 
     buffered, received = run(main())
     assert buffered <= 2 * HIGH_WATER  # at most the high water and one read past it
@@ -381,16 +369,11 @@ def test_a_corrupt_compressed_body_fails_the_read() -> None:
         await reader.read()
 
     async def main() -> str:
-        server, port = await raw_server(handler)
-        upstreams = upstreams_for(f"http://127.0.0.1:{port}/v1")
-        try:
+        async with raw_upstreams(handler) as upstreams:
             response = await upstreams.open("sim", "/chat/completions", BODY, HEADERS)
             with pytest.raises(UpstreamStreamError) as info:
                 await response.read(1 << 20)
             response.close()
             return str(info.value)
-        finally:
-            await upstreams.aclose()
-            server.close()
 
     assert run(main()) == "MalformedResponse"
