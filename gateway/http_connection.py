@@ -12,6 +12,7 @@ import asyncio
 import time
 import zlib
 from collections.abc import Callable, Hashable
+from typing import cast
 
 import httptools
 
@@ -69,8 +70,10 @@ class Connection(asyncio.Protocol):
     # -- asyncio.Protocol ------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # A cast, not an isinstance check: uvloop's transports (which uvicorn picks when
+        # uvloop is installed and the app is served without `tollstream serve`) are not
+        # subclasses of asyncio.Transport, though they implement it.
+        self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         try:
