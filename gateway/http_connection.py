@@ -66,6 +66,9 @@ class Connection(asyncio.Protocol):
         self._decoder: zlib._Decompress | None = None
         self._until_close = False  # the body ends when the connection does
         self._keep_alive = False
+        #: Takes body data in the read callback while the reader waits with nothing buffered
+        #: (the relay's fast lane, gateway/feed.py): returns False to leave it to the reader.
+        self.sink: Callable[[bytes], bool] | None = None
 
     # -- asyncio.Protocol ------------------------------------------------------------------
 
@@ -125,6 +128,10 @@ class Connection(asyncio.Protocol):
         if self._decoder is not None:
             body = self._decoded(body)
         if body:
+            waiter = self._waiter
+            if (self.sink is not None and waiter is not None and not waiter.done()
+                    and not self._buffer and self.sink(body)):
+                return
             self._buffer.append(body)
             self._size += len(body)
             if self._size > HIGH_WATER and not self._paused and self.transport is not None:
@@ -173,6 +180,10 @@ class Connection(asyncio.Protocol):
             self._waiter = None
             if not waiter.done():
                 waiter.set_result(None)
+
+    def wake(self) -> None:
+        """Wake the reader (a sink that took the data left it work)."""
+        self._wake()
 
     def fail(self, error: ClientError) -> None:
         """End the exchange with ``error`` and close the connection."""

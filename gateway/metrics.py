@@ -40,6 +40,9 @@ class Metrics:
             "back to HTTP streaming)", registry=self.registry)
         self.active_streams = Gauge("tollstream_active_streams", "Streams in flight",
                                     registry=self.registry)
+        self.lane_reads = Counter(
+            "tollstream_fast_lane_reads", "Upstream reads whose events went to the client "
+            "straight from the read callback (gateway/feed.py)", registry=self.registry)
         self.pauses = Counter("tollstream_stream_pauses", "Streams paused for a payment (a "
                               "voucher or a top-up)", registry=self.registry)
         self.resumes = Counter("tollstream_stream_resumes", "Paused streams resumed once "

@@ -6,6 +6,12 @@ measures it; the meter grants the tokens from the stream's lease (no I/O) or ren
 truncated at the last paid token, followed by the dialect's clean terminal events, and the
 upstream connection is closed so the model stops generating.
 
+Plain events (text the lease covers, events forwarded untouched) usually never reach this
+generator: the fast lane (gateway/feed.py) delivers them from the upstream's read callback
+while the generator waits for data, and hands it the first event that needs it (and the rest
+of that read). This generator stays the one place where leases are renewed, streams pause,
+cut, end and settle.
+
 The bill is settled *before* the client sees the end of the stream: before the protocol's last
 event of a completed stream, and before the closing events of a cut (which then carry the
 balance after the final charge). A client that saw the stream end therefore sees a settled
@@ -25,9 +31,11 @@ from typing import Any
 import anyio
 
 from gateway.dialects import DialectStream, ErrorInfo, Usage
+from gateway.feed import Feed, inspect
 from gateway.logs import request_done
 from gateway.metrics import Metrics
-from gateway.sse import SSEProtocolError, iter_batches
+from gateway.sse import SSEProtocolError
+from gateway.sse_response import DirectWriter
 from gateway.upstream import UpstreamResponse, UpstreamStreamError
 from meters.errors import LedgerUnavailable
 from meters.keeper import Keeper
@@ -61,6 +69,9 @@ class RelayContext:
     final_events: Callable[[StreamMeter, Bill], Awaitable[list[bytes]]] | None = None
     #: ``time.monotonic()`` when the request arrived (the log line's duration).
     started: float = 0.0
+    #: The client's connection for the fast lane (gateway/feed.py); None: every event goes
+    #: through this generator (the answer is wrapped, e.g. recorded for idempotent replay).
+    writer: DirectWriter | None = None
 
 
 class _Settlement:
@@ -118,20 +129,36 @@ async def relay(ctx: RelayContext, response: UpstreamResponse) -> AsyncIterator[
     settle = _Settlement(ctx)
     outcome = Outcome.DISCONNECTED  # unless the loop below says otherwise
     usage = Usage()
+    feed = Feed(response, stream, meter, counter, ctx.writer)
     ctx.metrics.active_streams.inc()
     try:
         try:
-            # Events that arrive together are sent together: one write per upstream read.
-            async for batch in iter_batches(response.chunks()):
+            feed.start()
+            while True:
+                # Events that arrive together are sent together: one write per upstream
+                # read. The plain ones may have gone out already from the read callback
+                # (gateway/feed.py); what needs this task comes here.
+                batch = await feed.next_batch()
+                if batch is None:
+                    if outcome is not Outcome.COMPLETED:
+                        # The upstream closed without saying it was done.
+                        outcome = Outcome.UPSTREAM_ERROR
+                        for chunk in stream.error(ErrorInfo(
+                                502, "upstream_error", "the model API ended the stream early")):
+                            yield chunk
+                    break
                 out: list[bytes] = []
                 pending = 0  # granted tokens in `out`, delivered once it is sent
                 stop = False
-                for event in batch:
-                    try:
-                        info = stream.inspect(event)
-                    except ValueError:
-                        # Undecodable upstream JSON (orjson raises a ValueError): what came
-                        # before it in this read is still sent (and billed), then the error.
+                first = batch.inspected
+                for event in batch.events:
+                    if first:
+                        info, first = batch.first, False
+                    else:
+                        info = inspect(stream, event)
+                    if info is None:
+                        # Undecodable upstream JSON: what came before it in this read is
+                        # still sent (and billed), then the error.
                         log.warning("upstream sent an undecodable event")
                         outcome = Outcome.UPSTREAM_ERROR
                         out += stream.error(ErrorInfo(502, "upstream_error",
@@ -212,20 +239,15 @@ async def relay(ctx: RelayContext, response: UpstreamResponse) -> AsyncIterator[
                 if out:
                     yield b"".join(out)
                     meter.delivered_tokens(pending)
-                    if response.buffered():
+                    if feed.buffered():
                         # The next read will not wait: let the loop process I/O (a client's
                         # disconnect among it) before the next send. When it will wait, that
                         # wait lets the loop run; a yield here too cost a loop turn per send.
                         await asyncio.sleep(0)
                 if stop:
                     break
-            else:
-                if outcome is not Outcome.COMPLETED:
-                    # The upstream closed without saying it was done.
-                    outcome = Outcome.UPSTREAM_ERROR
-                    for chunk in stream.error(ErrorInfo(502, "upstream_error",
-                                                        "the model API ended the stream early")):
-                        yield chunk
+                if batch.error is not None:
+                    raise batch.error
             if outcome is Outcome.COMPLETED:  # without an end marker from the upstream
                 ending = await settle.ending(outcome, usage)
                 if ending:
@@ -245,7 +267,9 @@ async def relay(ctx: RelayContext, response: UpstreamResponse) -> AsyncIterator[
     finally:
         # No await before the settlement, which shields itself (and returns at once when the
         # stream was settled already, as every completed one was).
+        feed.stop()
         ctx.metrics.active_streams.dec()
+        ctx.metrics.lane_reads.inc(feed.lane_reads)
         response.close()
         await settle(outcome, usage)
 

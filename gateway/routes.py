@@ -19,7 +19,7 @@ from gateway.idempotency import Record, RequestIdempotency
 from gateway.logs import request_done
 from gateway.rails import Paid
 from gateway.relay import RelayContext, relay
-from gateway.sse_response import EventStreamResponse
+from gateway.sse_response import DirectWriter, EventStreamResponse
 from gateway.state import Gateway, Model
 from gateway.upstream import UpstreamResponse, UpstreamStreamError
 from meters.errors import InsufficientFunds, MeterError
@@ -224,13 +224,16 @@ async def _serve(request: Request, gw: Gateway, dialect: Dialect, parsed: Parsed
                        cut_reason=cut_reason,
                        pause_events=paying.need if paying is not None else pause_events,
                        final_events=paying.receipt if paying is not None else None,
-                       started=started)
+                       started=started,
+                       # The fast lane writes to the client past this generator: not when
+                       # the answer is recorded for replay (the recorder must see it all).
+                       writer=DirectWriter() if claim is None else None)
     events = relay(ctx, response)
     if paid.finish is not None:
         events = _finishing(events, paid)
     if claim is not None:
         events = gw.idempotency.recording(claim, events, media_type="text/event-stream")
-    return EventStreamResponse(events, ping=15, headers=payment_headers)
+    return EventStreamResponse(events, ping=15, headers=payment_headers, writer=ctx.writer)
 
 
 async def _complete(gw: Gateway, model: Model, meter: StreamMeter, dialect: Dialect,

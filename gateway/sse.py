@@ -57,15 +57,28 @@ def parse_event(raw: bytes) -> SSEEvent | None:
     return SSEEvent(event=name, data="\n".join(data), raw=raw.rstrip(b"\r\n") + b"\n\n")
 
 
-async def iter_batches(chunks: AsyncIterator[bytes]) -> AsyncIterator[list[SSEEvent]]:
-    """Split a byte stream into events, yielding the events completed by each chunk together.
+class EventSplitter:
+    """Cuts a byte stream into events, chunk by chunk, holding an unfinished event between
+    chunks.
 
     A chunk may hold thousands of events (a fast upstream read late): they are cut out by
-    offset and the remainder is copied once per chunk, never once per event.
+    offset and the remainder is copied once per chunk, never once per event. A chunk that
+    breaks the stream (an event that is not UTF-8, or one past :data:`MAX_EVENT_BYTES`)
+    still gives the events before it; :attr:`error` then says why nothing follows.
     """
-    buffer = b""
-    async for chunk in chunks:
-        buffer = buffer + chunk if buffer else chunk
+
+    __slots__ = ("buffer", "error")
+
+    def __init__(self) -> None:
+        self.buffer = b""
+        self.error: SSEProtocolError | None = None
+
+    def feed(self, chunk: bytes) -> list[SSEEvent]:
+        """The events ``chunk`` completes (none while an event is unfinished, none once
+        :attr:`error` is set)."""
+        if self.error is not None:
+            return []
+        buffer = self.buffer + chunk if self.buffer else chunk
         if b"\r" in buffer:
             buffer = buffer.replace(b"\r\n", b"\n")
         start = 0
@@ -74,19 +87,48 @@ async def iter_batches(chunks: AsyncIterator[bytes]) -> AsyncIterator[list[SSEEv
             end = buffer.find(b"\n\n", start)
             if end < 0:
                 break
-            event = parse_event(buffer[start:end])
+            try:
+                event = parse_event(buffer[start:end])
+            except SSEProtocolError as exc:
+                self.error, self.buffer = exc, b""
+                return batch
             start = end + 2
             if event is not None:
                 batch.append(event)
-        buffer = buffer[start:]
-        if len(buffer) > MAX_EVENT_BYTES:
-            raise SSEProtocolError("upstream event exceeds the maximum event size")
+        self.buffer = buffer[start:]
+        if len(self.buffer) > MAX_EVENT_BYTES:
+            self.error = SSEProtocolError("upstream event exceeds the maximum event size")
+            self.buffer = b""
+        return batch
+
+    def finish(self) -> list[SSEEvent]:
+        """At the end of the stream: the last event, if it was not terminated."""
+        buffer, self.buffer = self.buffer, b""
+        if not buffer.strip() or self.error is not None:
+            return []
+        try:
+            event = parse_event(buffer)
+        except SSEProtocolError as exc:
+            self.error = exc
+            return []
+        return [] if event is None else [event]
+
+
+async def iter_batches(chunks: AsyncIterator[bytes]) -> AsyncIterator[list[SSEEvent]]:
+    """Split a byte stream into events, yielding the events completed by each chunk together
+    (and raising :class:`SSEProtocolError` after the events before a break)."""
+    splitter = EventSplitter()
+    async for chunk in chunks:
+        batch = splitter.feed(chunk)
         if batch:
             yield batch
-    if buffer.strip():
-        event = parse_event(buffer)
-        if event is not None:
-            yield [event]
+        if splitter.error is not None:
+            raise splitter.error
+    batch = splitter.finish()
+    if batch:
+        yield batch
+    if splitter.error is not None:
+        raise splitter.error
 
 
 def encode(data: bytes | str, event: str | None = None) -> bytes:

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import weakref
 from datetime import UTC, datetime
+from typing import Any
 
 import anyio
 from sse_starlette import EventSourceResponse
@@ -62,6 +63,48 @@ def _body_send(scope: Scope) -> Send | None:
     return send
 
 
+class DirectWriter:
+    """The client's connection, for body chunks written from outside the response's task:
+    the relay's fast lane writes plain paid events from the upstream's read callback
+    (gateway/feed.py) instead of waking the stream's task to ``send`` them.
+
+    It writes to uvicorn's httptools request cycle as that cycle's ``send`` would (one chunk
+    of the chunked body per write), so it is attached only to that server's cycles, once the
+    response's head is out, and detached before the body ends. Elsewhere (another server,
+    middleware that wants the body) it is never attached and every chunk goes through
+    ``send``.
+    """
+
+    __slots__ = ("_cycle",)
+
+    def __init__(self) -> None:
+        self._cycle: Any = None
+
+    def attach(self, cycle: object) -> None:
+        """Write to ``cycle`` from now on, if it is a uvicorn httptools cycle sending a
+        chunked body."""
+        if (type(cycle).__module__ == "uvicorn.protocols.http.httptools_impl"
+                and getattr(cycle, "chunked_encoding", None) is True
+                and getattr(cycle, "response_started", False)
+                and not getattr(cycle, "response_complete", True)):
+            self._cycle = cycle
+
+    def detach(self) -> None:
+        self._cycle = None
+
+    def ready(self) -> bool:
+        """Whether a chunk written now is delivered as ``send`` would deliver it: attached,
+        the client still connected, and its socket not backed up (``send`` would wait for it
+        to drain; the chunk is left to the task, which does)."""
+        cycle = self._cycle
+        return (cycle is not None and not cycle.disconnected and not cycle.flow.write_paused
+                and not cycle.transport.is_closing())
+
+    def write(self, body: bytes) -> None:
+        """One non-empty body chunk (after :meth:`ready`), framed as uvicorn frames it."""
+        self._cycle.transport.write(b"%x\r\n%b\r\n" % (len(body), body))
+
+
 class EventStreamResponse(EventSourceResponse):
     """sse-starlette's response, made exact about delivery, with a lean send per chunk.
 
@@ -92,6 +135,12 @@ class EventStreamResponse(EventSourceResponse):
     #: True while nothing but the stream itself can send (:meth:`_serve` before its watcher
     #: starts): the last message then needs no lock against the pings.
     _alone = False
+
+    def __init__(self, *args: Any, writer: DirectWriter | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: Attached to the client's connection once the head is sent, when body chunks may
+        #: skip ``send`` (:func:`_body_send`); the relay's fast lane writes through it.
+        self._writer = writer
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         cycle = scope.get(CONNECTION_KEY) or getattr(send, "__self__", None)
@@ -188,6 +237,30 @@ class EventStreamResponse(EventSourceResponse):
         await send({"type": "http.response.start", "status": self.status_code,
                     "headers": self.raw_headers})
         direct, cycle, sep = self._direct, self._cycle, self.sep
+        writer = self._writer if direct is not None else None
+        if writer is not None:
+            writer.attach(cycle)
+        try:
+            await self._send_chunks(send, direct, cycle, sep)
+        finally:
+            if writer is not None:
+                writer.detach()
+        end = {"type": "http.response.body", "body": b"", "more_body": False}
+        if self._alone:
+            # No watcher, so no ping to wait for: anyio's lock would cost a loop turn (its
+            # acquire yields) on every request. A watcher started meanwhile finds the
+            # response inactive and sends nothing. The end of the body is not checked for
+            # delivery (see ``checked``): it can skip the wrappers too.
+            self.active = False
+            await (send if direct is None else direct)(end)
+            return
+        async with self._send_lock:
+            self.active = False
+            await send(end)
+
+    async def _send_chunks(self, send: Send, direct: Send | None, cycle: object,
+                           sep: str) -> None:
+        """Every chunk of the body but its end, each ``send`` checked for delivery."""
         async for data in self.body_iterator:
             try:
                 # The relay yields bytes; anything else is encoded as sse-starlette would.
@@ -205,18 +278,6 @@ class EventStreamResponse(EventSourceResponse):
                 # escapes, within the cleanup deadline.
                 await self._close_iterator()
                 raise
-        end = {"type": "http.response.body", "body": b"", "more_body": False}
-        if self._alone:
-            # No watcher, so no ping to wait for: anyio's lock would cost a loop turn (its
-            # acquire yields) on every request. A watcher started meanwhile finds the
-            # response inactive and sends nothing. The end of the body is not checked for
-            # delivery (see ``checked``): it can skip the wrappers too.
-            self.active = False
-            await (send if direct is None else direct)(end)
-            return
-        async with self._send_lock:
-            self.active = False
-            await send(end)
 
     async def _close_iterator(self) -> None:
         aclose = getattr(self.body_iterator, "aclose", None)

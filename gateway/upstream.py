@@ -13,7 +13,7 @@ import asyncio
 import ssl
 import time
 import weakref
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import orjson
@@ -61,22 +61,49 @@ class UpstreamResponse:
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """The body, chunk by chunk as it arrives (everything received so far per chunk)."""
+        while True:
+            chunk = self.poll()
+            if chunk is None:
+                return
+            if chunk:
+                yield chunk
+            else:
+                await self.wait()
+
+    def poll(self) -> bytes | None:
+        """The body that arrived since the last poll: ``b""`` when nothing did (then
+        :meth:`wait`), None once it ended. :class:`UpstreamStreamError` if it broke off."""
         conn = self._conn
         if conn is None:
             raise UpstreamStreamError("closed")
-        while True:
-            if not conn.ready():
-                self.waiting_since = time.monotonic()
-                await conn.wait()
-                self.waiting_since = None
-            chunk = conn.take()
-            if chunk:
-                yield chunk
-            elif conn.error is not None:
-                name = "TimeoutError" if self.timed_out else type(conn.error).__name__
-                raise UpstreamStreamError(name) from conn.error
-            elif conn.complete:
-                return
+        chunk = conn.take()
+        if chunk:
+            return chunk
+        if conn.error is not None:
+            name = "TimeoutError" if self.timed_out else type(conn.error).__name__
+            raise UpstreamStreamError(name) from conn.error
+        return None if conn.complete else b""
+
+    async def wait(self) -> None:
+        """Until :meth:`poll` has something to say (data, the end, an error) or the sink
+        woke the reader; a wait longer than the read timeout fails the read."""
+        conn = self._conn
+        if conn is None or conn.ready():
+            return
+        self.waiting_since = time.monotonic()
+        await conn.wait()
+        self.waiting_since = None
+
+    def set_sink(self, sink: Callable[[bytes], bool] | None) -> None:
+        """Let ``sink`` take body data in the read callback while :meth:`wait` waits with
+        nothing buffered (False from it leaves the data to the reader); None to stop."""
+        if self._conn is not None:
+            self._conn.sink = sink
+
+    def wake(self) -> None:
+        """End the :meth:`wait` under way (the sink took data and left the reader work)."""
+        if self._conn is not None:
+            self._conn.wake()
 
     def expire(self) -> None:
         """The read under way waited past the read timeout: it fails, the connection closes."""
