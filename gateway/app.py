@@ -94,6 +94,9 @@ class GatewayApp(FastAPI):
     #: Requests served at once by this process (0: no limit); set by :func:`create_app`.
     max_requests = 0
     in_flight = 0
+    #: Served on the event loop `tollstream serve` uses (uvloop where installed), also when
+    #: a test or the demo serves it in a thread (gateway.background.serve).
+    production_loop = True
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         remember_connection(scope, send)  # uvicorn's own send: before it is wrapped

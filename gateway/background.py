@@ -33,12 +33,34 @@ def stop_process(proc: subprocess.Popen[bytes], *, grace: float = 5.0) -> None:
             proc.wait(5)
 
 
+def default_loop() -> str:
+    """The event loop the gateway runs on: uvloop where it is installed (a dependency except
+    on Windows), else asyncio's.
+
+    uvloop costs 7-11% less CPU per streamed chunk and per request (benchmarks/RESULTS.md,
+    session 22). Its socket calls keep the GIL, so a busy uvloop thread starves the other
+    threads of its process: the gateway gets a process of its own (`tollstream serve`), and
+    in a shared one (:func:`serve`) only the gateway runs on it, never the helpers."""
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return "asyncio"
+    return "uvloop"
+
+
 @contextlib.contextmanager
 def serve(app: Any, *, port: int | None = None, timeout: float = 15.0) -> Iterator[str]:
-    """Serve ``app`` on 127.0.0.1 in a daemon thread; yield its base URL."""
+    """Serve ``app`` on 127.0.0.1 in a daemon thread; yield its base URL.
+
+    The gateway (an app with ``production_loop``) runs on :func:`default_loop`, as
+    `tollstream serve` runs it; anything else (the simulator, the test servers standing in
+    for Stripe or a facilitator) on asyncio's loop, which lets go of the GIL around its
+    socket calls: measured, the simulator bursting 50 streams on uvloop in a test's process
+    kept the gateway's thread from its Redis connects past their 1 s timeout."""
     port = port or free_port()
+    loop = default_loop() if getattr(app, "production_loop", False) else "asyncio"
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                            lifespan="on", timeout_graceful_shutdown=2, loop="asyncio",
+                            lifespan="on", timeout_graceful_shutdown=2, loop=loop,
                             http="httptools")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway import accounts_cli, wallet_cli
+from gateway.background import default_loop
 from gateway.logs import configure as configure_logs
 from gateway.settings import Settings, SettingsError
 from gateway.summary import effective, models_table, rails, startup, version
@@ -61,14 +62,13 @@ def _serve(args: argparse.Namespace) -> int:
             return 1
     host, port = args.host or settings.host, args.port or settings.port
     for line in startup(settings, address=f"http://{host}:{port}", redis_url=redis_url,
-                        embedded=embedded is not None, workers=args.workers):
+                        embedded=embedded is not None, workers=args.workers,
+                        loop=args.loop):
         print(f"tollstream: {line}", file=sys.stderr)
     options: dict[str, Any] = {
         "host": host, "port": port, "log_config": None,  # our handler (logs.py)
         "log_level": args.log_level, "timeout_graceful_shutdown": 5,
-        # uvloop stalled burst streams under concurrency in our tests (see
-        # benchmarks/RESULTS.md); the standard loop with httptools is used.
-        "loop": "asyncio", "http": "httptools"}
+        "loop": args.loop, "http": "httptools"}
     # uvicorn re-raises a SIGTERM it shut down on, after restoring the handler it found: with
     # the default one the process would die there, before the finally below stops the
     # embedded Valkey (left running, holding the data directory). This one exits normally.
@@ -184,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", type=int, default=1,
                        help="worker processes sharing the port and one Redis (with the "
                             "embedded Redis, this process runs it for all of them)")
+    serve.add_argument("--loop", choices=["uvloop", "asyncio"], default=default_loop(),
+                       help="the event loop (uvloop where it is installed: a dependency "
+                            "except on Windows)")
     serve.set_defaults(func=_serve)
 
     config = sub.add_parser("config", help="check a configuration without starting anything")

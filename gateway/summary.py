@@ -70,7 +70,7 @@ def rails(settings: Settings) -> str:
 
 
 def startup(settings: Settings, *, address: str, redis_url: str, embedded: bool,
-            workers: int = 1) -> list[str]:
+            workers: int = 1, loop: str = "asyncio") -> list[str]:
     """What ``serve`` prints when it starts."""
     kind = "cluster at " if settings.redis_cluster else ""
     where = (f"embedded Valkey at {redis_url}, data in {settings.data_dir}" if embedded
@@ -78,7 +78,7 @@ def startup(settings: Settings, *, address: str, redis_url: str, embedded: bool,
     processes = "one worker" if workers == 1 else f"{workers} workers"
     admin = "on (/admin, bearer token)" if settings.admin_token is not None else \
         "off (set TOLLSTREAM_ADMIN_TOKEN)"
-    return [f"tollstream {version()} listening on {address} ({processes})",
+    return [f"tollstream {version()} listening on {address} ({processes}, {loop} loop)",
             f"redis:     {where}", f"rails:     {rails(settings)}", f"admin API: {admin}",
             f"policy:    {settings.exhausted_policy} when an allowance runs out; lease "
             f"{settings.lease_tokens} tokens", "models:", *("  " + line for line in
