@@ -73,8 +73,7 @@ class Connection(asyncio.Protocol):
     # -- asyncio.Protocol ------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # A cast, not an isinstance check: uvloop's transports (which uvicorn picks when
-        # uvloop is installed and the app is served without `tollstream serve`) are not
+        # A cast, not an isinstance check: uvloop's transports (the gateway's loop) are not
         # subclasses of asyncio.Transport, though they implement it.
         self.transport = cast(asyncio.Transport, transport)
 

@@ -207,25 +207,15 @@ def test_the_same_answer_in_pieces_of_every_size_bills_the_same(gateway_factory:
             assert spent(gw, account) == (O200K.count("".join(WORDS[:12])), 0)
 
 
-def test_undecodable_event_after_plain_ones_in_one_read(gateway_factory: Any) -> None:
+@pytest.mark.parametrize("broken", [b"data: {not json\n\n", b"data: \xff\xfe\n\n"],
+                         ids=["undecodable-json", "not-utf8"])
+def test_a_broken_event_after_plain_ones_in_one_read(gateway_factory: Any,
+                                                     broken: bytes) -> None:
+    """The plain events before it are delivered and billed, then the stream's error; nothing
+    after it."""
     words = WORDS[:5]
     body = (b"".join(chat_chunk({"content": word}) for word in words)
-            + b"data: {not json\n\n" + chat_chunk({"content": " never"}))
-    go = threading.Event()
-    with crafted_upstream(lambda: [body], go) as url, gateway_on(gateway_factory, url) as gw:
-        account, key = gw.create_account(10_000)
-        events = chat_events(gw, key, go=go)
-        assert lane_reads(gw) >= 1
-        assert spent(gw, account) == (O200K.count("".join(words)), 0)
-    assert texts(events) == words
-    assert any(isinstance(e, dict) and e.get("error", {}).get("code") == "upstream_error"
-               for e in events)
-
-
-def test_non_utf8_event_after_plain_ones_in_one_read(gateway_factory: Any) -> None:
-    words = WORDS[:5]
-    body = (b"".join(chat_chunk({"content": word}) for word in words)
-            + b"data: \xff\xfe\n\n" + chat_chunk({"content": " never"}))
+            + broken + chat_chunk({"content": " never"}))
     go = threading.Event()
     with crafted_upstream(lambda: [body], go) as url, gateway_on(gateway_factory, url) as gw:
         account, key = gw.create_account(10_000)
