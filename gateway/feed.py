@@ -8,10 +8,10 @@ to the client itself (:class:`~gateway.sse_response.DirectWriter`). The stream's
 woken, and three async generators and the server's ``send`` are not run, for each read
 (benchmarks/RESULTS.md, session 22).
 
-Everything else goes to the task, which handles it exactly as before. That covers the end of
-the stream, usage, an error, text the lease does not cover, an undecodable event, and a
-client that is gone or not reading. The first such event and everything after it in the same
-read become a :class:`Batch` for the task.
+Everything else goes to the task, which handles it exactly as before: the end of the stream,
+usage, an error, text the lease does not cover, an undecodable event. The first such event
+and everything after it in the same read become a :class:`Batch` for the task. A read that
+arrives while the client is gone or not reading is left to the task whole, unread.
 
 The lane runs only while the task waits for data with nothing left unprocessed (see
 ``Connection.on_body``). Events are therefore handled in order, and each is inspected once,
@@ -34,7 +34,7 @@ from meters.meter import StreamMeter
 from meters.tokens import TokenCounter
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class Batch:
     """Events for the relay's task, in order."""
 
