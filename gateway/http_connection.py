@@ -91,7 +91,7 @@ class Connection(asyncio.Protocol):
             self._end()  # a close-delimited body: the close is its end
             return
         self.error = Disconnected("the upstream closed the connection before the answer ended")
-        self._wake()
+        self.wake()
 
     # -- httptools callbacks (they must not raise: the parser would wrap it) ---------------
 
@@ -136,7 +136,7 @@ class Connection(asyncio.Protocol):
             if self._size > HIGH_WATER and not self._paused and self.transport is not None:
                 self._paused = True
                 self.transport.pause_reading()
-            self._wake()
+            self.wake()
 
     def on_message_complete(self) -> None:
         if self.status >= 200:  # not the end of an interim answer
@@ -165,9 +165,11 @@ class Connection(asyncio.Protocol):
         self.complete = True
         # The server's idle timer starts about now, not when the reader is done with it.
         self.idle_since = time.monotonic()
-        self._wake()
+        self.wake()
 
-    def _wake(self) -> None:
+    def wake(self) -> None:
+        """Wake the reader: data, the end or an error arrived, or a sink that took the data
+        left it work."""
         if not self._head.done():
             if self.error is not None:
                 self._head.set_exception(self.error)
@@ -180,15 +182,11 @@ class Connection(asyncio.Protocol):
             if not waiter.done():
                 waiter.set_result(None)
 
-    def wake(self) -> None:
-        """Wake the reader (a sink that took the data left it work)."""
-        self._wake()
-
     def fail(self, error: ClientError) -> None:
         """End the exchange with ``error`` and close the connection."""
         if self.error is None and not self.complete:
             self.error = error
-        self._wake()
+        self.wake()
         self.close()
 
     def send(self, head: bytes, body: bytes) -> None:

@@ -6,7 +6,6 @@ re-encode on the hot path); only the ``event`` name and ``data`` text are decode
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 #: An upstream event larger than this is a protocol error, not something to buffer forever.
@@ -112,23 +111,6 @@ class EventSplitter:
             self.error = exc
             return []
         return [] if event is None else [event]
-
-
-async def iter_batches(chunks: AsyncIterator[bytes]) -> AsyncIterator[list[SSEEvent]]:
-    """Split a byte stream into events, yielding the events completed by each chunk together
-    (and raising :class:`SSEProtocolError` after the events before a break)."""
-    splitter = EventSplitter()
-    async for chunk in chunks:
-        batch = splitter.feed(chunk)
-        if batch:
-            yield batch
-        if splitter.error is not None:
-            raise splitter.error
-    batch = splitter.finish()
-    if batch:
-        yield batch
-    if splitter.error is not None:
-        raise splitter.error
 
 
 def encode(data: bytes | str, event: str | None = None) -> bytes:

@@ -28,7 +28,7 @@ from starlette.types import Message
 from gateway.app import GatewayApp
 from gateway.dialects import EventInfo
 from gateway.dialects.openai_chat import _CONTENT_CHUNK, ChatStream, OpenAIChat
-from gateway.sse import SSEEvent, SSEProtocolError, iter_batches, parse_event
+from gateway.sse import MAX_EVENT_BYTES, EventSplitter, SSEEvent, SSEProtocolError, parse_event
 from gateway.sse_response import CONNECTION_KEY, SERVER_SEND_KEY, EventStreamResponse
 from meters.tokens import get_tokenizer
 from tests.conftest import SIM_KEY
@@ -142,11 +142,11 @@ async def test_simulator_streams_read_the_same_both_ways(sim: str, headers: dict
                      **headers}) as response:
         assert response.status_code == 200
 
-        async def chunks() -> AsyncIterator[bytes]:
-            async for chunk in response.aiter_raw():
-                yield chunk
-
-        events = [event async for batch in iter_batches(chunks()) for event in batch]
+        splitter = EventSplitter()
+        events = [event async for chunk in response.aiter_raw()
+                  for event in splitter.feed(chunk)]
+        events += splitter.finish()
+        assert splitter.error is None
     shortcuts = assert_same(events, wants_usage=wants_usage)
     if "x-sim-tool-call" not in headers:
         assert shortcuts >= 5  # the test compares the fast path, not only the long way
@@ -314,6 +314,25 @@ def test_parse_event_refuses_invalid_utf8_both_ways() -> None:
     for raw in (b"data: \xff", b"event: e\ndata: \xff"):
         with pytest.raises(SSEProtocolError):
             parse_event(raw)
+
+
+def test_the_splitter_gives_the_events_before_a_break_then_nothing() -> None:
+    splitter = EventSplitter()
+    assert [e.data for e in splitter.feed(b"data: a\n\ndata: b\r\n\r\ndata: \xff\n\n"
+                                          b"data: c\n\n")] == ["a", "b"]
+    assert isinstance(splitter.error, SSEProtocolError)
+    assert splitter.feed(b"data: d\n\n") == [] and splitter.finish() == []
+
+
+def test_the_splitter_bounds_an_unfinished_event_and_finishes_an_unterminated_one() -> None:
+    splitter = EventSplitter()
+    assert splitter.feed(b"data: x") == [] and splitter.error is None
+    assert [e.data for e in splitter.finish()] == ["x"]
+    oversized = EventSplitter()
+    assert [e.data for e in oversized.feed(b"data: a\n\ndata: " + b"y" * MAX_EVENT_BYTES)
+            ] == ["a"]
+    assert oversized.error is not None and "maximum event size" in str(oversized.error)
+    assert oversized.buffer == b""
 
 
 # -- EventStreamResponse: one send per chunk, straight to the server when it can -----------------
