@@ -271,7 +271,11 @@ def worker_app() -> FastAPI:
     spec = json.loads(os.environ[WORKER_ENV])
     settings = Settings.load(spec["config"])
     configure_logs(settings.log_format, spec["log_level"])
-    return create_app(settings, spec["redis_url"])
+    app = create_app(settings, spec["redis_url"])
+    from gateway.cli import freeze_startup_heap  # the command's module imports this one
+
+    freeze_startup_heap()
+    return app
 
 
 def info_router() -> APIRouter:

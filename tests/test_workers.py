@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -158,6 +159,25 @@ def test_workers_share_one_embedded_valkey_which_the_parent_stops(
     wait_until(lambda: gone(valkey), "the embedded Valkey to stop", timeout=10)
     assert running(tmp_path / "data") == {}  # the lock file no longer names a server
     assert "2 workers" in err.read_text()
+    assert len(frozen_heaps(err.read_text())) == 2  # each worker froze its own
+
+
+def frozen_heaps(log: str) -> list[int]:
+    """What each process's start-up froze (cli.freeze_startup_heap's log line)."""
+    return [int(m) for m in re.findall(r"garbage collector: (\d+) start-up objects frozen",
+                                       log)]
+
+
+def test_serve_freezes_its_start_up_heap(sim: str, tmp_path: Path) -> None:
+    """The modules, tokenizers and app built at start-up are out of the collector's sight
+    (gc.freeze) before the first request, and the gateway streams as before."""
+    config = write_config(tmp_path / "c.toml", sim, data_dir=str(tmp_path / "data"))
+    with serve_process(config) as (url, _, err):
+        [frozen] = frozen_heaps(err.read_text())
+        assert frozen > 50_000  # web3's and eth-account's modules alone are more
+        key = httpx.post(f"{url}/admin/accounts", headers=ADMIN,
+                         json={"balance": "1000"}).json()["api_key"]
+        assert stream(url, key, 30, 0) == 30
 
 
 def test_one_worker_stopped_by_sigterm_stops_its_embedded_valkey(
