@@ -31,6 +31,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -57,6 +58,8 @@ class Figures:
     per_chunk_ms: list[float] = field(default_factory=list)
     all_in_ms: list[float] = field(default_factory=list)
     vs_direct: list[float] = field(default_factory=list)
+    #: The gateway's full garbage collections during the rounds (:func:`full_collections`).
+    gc_full: str = ""
 
 
 @dataclass
@@ -118,6 +121,36 @@ def start(stack: Stack, revision: str, tree: Path) -> Gateway:
     return Gateway(revision, url, popen.pid, answer.json()["api_key"])
 
 
+_FULL_GC = re.compile(r'tollstream_gc_pause_seconds_bucket\{generation="2",le="([^"]+)"\} (\S+)')
+_FULL_GC_SUM = re.compile(r'tollstream_gc_pause_seconds_sum\{generation="2"\} (\S+)')
+
+
+def gc_histogram(url: str) -> tuple[list[tuple[str, float]], float] | None:
+    """The gateway's full collections so far: its ``tollstream_gc_pause_seconds`` buckets for
+    generation 2 (cumulative) and their seconds; None for a revision without the metric."""
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    buckets = [(bound, float(count)) for bound, count in _FULL_GC.findall(text)]
+    total = _FULL_GC_SUM.search(text)
+    if not buckets or total is None:
+        return None
+    return buckets, float(total.group(1))
+
+
+def full_collections(before: tuple[list[tuple[str, float]], float] | None,
+                     after: tuple[list[tuple[str, float]], float] | None) -> str:
+    """What the full collections between two :func:`gc_histogram` readings held the gateway:
+    how many, for how long in all, and the bucket of the longest."""
+    if before is None or after is None:
+        return "no figure (no tollstream_gc_pause_seconds in this revision)"
+    counts = [(bound, b - a) for (bound, b), (_, a) in zip(after[0], before[0], strict=True)]
+    n = int(counts[-1][1])
+    if not n:
+        return "no full collection"
+    longest = next(bound for bound, count in counts if count == n)
+    return (f"{n} full collection{'s' if n > 1 else ''}, {(after[1] - before[1]) * 1000:.1f} "
+            f"ms in all, the longest <= {longest} s")
+
+
 def order(names: list[str], round_: int) -> list[str]:
     """Rotated by the round, reversed every other round."""
     turn = names[round_ % len(names):] + names[:round_ % len(names)]
@@ -143,6 +176,7 @@ async def measure(args: argparse.Namespace, stack: Stack, gateways: list[Gateway
     for gateway in gateways:  # warm-up: pools open, the tokenizer loads
         await phase(gateway.url, gateway.key, one, args.concurrency, 4 * args.concurrency,
                     gateway.revision)
+    collections = {g.revision: gc_histogram(g.url) for g in gateways}
     for round_ in range(args.rounds):
         _, direct_rate, _ = await phase(stack.sim.url, SIM_KEY, paced, args.streams,
                                         2 * args.streams, "direct")
@@ -164,6 +198,9 @@ async def measure(args: argparse.Namespace, stack: Stack, gateways: list[Gateway
                   f"per chunk {mine.per_chunk_ms[-1]:.4f} ms  all in "
                   f"{mine.all_in_ms[-1]:.4f} ms  vs direct {mine.vs_direct[-1]:.2f}",
                   flush=True)
+    for gateway in gateways:
+        figures[gateway.revision].gc_full = full_collections(collections[gateway.revision],
+                                                             gc_histogram(gateway.url))
     return figures
 
 
@@ -175,6 +212,8 @@ def summary(figures: dict[str, Figures]) -> list[str]:
                      f"  per chunk {statistics.median(f.per_chunk_ms):.4f}  all in "
                      f"{statistics.median(f.all_in_ms):.4f}  vs direct "
                      f"{statistics.median(f.vs_direct):.2f}")
+    lines.append("full garbage collections during the rounds:")
+    lines.extend(f"  {f.revision:>12}  {f.gc_full}" for f in figures.values())
     first, *others = figures.values()
     for f in others:
         for label, mine, theirs in (("per request", f.per_request_ms, first.per_request_ms),

@@ -101,11 +101,11 @@ def freeze_startup_heap() -> int:
 
     That heap (about 125,000 objects, most of them from web3's and eth-account's modules)
     never becomes garbage, yet every full collection walked it again: about 90 ms each, in
-    which no stream moved (three of them in a two-minute benchmark run), plus a share of
-    every middle-generation collection. ``gc.freeze`` moves it to a generation the collector
-    never scans; what the process allocates later is collected as before. Start-up's own
-    garbage is collected first, so none of it is kept. Measured: 0.935 of the CPU per
-    streamed chunk, per request unchanged (benchmarks/RESULTS.md, session 23)."""
+    which no stream moved (three in a two-minute benchmark run). ``gc.freeze`` moves it to a
+    generation the collector never scans (a full collection then takes under 1 ms); what
+    the process allocates later is collected as before. Start-up's own garbage is collected
+    first, so none of it is kept. The CPU it saves is within the benchmark's noise
+    (benchmarks/RESULTS.md, session 23): this is for the streams' worst-case latency."""
     import gc
 
     gc.collect()

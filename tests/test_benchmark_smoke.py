@@ -60,6 +60,20 @@ def test_ab_benchmark_runs_two_revisions_side_by_side(tmp_path: Path) -> None:
         assert len(f["per_request_ms"]) == 1 and f["per_request_ms"][0] > 0
         assert f["all_in_ms"][0] > 0 and f["vs_direct"][0] > 0
     assert "HEAD~0/HEAD per chunk: median" in result.stdout
+    for f in figures:  # read from each gateway's own metric, over the rounds only
+        assert f["gc_full"] == "no full collection" or "full collection" in f["gc_full"]
+
+
+def test_ab_reports_the_full_collections_between_two_readings() -> None:
+    from benchmarks.ab import full_collections
+
+    bounds = ("0.0005", "0.002", "0.01", "0.05", "0.1", "0.5", "+Inf")
+    before = (list(zip(bounds, (0.0, 0, 0, 0, 1, 1, 1), strict=True)), 0.07)
+    after = (list(zip(bounds, (2.0, 2, 3, 3, 5, 5, 5), strict=True)), 0.37)
+    assert full_collections(before, after) == ("4 full collections, 300.0 ms in all, the "
+                                               "longest <= 0.1 s")
+    assert full_collections(before, before) == "no full collection"
+    assert full_collections(None, after).startswith("no figure")
 
 
 @pytest.mark.parametrize("declared", [True, False])

@@ -178,6 +178,9 @@ def test_serve_freezes_its_start_up_heap(sim: str, tmp_path: Path) -> None:
         key = httpx.post(f"{url}/admin/accounts", headers=ADMIN,
                          json={"balance": "1000"}).json()["api_key"]
         assert stream(url, key, 30, 0) == 30
+        # How long its collections hold it is one of its metrics.
+        metrics = httpx.get(f"{url}/metrics", timeout=10).text
+        assert 'tollstream_gc_pause_seconds_bucket{generation="2",le="+Inf"}' in metrics
 
 
 def test_one_worker_stopped_by_sigterm_stops_its_embedded_valkey(
