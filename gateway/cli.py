@@ -99,7 +99,7 @@ def freeze_startup_heap() -> int:
     """Take what start-up built (modules, tokenizers, settings, the app) out of the cyclic
     garbage collector's sight for the life of the process; return how many objects that is.
 
-    That heap (about 125,000 objects, most of them from web3's and eth-account's modules)
+    That heap (about 130,000 objects, most of them from web3's and eth-account's modules)
     never becomes garbage, yet every full collection walked it again: about 90 ms each, in
     which no stream moved (three in a two-minute benchmark run). ``gc.freeze`` moves it to a
     generation the collector never scans: the same run's three full collections then took
