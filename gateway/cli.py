@@ -100,12 +100,13 @@ def freeze_startup_heap() -> int:
     garbage collector's sight for the life of the process; return how many objects that is.
 
     That heap (about 130,000 objects, most of them from web3's and eth-account's modules)
-    never becomes garbage, yet every full collection walked it again: about 90 ms each, in
+    never becomes garbage, yet every full collection walked it again: about 95 ms each, in
     which no stream moved (three in a two-minute benchmark run). ``gc.freeze`` moves it to a
-    generation the collector never scans: the same run's three full collections then took
-    24 ms in all instead of 289. What the process allocates later is collected as before. Start-up's own garbage is collected
-    first, so none of it is kept. The CPU it saves is within the benchmark's noise
-    (benchmarks/RESULTS.md, session 23): this is for the streams' worst-case latency."""
+    generation the collector never scans: in the same run, three full collections then
+    took 24 ms in all instead of 289. What the process allocates later is collected as
+    before. Start-up's own garbage is collected first, so none of it is kept. The CPU it
+    saves is within the benchmark's noise (benchmarks/RESULTS.md, session 23): this is for
+    the streams' worst-case latency."""
     import gc
 
     gc.collect()
