@@ -52,7 +52,35 @@ def results(doc: dict[str, Any]) -> dict[str, Any]:
                                                   ours["cpu_per_token_ms"]),
                     "tokens_per_s_ratio": _ratio(ours["tokens_per_s"], theirs["tokens_per_s"]),
                     "ttft_p50_ratio": _ratio(theirs["ttft_p50_ms"], ours["ttft_p50_ms"])})
-    return {"series": series, "peer_vs_gateway": peer_vs}
+    return {"series": series, "peer_vs_gateway": peer_vs,
+            "workers_vs_one": workers_vs_one(doc)}
+
+
+def workers_vs_one(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each gateway of N > 1 workers against the one-worker gateway at the same count: its
+    tokens/s over one worker's (what #13 asks to reach 1.8x with two), and its tokens per
+    CPU-second of the whole process tree over one worker's (how much of that came from more
+    CPU rather than from less CPU per token)."""
+    by = {(r["series"], r["count"]): r for r in doc["phases"]}
+    rows: list[dict[str, Any]] = []
+    for entry in doc["series"]:
+        workers = entry.get("workers", 0)
+        if not entry["key"].startswith("tollstream") or workers <= 1:
+            continue
+        for count in sorted({r["count"] for r in doc["phases"]}):
+            many, one = by.get((entry["key"], count)), by.get(("tollstream-w1", count))
+            if not many or not one:
+                continue
+            rows.append({"count": count, "series": entry["key"], "workers": workers,
+                         "tokens_per_s_ratio": _ratio(many["tokens_per_s"],
+                                                      one["tokens_per_s"]),
+                         "tokens_per_cpu_s_ratio": _ratio(_per_cpu(many), _per_cpu(one))})
+    return rows
+
+
+def _per_cpu(row: dict[str, Any]) -> float | None:
+    """Tokens delivered per CPU-second of the proxy's process tree."""
+    return _ratio(row["tokens"], row.get("proxy_cpu_s"))
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -107,6 +135,23 @@ def peer_table(doc: dict[str, Any]) -> list[str]:
     return lines
 
 
+def workers_table(doc: dict[str, Any]) -> list[str]:
+    rows = doc.get("results", {}).get("workers_vs_one") or []
+    if not rows:
+        return []
+    cores = doc["machine"]["cores"]
+    lines = ["| streams | workers | tokens/s / one worker's | tokens per CPU-second / one "
+             "worker's |", "|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['count']:,} | {r['workers']} | "
+                     f"{_num(r['tokens_per_s_ratio'], 2, 'x')} | "
+                     f"{_num(r['tokens_per_cpu_s_ratio'], 2, 'x')} |")
+    lines += ["", f"(On {cores} cores shared with the load client and the simulator, more "
+              "workers add throughput only where one worker was short of CPU and the machine "
+              "was not.)"]
+    return lines
+
+
 def markdown(doc: dict[str, Any], *, plots: bool = True, image_dir: str = "",
              heading: str = "#") -> str:
     s = doc["settings"]
@@ -134,6 +179,9 @@ def markdown(doc: dict[str, Any], *, plots: bool = True, image_dir: str = "",
     peer_lines = peer_table(doc)
     if peer_lines:
         out += ["The peer against tollstream, same counts, same run:", "", *peer_lines, ""]
+    worker_lines = workers_table(doc)
+    if worker_lines:
+        out += ["Several workers against one, same counts, same run:", "", *worker_lines, ""]
     for skipped in doc.get("skipped", []):
         out.append(f"- {skipped['count']:,} streams skipped: {skipped['reason']}")
     for note in doc.get("notes", []):

@@ -129,3 +129,41 @@ def test_plots_name_the_install_when_matplotlib_is_missing(
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails
     with pytest.raises(plots.PlotsUnavailable, match=r"pip install -e '\.\[bench\]'"):
         plots.require()
+
+
+def test_report_sets_several_workers_against_one() -> None:
+    """Two workers against one at each count: tokens/s (the issue's 1.8x) and tokens per
+    CPU-second of the process tree, side by side, in the results and the section."""
+    doc: dict[str, object] = {
+        "started": "2026-12-10T10:00:00+0000", "machine": {
+            "cores": 4, "platform": "Linux", "python": "3.11", "open_files": [9, 9]},
+        "settings": {"counts": [64, 1000], "workers": [1, 2], "rounds": 1,
+                     "profile": {"name": "paced", "rate": 20.0, "per_chunk": 1,
+                                 "tokens": 100}},
+        "series": [{"key": "direct", "label": "direct", "workers": 0},
+                   {"key": "tollstream-w1", "label": "tollstream (1 worker)", "workers": 1},
+                   {"key": "tollstream-w2", "label": "tollstream (2 workers)", "workers": 2}],
+        "phases": []}
+    # (tokens/s, proxy CPU seconds) per series and count; every phase delivers 10,000 tokens.
+    figures = {("direct", 64): (1280.0, 0.0), ("tollstream-w1", 64): (1270.0, 0.5),
+               ("tollstream-w2", 64): (1275.0, 0.6), ("direct", 1000): (20000.0, 0.0),
+               ("tollstream-w1", 1000): (9000.0, 1.0), ("tollstream-w2", 1000): (17100.0, 1.25)}
+    phases = []
+    for (key, count), (rate, cpu) in figures.items():
+        phases.append({"series": key, "count": count, "requests": count,
+                       "completed": count, "tokens": 10_000, "tokens_per_s": rate,
+                       "ttft_p50_ms": 100.0, "ttft_p99_ms": 200.0, "errors": 0,
+                       "error": "", "timed_out": False,
+                       "cpu_per_token_ms": cpu / 10 if cpu else None,
+                       "proxy_cpu_s": cpu, "peak_rss_mb": 100.0 if cpu else None,
+                       "sim_cpu_s": 1.0, "client_cpu_s": 1.0})
+    doc["phases"] = phases
+    doc["results"] = results = report.results(doc)
+    rows = results["workers_vs_one"]
+    assert [(r["count"], r["workers"]) for r in rows] == [(64, 2), (1000, 2)]
+    assert rows[1]["tokens_per_s_ratio"] == pytest.approx(1.9)
+    assert rows[1]["tokens_per_cpu_s_ratio"] == pytest.approx(0.8)  # 8,000 / 10,000
+    section = report.markdown(doc, plots=False)
+    assert "Several workers against one" in section
+    assert "| 1,000 | 2 | 1.90x | 0.80x |" in section
+    assert "| 64 | 2 | 1.00x | 0.83x |" in section
