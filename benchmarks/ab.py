@@ -127,8 +127,12 @@ _FULL_GC_SUM = re.compile(r'tollstream_gc_pause_seconds_sum\{generation="2"\} (\
 
 def gc_histogram(url: str) -> tuple[list[tuple[str, float]], float] | None:
     """The gateway's full collections so far: its ``tollstream_gc_pause_seconds`` buckets for
-    generation 2 (cumulative) and their seconds; None for a revision without the metric."""
-    text = httpx.get(f"{url}/metrics", timeout=30).text
+    generation 2 (cumulative) and their seconds; None for a revision without the metric (or
+    a gateway that did not answer)."""
+    try:
+        text = httpx.get(f"{url}/metrics", timeout=30).text
+    except httpx.HTTPError:
+        return None  # the rounds' figures are not lost for want of this one
     buckets = [(bound, float(count)) for bound, count in _FULL_GC.findall(text)]
     total = _FULL_GC_SUM.search(text)
     if not buckets or total is None:
@@ -141,7 +145,7 @@ def full_collections(before: tuple[list[tuple[str, float]], float] | None,
     """What the full collections between two :func:`gc_histogram` readings held the gateway:
     how many, for how long in all, and the bucket of the longest."""
     if before is None or after is None:
-        return "no figure (no tollstream_gc_pause_seconds in this revision)"
+        return "no figure (no tollstream_gc_pause_seconds read from this gateway)"
     counts = [(bound, b - a) for (bound, b), (_, a) in zip(after[0], before[0], strict=True)]
     n = int(counts[-1][1])
     if not n:

@@ -76,6 +76,13 @@ def test_ab_reports_the_full_collections_between_two_readings() -> None:
     assert full_collections(None, after).startswith("no figure")
 
 
+def test_ab_reads_no_collections_from_a_gateway_that_does_not_answer() -> None:
+    from benchmarks.ab import gc_histogram
+    from gateway.background import free_port
+
+    assert gc_histogram(f"http://127.0.0.1:{free_port()}") is None  # nothing listens there
+
+
 @pytest.mark.parametrize("declared", [True, False])
 def test_ab_hides_an_accelerator_a_revision_does_not_depend_on(tmp_path: Path,
                                                                declared: bool) -> None:
