@@ -19,6 +19,7 @@ from fastapi.responses import PlainTextResponse, Response
 from starlette.types import Message, Receive, Scope, Send
 
 from gateway import admin, error_answers, routes, status, unmetered_routes
+from gateway.background import freeze_startup_heap
 from gateway.dialects import ErrorInfo
 from gateway.error_answers import render_error
 from gateway.errors import NotFound, ServiceUnavailable
@@ -272,8 +273,6 @@ def worker_app() -> FastAPI:
     settings = Settings.load(spec["config"])
     configure_logs(settings.log_format, spec["log_level"])
     app = create_app(settings, spec["redis_url"])
-    from gateway.cli import freeze_startup_heap  # the command's module imports this one
-
     freeze_startup_heap()
     return app
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway import accounts_cli, wallet_cli
-from gateway.background import default_loop
+from gateway.background import default_loop, freeze_startup_heap
 from gateway.logs import configure as configure_logs
 from gateway.settings import Settings, SettingsError
 from gateway.summary import effective, models_table, rails, startup, version
@@ -93,27 +93,6 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _exit_on_sigterm(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
-
-
-def freeze_startup_heap() -> int:
-    """Take what start-up built (modules, tokenizers, settings, the app) out of the cyclic
-    garbage collector's sight for the life of the process; return how many objects that is.
-
-    That heap (about 130,000 objects, most of them from web3's and eth-account's modules)
-    never becomes garbage, yet every full collection walked it again: about 95 ms each, in
-    which no stream moved (three in a two-minute benchmark run). ``gc.freeze`` moves it to a
-    generation the collector never scans: in the same run, three full collections then
-    took 24 ms in all instead of 289. What the process allocates later is collected as
-    before. Start-up's own garbage is collected first, so none of it is kept. The CPU it
-    saves is within the benchmark's noise (benchmarks/RESULTS.md, session 23): this is for
-    the streams' worst-case latency."""
-    import gc
-
-    gc.collect()
-    gc.freeze()
-    frozen = gc.get_freeze_count()
-    log.info("garbage collector: %d start-up objects frozen (never scanned again)", frozen)
-    return frozen
 
 
 def raise_open_files_limit() -> tuple[int, int]:

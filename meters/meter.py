@@ -141,15 +141,20 @@ class StreamMeter:
         return True
 
     # -- the hot path -------------------------------------------------------------------------
+    def _hold_stands(self) -> bool:
+        """Whether the hold behind the current lease is known to stand: confirmed in the
+        ledger's current liveness epoch, and the heartbeat not lapsed since. Otherwise our
+        holds may have been swept, and nothing is handed out before a lease call proves the
+        reservation still stands."""
+        return self.ledger.is_alive() and self.ledger.epoch == self.epoch
+
     def take(self, n: int) -> int:
         """Grant up to ``n`` tokens from the current lease, without I/O.
 
         Granted tokens are set aside for delivery; they are billed only once the relay reports
         them delivered (:meth:`delivered_tokens`).
         """
-        if not self.ledger.is_alive() or self.ledger.epoch != self.epoch:
-            # Our holds may have been swept (liveness lapsed since the hold was confirmed):
-            # hand out nothing before a lease call proves the reservation still stands.
+        if not self._hold_stands():
             return 0
         granted = max(min(n, self.covered - self.granted), 0)
         self.granted += granted
@@ -158,8 +163,7 @@ class StreamMeter:
     def take_all(self, n: int) -> bool:
         """Grant all ``n`` tokens from the current lease, or none, without I/O (the relay's
         fast lane, which leaves anything the lease does not cover to :meth:`acquire`)."""
-        if (self.covered - self.granted < n or not self.ledger.is_alive()
-                or self.ledger.epoch != self.epoch):
+        if self.covered - self.granted < n or not self._hold_stands():
             return False
         self.granted += n
         return True
@@ -187,7 +191,7 @@ class StreamMeter:
         (bounded; a process that cannot stay alive fails closed)."""
         for _ in range(MAX_RECONFIRM):
             await self.renew(n)
-            if self.ledger.is_alive() and self.ledger.epoch == self.epoch:
+            if self._hold_stands():
                 return self.take(n)
         raise LedgerUnavailable("the ledger could not confirm this stream's hold: the "
                                 "process keeps missing its heartbeat")

@@ -163,7 +163,7 @@ def test_workers_share_one_embedded_valkey_which_the_parent_stops(
 
 
 def frozen_heaps(log: str) -> list[int]:
-    """What each process's start-up froze (cli.freeze_startup_heap's log line)."""
+    """What each process's start-up froze (background.freeze_startup_heap's log line)."""
     return [int(m) for m in re.findall(r"garbage collector: (\d+) start-up objects frozen",
                                        log)]
 
